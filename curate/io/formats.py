@@ -1,0 +1,148 @@
+"""Instruction-data formats: one small adapter each, from a raw row (dict) to OpenAI-style messages.
+
+Detection is per row under `auto`: the first adapter whose required keys the row has wins, so a file that
+mixes formats still ingests and each record says which format it came in. With an explicit format, a row
+that lacks that format's keys is rejected with `missing_field`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from curate.schema import RowError
+
+Messages = list[dict[str, Any]]
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+
+
+def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise RowError("missing_field", f"field {key!r} is missing or null")
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # numeric answers (e.g. "42") are legitimate text
+    if not isinstance(value, str):
+        raise RowError("wrong_type", f"field {key!r} is {type(value).__name__}, expected text")
+    return value
+
+
+def _instruction_input(instruction: str, extra: str) -> str:
+    # Alpaca convention: the optional input follows the instruction after a blank line
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
+def _alpaca(row: dict[str, Any]) -> Messages:
+    user = _instruction_input(_text(row, "instruction"), _text(row, "input", required=False))
+    out_key = "output" if "output" in row else "response"
+    msgs: Messages = []
+    if row.get("system"):
+        msgs.append({"role": "system", "content": _text(row, "system")})
+    return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, out_key)}]
+
+
+def _dolly(row: dict[str, Any]) -> Messages:
+    user = _instruction_input(_text(row, "instruction"), _text(row, "context", required=False))
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "response")}]
+
+
+def _sharegpt(row: dict[str, Any]) -> Messages:
+    conv = row.get("conversations")
+    if not isinstance(conv, list):
+        raise RowError("wrong_type", f"'conversations' is {type(conv).__name__}, expected a list")
+    msgs: Messages = []
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            raise RowError("wrong_type", f"turn {i} is {type(turn).__name__}, expected an object")
+        who = turn.get("from", turn.get("role"))
+        role = _SHAREGPT_ROLES.get(str(who).lower()) if who is not None else None
+        if role is None:
+            raise RowError("unknown_role", f"turn {i} is from {who!r}")
+        msgs.append({"role": role, "content": turn.get("value", turn.get("content"))})
+    if row.get("system") and not (msgs and msgs[0]["role"] == "system"):
+        msgs.insert(0, {"role": "system", "content": _text(row, "system")})
+    return msgs
+
+
+def _openai(row: dict[str, Any]) -> Messages:
+    msgs = row.get("messages")
+    if not isinstance(msgs, list):
+        raise RowError("wrong_type", f"'messages' is {type(msgs).__name__}, expected a list")
+    out: Messages = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise RowError("wrong_type", f"message {i} is {type(m).__name__}, expected an object")
+        out.append({"role": m.get("role"), "content": m.get("content")})
+    return out
+
+
+def _pair(prompt_key: str, answer_key: str) -> Callable[[dict[str, Any]], Messages]:
+    def adapt(row: dict[str, Any]) -> Messages:
+        return [
+            {"role": "user", "content": _text(row, prompt_key)},
+            {"role": "assistant", "content": _text(row, answer_key)},
+        ]
+
+    return adapt
+
+
+def _self_instruct(row: dict[str, Any]) -> Messages:
+    # Self-Instruct seed tasks: one instruction with a list of {input, output} instances; the first is used
+    inst = row.get("instances")
+    if not isinstance(inst, list) or not inst or not isinstance(inst[0], dict):
+        raise RowError("wrong_type", "'instances' must be a non-empty list of {input, output} objects")
+    first = inst[0]
+    user = _instruction_input(_text(row, "instruction"), _text(first, "input", required=False))
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(first, "output")}]
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    keys: tuple[str, ...]  # keys a row must have for auto-detection
+    adapt: Callable[[dict[str, Any]], Messages]
+
+
+#: Order matters for auto-detection: more specific signatures first.
+FORMATS: tuple[Format, ...] = (
+    Format("openai", ("messages",), _openai),
+    Format("sharegpt", ("conversations",), _sharegpt),
+    Format("self_instruct", ("instruction", "instances"), _self_instruct),
+    Format("dolly", ("instruction", "context", "response"), _dolly),
+    Format("alpaca", ("instruction", "output"), _alpaca),
+    Format("alpaca", ("instruction", "response"), _alpaca),  # GPTeacher's spelling
+    Format("prompt_response", ("prompt", "response"), _pair("prompt", "response")),
+    Format("prompt_completion", ("prompt", "completion"), _pair("prompt", "completion")),
+    Format("question_answer", ("question", "answer"), _pair("question", "answer")),
+)
+
+FORMAT_NAMES = tuple(dict.fromkeys(f.name for f in FORMATS))
+
+
+def to_messages(row: Any, fmt: str = "auto") -> tuple[str, Messages]:
+    """Turn one raw row into (format name, messages); raises RowError with a reason code."""
+    if not isinstance(row, dict):
+        raise RowError("wrong_type", f"row is a JSON {type(row).__name__}, expected an object")
+    for f in FORMATS:
+        if fmt != "auto" and f.name != fmt:
+            continue
+        if all(k in row for k in f.keys):
+            return f.name, f.adapt(row)
+    if fmt != "auto":
+        wanted = " or ".join(str(list(f.keys)) for f in FORMATS if f.name == fmt)
+        raise RowError("missing_field", f"row lacks the {fmt} fields {wanted}; has {sorted(row)[:8]}")
+    raise RowError("unknown_format", f"no known format has keys {sorted(row)[:8]}")

@@ -1,0 +1,144 @@
+"""The run folder: one Parquet per stage, written atomically, and a manifest that must add up.
+
+    runs/<name>/
+      manifest.json      config, versions, input sha256s, counts per stage and source, timings
+      records.parquet    normalised, exactly-deduplicated rows (+ rejects.parquet, duplicates.parquet)
+      <stage>.parquet    one per later stage
+      selected.parquet   the subset;  decisions.parquet  one row per input row
+
+Stores that outlive a run (embeddings, scores, proxy models) live in the cache folder (`cache_dir()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_TRACKED_PACKAGES = (
+    "curate", "polars", "pyarrow", "datasets", "transformers", "sentence-transformers", "torch",
+    "faiss-cpu", "scikit-learn", "prefect", "model2vec", "numpy",
+)
+
+
+class ConservationError(RuntimeError):
+    """Row counts of a stage do not add up: something was lost or invented."""
+
+
+def cache_dir() -> Path:
+    """Where content-addressed stores live (embeddings, scores, models); `CURATE_CACHE_DIR` overrides."""
+    path = Path(os.environ.get("CURATE_CACHE_DIR", ".curate")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it replaces `path`, on failure it vanishes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_parquet(table: pa.Table, path: Path) -> Path:
+    """Write a table atomically (temp file + rename), so a crash never leaves half a file."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return path
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    return path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    p = Path(path)
+    if p.is_dir():  # HF datasets folder: hash its files in order
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(f.relative_to(p).as_posix().encode())
+            h.update(sha256_file(f).encode())
+        return h.hexdigest()
+    with open(p, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class Run:
+    """A run folder plus its manifest. Stages call `stage()` to record counts and timings."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.path / "manifest.json"
+        if self.manifest_path.exists():
+            self.manifest: dict[str, Any] = json.loads(self.manifest_path.read_text())
+        else:
+            self.manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": {}}
+        self.manifest.setdefault("stages", {})
+        self.manifest["versions"] = package_versions()
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write(self, name: str, table: pa.Table) -> Path:
+        return write_parquet(table, self.file(name))
+
+    def save(self) -> None:
+        write_json(self.manifest, self.manifest_path)
+
+    def set(self, key: str, value: Any) -> None:
+        self.manifest[key] = value
+        self.save()
+
+    def stage(
+        self,
+        name: str,
+        *,
+        rows_in: int,
+        rows_out: int,
+        dropped: dict[str, int] | None = None,
+        seconds: float,
+        **extra: Any,
+    ) -> None:
+        """Record a stage; raise ConservationError unless rows_in == rows_out + sum(dropped)."""
+        dropped = dropped or {}
+        entry = {"rows_in": rows_in, "rows_out": rows_out, "dropped": dropped,
+                 "seconds": round(seconds, 3), **extra}
+        self.manifest["stages"][name] = entry
+        self.save()
+        if rows_in != rows_out + sum(dropped.values()):
+            raise ConservationError(
+                f"stage {name!r}: {rows_in} rows in != {rows_out} out + {sum(dropped.values())} dropped "
+                f"{dropped}; see {self.manifest_path}"
+            )
