@@ -39,7 +39,7 @@ def ingest(
 ) -> dict[str, SourceCounts]:
     """Read every input into the run's records_all.parquet and rejects.parquet; return per-source counts."""
     t0 = time.perf_counter()
-    files = expand_inputs(inputs)
+    files = list(dict.fromkeys(expand_inputs(inputs)))  # the same file twice is one source
     counts: dict[str, SourceCounts] = {}
     hashes: dict[str, str] = {}
     rec_path, rej_path = run.file("records_all.parquet"), run.file("rejects.parquet")

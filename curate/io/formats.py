@@ -145,4 +145,7 @@ def to_messages(row: Any, fmt: str = "auto") -> tuple[str, Messages]:
     if fmt != "auto":
         wanted = " or ".join(str(list(f.keys)) for f in FORMATS if f.name == fmt)
         raise RowError("missing_field", f"row lacks the {fmt} fields {wanted}; has {sorted(row)[:8]}")
+    prompt_keys = [k for k in ("instruction", "prompt", "question", "text", "turns", "Instruction") if k in row]
+    if prompt_keys:
+        raise RowError("missing_response", f"row has a prompt ({prompt_keys[0]!r}) but no response field")
     raise RowError("unknown_format", f"no known format has keys {sorted(row)[:8]}")

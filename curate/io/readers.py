@@ -212,7 +212,7 @@ def _csv(path: str, delimiter: str) -> Iterator[RawRow]:
     with _open_binary(path) as fb:
         fh = io.TextIOWrapper(fb, encoding="utf-8-sig", errors="strict", newline="")
         try:
-            reader = csv.DictReader(fh, delimiter=delimiter)
+            reader = csv.DictReader(fh, delimiter=delimiter, strict=True)
             start = 2
             for item in reader:
                 lineno = start

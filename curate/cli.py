@@ -1,0 +1,188 @@
+"""`curate` command line. Options that recur keep one meaning everywhere:
+--out (the run folder), --config (a recipe YAML holding every option), --seed.
+
+Examples:
+  curate select                                   # the bundled sample, default recipe
+  curate select data/alpaca.jsonl --out runs/a --budget 5000
+  curate select pool/ --config recipe.yaml --fraction 0.1 --strategy deita
+  curate ingest a.jsonl b.parquet --out runs/x     # normalise + exact dedup only
+  curate inspect runs/x                            # counts, formats, lengths, rejects by reason
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Budgeted, diversity-balanced data selection for LLM instruction tuning.")
+proxy_app = typer.Typer(no_args_is_help=True, help="Train, fine-tune and evaluate a small proxy LM.")
+im_app = typer.Typer(no_args_is_help=True, help="InstructMining: fit the linear rule to your own results.")
+app.add_typer(proxy_app, name="proxy")
+app.add_typer(im_app, name="instructmining")
+out = Console()
+err = Console(stderr=True)
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
+
+OutOpt = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<name>).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="Recipe YAML with any option; flags override it.")
+SeedOpt = typer.Option(None, "--seed", help="Random seed (clustering, sampling).")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _guard(fn, *args: Any, **kwargs: Any) -> Any:
+    """Run fn; user-facing errors become one clear line and a non-zero exit, never a traceback."""
+    from curate.config import RecipeError
+    from curate.io.readers import InputError
+    from curate.run import ConservationError
+
+    try:
+        return fn(*args, **kwargs)
+    except (InputError, RecipeError) as e:
+        _fail(str(e))
+    except ConservationError as e:
+        _fail(f"row counts do not add up: {e}", 3)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("CURATE_DEBUG"):
+            raise
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; finished stages and stored scores are kept, re-run to resume", 130)
+
+
+def _recipe(inputs: list[str] | None, config: Path | None, overrides: dict[str, Any]):
+    from curate.config import load_recipe
+
+    recipe = load_recipe(config, {**overrides, "inputs": list(inputs) if inputs else None})
+    if not recipe.inputs:
+        recipe.inputs = [str(SAMPLE)]
+    if overrides.get("out") is None and (config is None or "out" not in (recipe.model_fields_set or set())):
+        recipe.out = str(Path("runs") / recipe.name) if recipe.out == "runs/run" else recipe.out
+    return recipe
+
+
+@app.command()
+def ingest(
+    inputs: list[str] = typer.Argument(..., help="Files, folders, HF datasets folders or hub names."),
+    out_dir: Path = OutOpt,
+    config: Path = ConfigOpt,
+    fmt: str = typer.Option(None, "--format", help="Force an instruction format (default: auto per row)."),
+    container: str = typer.Option(None, "--container", help="Force a file container (jsonl, csv, ...)."),
+) -> None:
+    """Normalise inputs into the canonical schema and drop exact duplicates (records.parquet)."""
+    from curate.pipeline import open_run, stage_ingest
+
+    recipe = _guard(_recipe, inputs, config, {"out": str(out_dir) if out_dir else None,
+                                              "ingest.format": fmt, "ingest.container": container})
+    run = open_run(recipe)
+    _guard(stage_ingest, run, recipe)
+    _print_inputs(run.manifest)
+    out.print(f"records: [bold]{run.file('records.parquet')}[/]")
+
+
+def _print_inputs(manifest: dict) -> None:
+    t = Table("input", "rows", "records", "duplicates", "rejected", "formats", title="ingest")
+    for path, e in manifest.get("inputs", {}).items():
+        rej = ", ".join(f"{k}:{v}" for k, v in e.get("rejected", {}).items()) or "0"
+        fm = ", ".join(f"{k}:{v}" for k, v in e.get("formats", {}).items())
+        t.add_row(path, str(e["rows"]), str(e["records"] - e.get("duplicates", 0)),
+                  str(e.get("duplicates", 0)), rej, fm)
+    out.print(t)
+
+
+@app.command()
+def select(
+    inputs: list[str] = typer.Argument(None, help="Inputs (default: the bundled sample in data/sample)."),
+    out_dir: Path = OutOpt,
+    config: Path = ConfigOpt,
+    seed: int = SeedOpt,
+    budget: int = typer.Option(None, "--budget", "-n", help="Rows to select."),
+    fraction: float = typer.Option(None, "--fraction", help="Fraction of the pool to select."),
+    budget_tokens: int = typer.Option(None, "--budget-tokens", help="Token budget for the subset."),
+    strategy: str = typer.Option(None, "--strategy", help="kmq | deita | fusion | threshold | random"),
+    scorers: str = typer.Option(None, "--scorers", help="Comma-separated scorers (e.g. heuristics,ifd)."),
+    model: str = typer.Option(None, "--model", help="Causal LM for model scorers: 'proxy' or a name/path."),
+    embed_model: str = typer.Option(None, "--embed-model", help="minilm-static | minilm | a name/path."),
+    no_prefect: bool = typer.Option(False, "--no-prefect", help="Run the stages directly, without Prefect."),
+) -> None:
+    """Ingest, dedup, embed, cluster, score and select a subset into RUN/selected.parquet."""
+    overrides = {"out": str(out_dir) if out_dir else None, "seed": seed, "select.budget": budget,
+                 "select.fraction": fraction, "select.budget_tokens": budget_tokens,
+                 "select.strategy": strategy, "score.model": model, "embed.model": embed_model,
+                 "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None}
+    recipe = _guard(_recipe, inputs, config, overrides)
+    if no_prefect:
+        from curate.pipeline import run_direct
+
+        run = _guard(run_direct, recipe)
+    else:
+        from flows.pipeline import run_flow
+
+        run = _guard(run_flow, recipe)
+    _summary(run)
+
+
+def _summary(run) -> None:
+    m = run.manifest
+    _print_inputs(m)
+    t = Table("stage", "in", "out", "dropped", "seconds", title="stages")
+    for name, s in m.get("stages", {}).items():
+        t.add_row(name, str(s["rows_in"]), str(s["rows_out"]),
+                  ", ".join(f"{k}:{v}" for k, v in s.get("dropped", {}).items()), f"{s['seconds']:.1f}")
+    out.print(t)
+    out.print(f"selected: [bold]{run.file('selected.parquet')}[/]  decisions: {run.file('decisions.parquet')}")
+    if run.file("report.html").exists():
+        out.print(f"report: {run.file('report.html')}")
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="A dataset file/folder or a run folder.")) -> None:
+    """Counts, formats, length distributions and rejects by reason, for a dataset or a run."""
+    from curate.inspect import inspect_path
+
+    _guard(inspect_path, path, out)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder with selected.parquet."),
+    fmt: str = typer.Option("sharegpt", "--format", help="alpaca | sharegpt"),
+    dest: Path = typer.Option(None, "--dest", help="Output JSONL (default: RUN/selected.<format>.jsonl)."),
+) -> None:
+    """Export the selected subset to Alpaca or ShareGPT JSONL."""
+    from curate.io.writers import export as do_export
+
+    src = run_dir / "selected.parquet"
+    if not src.exists():
+        _fail(f"{src}: no selected.parquet in this run (run `curate select` first)")
+    path = _guard(do_export, src, fmt, dest or run_dir / f"selected.{fmt}.jsonl")
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Write RUN/report.html: pool vs subset, score distributions, a 2-D map, diversity."""
+    from curate.report import write_report
+
+    if not (run_dir / "manifest.json").exists():
+        _fail(f"{run_dir}: not a run folder (no manifest.json)")
+    out.print(f"wrote {_guard(write_report, run_dir)}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
