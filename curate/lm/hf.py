@@ -1,0 +1,269 @@
+"""The transformers engine: in-process, length-bucketed batches, CUDA when present, OOM back-off.
+
+Why in process: it is the engine that can return hidden states and full logits (DONOD), and on a small
+CPU-only machine a tiny proxy scored here has no server start-up cost. Scores use the same token ids as the
+vLLM engine (`curate.lm.base.Encoder`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from curate.lm.base import (
+    Encoded,
+    Engine,
+    HiddenLogits,
+    LMConfig,
+    LMError,
+    Message,
+    _check_pairs,
+    load_tokenizer,
+)
+from curate.progress import progress
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_LOGIT_ROWS = 1 << 26  # cap on rows x vocab floats materialised at once (256 MiB fp32)
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length: longest first, padded size <= batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = lengths[cur[0]] if cur else lengths[i]  # longest member (sorted descending)
+        if cur and width * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class HFEngine(Engine):
+    """transformers causal LM (safetensors only; trust_remote_code only when the config says so)."""
+
+    kind = "hf"
+
+    def __init__(self, config: LMConfig, *, model: Any = None, tokenizer: Any = None, threads: int | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        if config.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            n = threads or int(os.environ.get("CURATE_TORCH_THREADS", 0)) or len(os.sched_getaffinity(0))
+            torch.set_num_threads(max(1, n))
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
+        if model is None:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    config.model, revision=config.revision, dtype=_DTYPES[config.dtype],
+                    use_safetensors=True, trust_remote_code=config.trust_remote_code,
+                )
+            except (OSError, ValueError) as e:
+                raise LMError(f"cannot load model {config.model!r} (safetensors only): {e}") from None
+        self.model = model.to(self.device).eval()
+        from curate.lm.base import Encoder
+
+        self.encoder = Encoder(self.tokenizer, config)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def output_weight(self) -> torch.Tensor:
+        """The lm_head weight (V x d), for DONOD's analytic output-layer update."""
+        return self.model.get_output_embeddings().weight
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head on selected hidden states, with the model's logit scaling/soft-capping when it has one."""
+        logits = self.model.get_output_embeddings()(hidden).float()
+        cfg = self.model.config
+        scale = getattr(cfg, "logit_scale", None)
+        if scale:
+            logits = logits * scale
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _hidden(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Final hidden states (B, L, d) of right-padded sequences (no logits: those are taken only where needed)."""
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, :len(s)] = torch.tensor(s)
+            mask[row, :len(s)] = 1
+        out = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        return out.last_hidden_state
+
+    def _run_batches(
+        self,
+        lengths: Sequence[int],
+        fn: Callable[[list[int]], list[Any]],
+        desc: str,
+        on_batch: Callable[[list[int], list[Any]], None] | None = None,
+        batch_tokens: int | None = None,
+    ) -> list[Any]:
+        """Run fn over length-bucketed batches, halving a batch on out-of-memory; results in input order."""
+        results: list[Any] = [None] * len(lengths)
+        batches = length_batches(lengths, batch_tokens or self.config.batch_tokens)
+        with progress() as bar:
+            task = bar.add_task(desc, total=len(lengths))
+            for batch in batches:
+                for idx, res in self._with_backoff(batch, fn):
+                    for i, r in zip(idx, res, strict=True):
+                        results[i] = r
+                    if on_batch is not None:
+                        on_batch(idx, res)
+                    bar.advance(task, len(idx))
+        return results
+
+    def _with_backoff(self, batch: list[int], fn: Callable[[list[int]], list[Any]]) -> Iterator[tuple]:
+        try:
+            with torch.inference_mode():
+                res = fn(batch)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _is_oom(e):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                raise LMError(
+                    f"out of memory on a single sequence on {self.device}; lower max_length "
+                    f"({self.config.max_length}) or use a bigger device"
+                ) from None
+            half = len(batch) // 2
+            yield from self._with_backoff(batch[:half], fn)
+            yield from self._with_backoff(batch[half:], fn)
+            return
+        yield batch, res
+
+    def _encode_all(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> list[Encoded]:
+        _check_pairs(prompts, responses)
+        return [self.encoder.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+    def _span_hidden(self, encs: list[Encoded]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Hidden states at the positions predicting each response token, and the target ids."""
+        hidden = self._hidden([e.ids for e in encs])
+        hs, targets = [], []
+        for row, e in enumerate(encs):
+            p, r = len(e.prompt_ids), len(e.response_ids)
+            hs.append(hidden[row, p - 1:p + r - 1])
+            targets.append(torch.tensor(e.response_ids, device=self.device))
+        return hs, targets
+
+    # -- interface --------------------------------------------------------------------------------------------
+    def response_logprobs(
+        self,
+        prompts: Sequence[Sequence[Message]],
+        responses: Sequence[str],
+        *,
+        on_batch: Callable[[list[int], list[np.ndarray]], None] | None = None,
+    ) -> list[np.ndarray]:
+        encs = self._encode_all(prompts, responses)
+
+        def fn(batch: list[int]) -> list[np.ndarray]:
+            hs, targets = self._span_hidden([encs[i] for i in batch])
+            flat_h, flat_t = torch.cat(hs), torch.cat(targets)
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            step = max(1, _LOGIT_ROWS // vocab)
+            lp = torch.empty(len(flat_t), dtype=torch.float32, device=self.device)
+            for s in range(0, len(flat_t), step):
+                logits = self._project(flat_h[s:s + step])
+                lp[s:s + step] = torch.log_softmax(logits, -1).gather(1, flat_t[s:s + step, None])[:, 0]
+            out = lp.cpu().numpy()
+            return list(np.split(out, np.cumsum([len(t) for t in targets])[:-1]))
+
+        return self._run_batches([len(e.ids) for e in encs], fn, "logprobs", on_batch)
+
+    def hidden_and_logits(
+        self, prompts: Sequence[Sequence[Message]], responses: Sequence[str]
+    ) -> list[HiddenLogits]:
+        """Final hidden states (T, d), logits (T, V) and targets at response positions, per pair."""
+        encs = self._encode_all(prompts, responses)
+
+        def fn(batch: list[int]) -> list[HiddenLogits]:
+            hs, targets = self._span_hidden([encs[i] for i in batch])
+            return [
+                HiddenLogits(h.float().cpu().numpy(), self._project(h).cpu().numpy(), t.cpu().numpy())
+                for h, t in zip(hs, targets, strict=True)
+            ]
+
+        return self._run_batches([len(e.ids) for e in encs], fn, "hidden states")
+
+    def choice_probs(self, prompts: Sequence[str], options: Sequence[str]) -> np.ndarray:
+        if not options:
+            raise ValueError("choice_probs needs at least one option")
+        opt_ids = torch.tensor([self.encoder.option_id(o) for o in options], device=self.device)
+        seqs = [self.encoder.raw_prompt_ids(p) for p in prompts]
+        if any(len(s) == 0 for s in seqs):
+            raise ValueError("choice_probs got an empty prompt")
+
+        def fn(batch: list[int]) -> list[np.ndarray]:
+            hidden = self._hidden([seqs[i] for i in batch])
+            last = torch.stack([hidden[row, len(seqs[i]) - 1] for row, i in enumerate(batch)])
+            logits = self._project(last)[:, opt_ids]
+            return list(torch.softmax(logits, -1).cpu().numpy())
+
+        rows = self._run_batches([len(s) for s in seqs], fn, "choice probs")
+        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, len(options)), np.float32)
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[Message]],
+        *,
+        n: int = 1,
+        temperature: float = 1.0,
+        max_tokens: int = 256,
+        seed: int = 0,
+    ) -> list[list[str]]:
+        """Sampled continuations; reproducible for a given seed and input list (batches are seeded in order)."""
+        limit = self.config.max_length - max_tokens
+        if limit < 1:
+            raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt in max_length "
+                             f"{self.config.max_length}")
+        seqs = []
+        for p in prompts:
+            ids = self.encoder.prompt_ids(p)
+            if len(ids) > limit:
+                ids = ids[len(ids) - limit:] if self.config.truncation_side == "left" else ids[:limit]
+            seqs.append(ids)
+        stop = self.encoder.end_token_ids()
+        gen = torch.Generator().manual_seed(seed)
+
+        def fn(batch: list[int]) -> list[list[str]]:
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            width = max(len(seqs[i]) for i in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(batch):
+                s = seqs[i]
+                ids[row, width - len(s):] = torch.tensor(s)
+                mask[row, width - len(s):] = 1
+            sample = temperature > 0
+            k = n if sample else 1  # greedy: one decode, repeated n times
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                do_sample=sample, temperature=temperature if sample else None, top_p=1.0, top_k=0,
+                num_return_sequences=k, max_new_tokens=max_tokens, eos_token_id=stop or None,
+                pad_token_id=self.pad_id,
+            )
+            texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            return [texts[row * k:(row + 1) * k] * (n // k) for row in range(len(batch))]
+
+        per_batch = max(self.config.batch_tokens // max(1, n), 1)  # n sequences per prompt
+        return self._run_batches([len(s) + max_tokens for s in seqs], fn, "generate", batch_tokens=per_batch)

@@ -1,0 +1,218 @@
+"""The LM interface and the transformers engine on a tiny real model (random weights, trained BPE)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from curate.lm import LMConfig, LMError, load_engine
+from curate.lm.base import truncate
+from curate.lm.hf import length_batches
+from curate.lm.testing import make_tiny_model
+
+ALPACA = Path("/work/shared/data/alpaca-52k/alpaca_data.jsonl")
+
+
+def _alpaca_rows(n: int) -> list[dict]:
+    if not ALPACA.exists():
+        return [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."}
+                for i in range(n)]
+    with open(ALPACA) as fh:
+        return [json.loads(next(fh)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("lm") / "tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    return load_engine(LMConfig(tiny))
+
+
+def _pairs(n: int = 12):
+    rows = _alpaca_rows(n)
+    prompts = [[{"role": "user", "content": (r["instruction"] + "\n" + r["input"]).strip()}] for r in rows]
+    prompts.append([
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "Another one?"},
+    ])
+    prompts.append([])  # unconditioned
+    return prompts, [r["output"] for r in rows] + ["Blue.", rows[0]["output"]]
+
+
+def _reference(engine, messages, response) -> np.ndarray:
+    """One sequence, no padding, full logits: what response_logprobs must reproduce."""
+    enc = engine.encode(messages, response)
+    ids = torch.tensor([enc.ids])
+    with torch.no_grad():
+        logp = engine.model(ids).logits[0].float().log_softmax(-1)
+    p = len(enc.prompt_ids)
+    return logp[p - 1:-1].gather(1, ids[0, p:, None])[:, 0].numpy()
+
+
+def test_tiny_model_files_and_speed(tmp_path):
+    t0 = time.perf_counter()
+    path = Path(make_tiny_model(tmp_path / "m", vocab_size=300, texts=["hello world " * 50, "foo bar baz"]))
+    assert time.perf_counter() - t0 < 5
+    names = {p.name for p in path.iterdir()}
+    assert "model.safetensors" in names and not any(n.endswith(".bin") for n in names)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["head_dim"] == 64 and cfg["model_type"] == "llama"
+
+
+def test_logprobs_match_unbatched_reference(tiny):
+    prompts, responses = _pairs()
+    # a small batch_tokens forces several padded batches; results must not depend on batching
+    small = load_engine(LMConfig(tiny, batch_tokens=300))
+    got = small.response_logprobs(prompts, responses)
+    for p, r, lp in zip(prompts, responses, got, strict=True):
+        ref = _reference(small, p, r)
+        assert lp.dtype == np.float32 and lp.shape == ref.shape
+        np.testing.assert_allclose(lp, ref, atol=1e-4)
+        assert np.all(lp <= 0)
+
+
+def test_span_is_exact_and_includes_end_token(engine):
+    tok = engine.tokenizer
+    messages = [{"role": "user", "content": "Give three tips for staying healthy."}]
+    response = "Eat a balanced diet."
+    enc = engine.encode(messages, response)
+    assert enc.n_end == 1 and enc.response_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(enc.response_ids[:-1]) == response
+    assert tok.decode(enc.prompt_ids).endswith("<|im_start|>assistant\n")
+    assert len(engine.response_logprobs([messages], [response])[0]) == len(enc.response_ids)
+
+
+def test_boundary_merge_cannot_shift_span(tmp_path):
+    """Plain template ends with 'Assistant:'; a response starting with ':' merges with it if joined ('::')."""
+    texts = ["a::b c::d ::) e:: f" * 20, "Assistant: User: Smile sure"]
+    eng = load_engine(LMConfig(make_tiny_model(tmp_path / "m", vocab_size=300, texts=texts), template="plain"))
+    tok = eng.tokenizer
+    messages = [{"role": "user", "content": "Smile"}]
+    response = ":) sure"
+    enc = eng.encode(messages, response)
+    joint = tok(eng.encoder.render_prompt(messages) + response, add_special_tokens=False)["input_ids"]
+    assert joint != enc.prompt_ids[1:] + enc.response_ids[:-1]  # joined tokenisation really does merge
+    assert tok.decode(enc.response_ids[:-enc.n_end]) == response
+    assert enc.response_ids[-1] == tok.eos_token_id
+    np.testing.assert_allclose(eng.response_logprobs([messages], [response])[0],
+                               _reference(eng, messages, response), atol=1e-4)
+
+
+def test_unconditioned_prefix(engine, tiny):
+    tok = engine.tokenizer
+    prefix = engine.encode([], "x").prompt_ids
+    assert tok.convert_ids_to_tokens(prefix[:2]) == ["<s>", "<|im_start|>"]
+    assert tok.decode(prefix[1:]) == "<|im_start|>assistant\n"
+    bos_only = load_engine(LMConfig(tiny, unconditioned_prefix="bos"))
+    assert bos_only.encode([], "x").prompt_ids == [tok.bos_token_id]
+    assert bos_only.signature() != engine.signature()
+    alpaca = load_engine(LMConfig(tiny, template="alpaca"))
+    assert tok.decode(alpaca.encode([], "x").prompt_ids) == "<s>### Response:"
+    text = alpaca.encoder.render_prompt([{"role": "user", "content": "Add 2 and 3."}])
+    assert text.startswith("Below is an instruction") and text.endswith("### Instruction:\nAdd 2 and 3.\n\n"
+                                                                          "### Response:")
+    # conditioned and unconditioned runs score the same response tokens
+    msgs = [{"role": "user", "content": "Say hi."}]
+    a, b = engine.response_logprobs([msgs, []], ["Hello there.", "Hello there."])
+    assert a.shape == b.shape and not np.allclose(a, b)
+
+
+def test_truncation_rules(tiny):
+    assert truncate([1, 2, 3, 4], [5, 6], 1, 5, "left").prompt_ids == [2, 3, 4]
+    assert truncate([1, 2, 3, 4], [5, 6], 1, 5, "right").prompt_ids == [1, 2, 3]
+    t = truncate([1, 2], [5, 6, 7, 8, 9], 1, 4, "left")
+    assert t.response_ids == [5, 6, 7] and t.prompt_ids == [2] and t.n_end == 0 and t.truncated
+    eng = load_engine(LMConfig(tiny, max_length=32))
+    long_prompt = [{"role": "user", "content": "word " * 200}]
+    lp = eng.response_logprobs([long_prompt, []], ["short answer", "very long answer " * 40])
+    assert len(lp[0]) == len(eng.encode(long_prompt, "short answer").response_ids)
+    assert len(lp[1]) == 31  # response cut to max_length - 1, one prefix token kept
+    enc = eng.encode(long_prompt, "short answer")
+    assert len(enc.ids) == 32 and enc.truncated
+    assert eng.tokenizer.decode(enc.prompt_ids).endswith("<|im_start|>assistant\n")  # left side cut
+    assert eng.signature() != load_engine(LMConfig(tiny, max_length=32, truncation_side="right")).signature()
+
+
+def test_choice_probs(engine):
+    prompts = ["You are a helpful assistant. ##Complexity: ", "Rate it: 1"]
+    opts = ["1", "2", "3", "4", "5", "6"]
+    probs = engine.choice_probs(prompts, opts)
+    assert probs.shape == (2, 6)
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    ids = [engine.encoder.option_id(o) for o in opts]
+    for row, p in enumerate(prompts):
+        x = torch.tensor([engine.tokenizer(p)["input_ids"]])
+        with torch.no_grad():
+            logits = engine.model(x).logits[0, -1, ids]
+        np.testing.assert_allclose(probs[row], torch.softmax(logits, -1).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="not a single token"):
+        engine.choice_probs(prompts, ["1", "three hundred and twelve"])
+
+
+def test_hidden_and_logits_consistent(engine):
+    prompts, responses = _pairs(4)
+    hl = engine.hidden_and_logits(prompts, responses)
+    lps = engine.response_logprobs(prompts, responses)
+    w = engine.output_weight().detach().numpy()
+    assert w.shape == (len(engine.tokenizer), engine.model.config.hidden_size)
+    for h, lp in zip(hl, lps, strict=True):
+        assert h.hidden.shape == (len(lp), w.shape[1]) and h.logits.shape == (len(lp), w.shape[0])
+        np.testing.assert_allclose(h.logits, h.hidden @ w.T, atol=1e-4)
+        ls = torch.log_softmax(torch.from_numpy(h.logits), -1).numpy()
+        np.testing.assert_allclose(ls[np.arange(len(lp)), h.targets], lp, atol=1e-4)
+
+
+def test_generate_reproducible(engine):
+    prompts, _ = _pairs(3)
+    a = engine.generate(prompts, n=2, max_tokens=12, seed=3)
+    assert len(a) == len(prompts) and all(len(x) == 2 and all(isinstance(s, str) for s in x) for x in a)
+    assert a == engine.generate(prompts, n=2, max_tokens=12, seed=3)
+    assert a != engine.generate(prompts, n=2, max_tokens=12, seed=4)
+    g = engine.generate(prompts, n=2, max_tokens=12, temperature=0)
+    assert all(x[0] == x[1] for x in g)  # greedy: both samples equal
+
+
+def test_on_batch_and_oom_backoff(tiny):
+    eng = load_engine(LMConfig(tiny, batch_tokens=4096))
+    prompts, responses = _pairs(8)
+    seen: list[int] = []
+    full = eng.response_logprobs(prompts, responses, on_batch=lambda idx, arrs: seen.extend(idx))
+    assert sorted(seen) == list(range(len(prompts)))
+    calls: list[int] = []
+
+    def flaky(batch):  # a real engine function that fails like CUDA does on batches above 2 rows
+        calls.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [len(b) for b in [batch]] * len(batch)
+
+    out = eng._run_batches([10] * 8, flaky, "t")
+    assert out == [2] * 8 and calls[0] == 8 and max(calls[1:]) <= 4
+    assert len(full) == len(prompts)
+
+
+def test_length_batches():
+    b = length_batches([5, 100, 7, 90, 6], batch_tokens=200)
+    assert b[0] == [1, 3] and sorted(i for x in b for i in x) == list(range(5))
+    assert all(max([5, 100, 7, 90, 6][i] for i in x) * len(x) <= 200 for x in b)
+
+
+def test_errors(tmp_path, engine):
+    with pytest.raises(LMError, match="cannot load"):
+        load_engine(LMConfig(str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="prompts but"):
+        engine.response_logprobs([[]], ["a", "b"])
+    with pytest.raises(ValueError, match="template"):
+        LMConfig("x", template="vicuna")
+    with pytest.raises(ValueError, match="kind"):
+        load_engine(LMConfig("x"), kind="tgi")
