@@ -180,6 +180,28 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
     out.print(f"wrote {_guard(write_report, run_dir)}")
 
 
+@app.command()
+def plan(
+    inputs: list[str] = typer.Argument(None, help="Inputs (default: the bundled sample)."),
+    config: Path = ConfigOpt,
+    scorers: str = typer.Option(None, "--scorers", help="Comma-separated scorers."),
+) -> None:
+    """Estimate rows, tokens, engine calls, time and memory per stage, without running anything."""
+    from curate.plan import plan as make_plan
+
+    recipe = _guard(_recipe, inputs, config, {
+        "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None})
+    stages = _guard(make_plan, recipe)
+    t = Table("stage", "rows", "engine calls", "time (2-core CPU)", "peak memory", title="plan")
+    for s in stages:
+        mins = f"{s.seconds / 60:.1f} min" if s.seconds >= 60 else f"{s.seconds:.0f} s"
+        t.add_row(s.stage, f"{s.rows:,}", f"{s.calls:,}" if s.calls else "-",
+                  mins if s.seconds else "-", f"{s.memory_mb:,.0f} MB" if s.memory_mb else "-")
+    out.print(t)
+    total = sum(s.seconds for s in stages)
+    out.print(f"total: about {total / 60:.1f} min on 2 CPU cores (GPU: embed and score stages are far faster)")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
