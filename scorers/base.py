@@ -132,3 +132,29 @@ def engine_of(ctx: ScoreContext, scorer: Scorer) -> Engine:
     if ctx.engine is None:
         raise ScorerError(f"scorer {scorer.name!r} needs a language model engine (none was given)")
     return ctx.engine
+
+
+def last_turn(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """(prompt, response) of the last assistant turn: the response with its full history as the prompt."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return [dict(m) for m in messages[:last]], messages[last]["content"]
+
+
+def assistant_turns(messages: list[dict[str, str]]) -> list[tuple[list[dict[str, str]], str]]:
+    """(prompt, response) of every assistant turn, each with the messages before it as the prompt."""
+    return [([dict(m) for m in messages[:i]], m["content"]) for i, m in enumerate(messages)
+            if m["role"] == "assistant"]
+
+
+def end_token_counts(engine: Engine, responses: list[str]) -> list[int]:
+    """How many end-of-turn tokens the engine appends to each response (after its truncation rule)."""
+    return [engine.encode([], r).n_end for r in responses]
+
+
+def token_nll(engine: Engine, prompts: list[list[dict[str, str]]], responses: list[str], *,
+              include_end: bool) -> list[np.ndarray]:
+    """Per-token negative log-likelihood (float64) of each response; end-of-turn tokens dropped unless
+    `include_end` (Cherry scores the answer text only; an SFT loss also trains the end token)."""
+    lps = engine.response_logprobs(prompts, responses)
+    ends = [0] * len(responses) if include_end else end_token_counts(engine, responses)
+    return [-np.asarray(lp[: len(lp) - e], dtype=np.float64) for lp, e in zip(lps, ends, strict=True)]
