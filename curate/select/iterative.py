@@ -1,0 +1,200 @@
+"""Iterative refinement (Diversify-and-Conquer, arXiv 2409.11378; `KMeansIter` + `selection/iter.py`).
+
+Round 0 splits budget/rounds over clusters (by size, or uniformly) and draws inside each cluster. After
+each round a caller-supplied feedback signal (the paper: reward(gold) - reward(model's generation), or
+the proxy fine-tune loss) is averaged per cluster; the next round adds budget/rounds NEW rows, allocated
+by w = softmax(mean feedback / temperature) among rows not yet selected. Higher feedback = the cluster
+still needs data.
+
+Fixed from the reference code: `select_new_iter` draws int(N * portion / K / rounds) rows in total per
+round (it divides by K twice); here each round adds budget/rounds rows. Allocation is deterministic
+largest remainder on w (capped by what each cluster has left, shortfall redistributed), not the code's
+Multinomial(w) draw, which can ask a cluster for more rows than it has and varies the round size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import polars as pl
+
+from curate.select.base import R_SELECTED, PoolView, fill_stratified
+from curate.select.budget import Budget, Quotas, SelectionError, allocate
+from curate.select.kmq import sampling_order
+
+Feedback = Mapping[int, float] | pl.DataFrame
+FeedbackFn = Callable[[list[str]], Feedback]
+
+
+def softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(x, np.float64) / temperature
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+@dataclass
+class IterativeRefinement:
+    """D&C iterative selection. Use `select` with `feedback_fn`, or drive it: `start`, then `next_round`.
+
+    `feedback_fn(selected_ids) -> {cluster: value}` or a DataFrame (`id` or `cluster`, `feedback`); it is
+    called after each round but the last. `score_col` makes the in-cluster draw quality-weighted as in
+    kMQ (default: uniform, as the paper). Clusters without feedback get the mean of the others.
+    """
+
+    rounds: int = 3
+    temperature: float = 1.0
+    split: Literal["proportional", "uniform"] = "proportional"
+    score_col: str | None = None
+    sample_temperature: float = 1.0
+    feedback_fn: FeedbackFn | None = None
+    name: ClassVar[str] = "iterative"
+    history: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise SelectionError(f"rounds must be a positive integer, got {self.rounds!r}")
+        if not self.temperature > 0:
+            raise SelectionError(f"temperature must be > 0, got {self.temperature}")
+        if self.split not in ("proportional", "uniform"):
+            raise SelectionError(f"split must be 'proportional' or 'uniform', got {self.split!r}")
+        self._view: PoolView | None = None
+
+    # -- driving it round by round ----------------------------------------------------------------
+    def start(
+        self, pool: pl.DataFrame, budget: Budget, *, seed: int, quotas: Quotas | None = None
+    ) -> pl.DataFrame:
+        """Round 0: the first budget/rounds rows. Returns the decisions so far."""
+        view = PoolView.build(pool, budget)
+        self._view, self._quotas = view, quotas or Quotas()
+        self._order = sampling_order(view, self.score_col, self.sample_temperature, seed)
+        self._round_of = np.full(view.n, -1, np.int64)
+        self._per_round = allocate(np.full(self.rounds, view.target), view.target, proportional=False)
+        self._carry, self._round = 0, 0
+        self.history = []
+        self._add_round(self._quotas, proportional=self.split == "proportional", cluster_w=None)
+        return self.decisions()
+
+    def next_round(self, feedback: Feedback) -> pl.DataFrame:
+        """Add the next budget/rounds rows, weighted by per-cluster feedback on what is selected so far."""
+        view = self._require()
+        if self.done:
+            raise SelectionError(f"all {self.rounds} rounds are done")
+        w = softmax(self._cluster_feedback(feedback), self.temperature)
+        q = Quotas(source_weights=self._quotas.source_weights, cluster_weights=self._quotas.cluster_weights)
+        self._add_round(q, proportional=False, cluster_w=w)
+        self.history[-1]["weights"] = dict(zip(view.group_labels.tolist(), w.round(6).tolist(), strict=True))
+        return self.decisions()
+
+    @property
+    def done(self) -> bool:
+        return self._view is not None and self._round >= self.rounds
+
+    @property
+    def selected_ids(self) -> list[str]:
+        view = self._require()
+        return view.pool["id"].cast(pl.String).filter(pl.Series(self._round_of >= 0)).to_list()
+
+    def decisions(self) -> pl.DataFrame:
+        view = self._require()
+        reason = np.where(self._round_of >= 0, R_SELECTED, self._unselected_reason)
+        return view.decisions(reason, self._order, round_=self._round_of)
+
+    # -- the Strategy shape -----------------------------------------------------------------------
+    def select(
+        self,
+        pool: pl.DataFrame,
+        budget: Budget,
+        *,
+        seed: int,
+        quotas: Quotas | None = None,
+        embeddings: np.ndarray | None = None,
+    ) -> pl.DataFrame:
+        if self.feedback_fn is None and self.rounds > 1:
+            raise SelectionError(
+                "iterative selection needs a feedback_fn (selected ids -> per-cluster values)"
+            )
+        out = self.start(pool, budget, seed=seed, quotas=quotas)
+        while not self.done:
+            assert self.feedback_fn is not None
+            out = self.next_round(self.feedback_fn(self.selected_ids))
+        return out
+
+    # -- internals --------------------------------------------------------------------------------
+    def _require(self) -> PoolView:
+        if self._view is None:
+            raise SelectionError("call start(pool, budget, seed=...) first")
+        return self._view
+
+    def _add_round(self, quotas: Quotas, *, proportional: bool, cluster_w: np.ndarray | None) -> None:
+        view = self._require()
+        chosen = self._round_of >= 0
+        cap = None
+        if self._quotas.cluster_max is not None:  # the cap is on the whole subset, not on one round
+            have = np.bincount(view.group[chosen], minlength=view.group_labels.size)
+            cap = np.maximum(self._quotas.cluster_max - have, 0)
+        target = int(self._per_round[self._round]) + self._carry
+        reason = fill_stratified(
+            view,
+            self._order,
+            target,
+            quotas,
+            proportional=proportional,
+            cluster_w=cluster_w,
+            available=~chosen,
+            cluster_cap=cap,
+        )
+        new = (reason == R_SELECTED) & ~chosen
+        self._round_of[new] = self._round
+        self._unselected_reason = np.where(chosen, R_SELECTED, reason)
+        added = int(view.costs[new].sum())
+        self._carry = target - added  # under-filled budget moves on to the next round
+        self.history.append({"round": self._round, "target": target, "added": added, "rows": int(new.sum())})
+        self._round += 1
+
+    def _cluster_feedback(self, feedback: Feedback) -> np.ndarray:
+        """Mean feedback per cluster code; clusters without any take the mean of those with some."""
+        view = self._require()
+        g = view.group_labels.size
+        if isinstance(feedback, pl.DataFrame):
+            if "feedback" not in feedback.columns:
+                raise SelectionError("feedback frame needs a 'feedback' column (and 'id' or 'cluster')")
+            vals = feedback["feedback"].cast(pl.Float64).to_numpy()
+            if "id" in feedback.columns:
+                pos = pl.DataFrame({"id": view.pool["id"].cast(pl.String), "_i": np.arange(view.n)})
+                joined = feedback.select(pl.col("id").cast(pl.String)).join(
+                    pos, on="id", how="left", maintain_order="left"
+                )
+                if joined["_i"].null_count():
+                    raise SelectionError(f"{joined['_i'].null_count()} feedback ids are not in the pool")
+                codes = view.group[joined["_i"].to_numpy()]
+            elif "cluster" in feedback.columns:
+                codes = self._codes(feedback["cluster"].cast(pl.Int64).fill_null(-1).to_list())
+            else:
+                raise SelectionError("feedback frame needs an 'id' or a 'cluster' column")
+        else:
+            items = list(dict(feedback).items())
+            codes = self._codes([int(k) for k, _ in items])
+            vals = np.array([float(v) for _, v in items], np.float64)
+        ok = np.isfinite(vals)
+        sums = np.bincount(codes[ok], weights=vals[ok], minlength=g)
+        counts = np.bincount(codes[ok], minlength=g)
+        if counts.sum() == 0:
+            raise SelectionError("feedback has no finite values")
+        mean = np.divide(sums, counts, out=np.zeros(g), where=counts > 0)
+        return np.where(counts > 0, mean, mean[counts > 0].mean())
+
+    def _codes(self, labels: list[int]) -> np.ndarray:
+        view = self._require()
+        labels_arr = np.where(np.asarray(labels, np.int64) < 0, -1, np.asarray(labels, np.int64))
+        codes = np.searchsorted(view.group_labels, labels_arr)
+        bad = (codes >= view.group_labels.size) | (
+            view.group_labels[np.minimum(codes, len(view.group_labels) - 1)] != labels_arr
+        )
+        if bad.any():
+            raise SelectionError(
+                f"feedback names clusters not in the pool: {sorted(set(labels_arr[bad].tolist()))}"
+            )
+        return codes
