@@ -1,0 +1,177 @@
+"""Diversity and redundancy of a subset, judged against a random subset of the same size.
+
+A selection strategy is only worth its cost if its subset is more diverse (or less redundant) than
+picking rows at random; these metrics make that comparison one number each:
+
+- Vendi score (Friedman & Dieng, 2023): exp of the Shannon entropy of the eigenvalues of K/n, with K the
+  cosine-similarity matrix. It is the "effective number of distinct items": 1 for n copies of one
+  vector, n for n orthogonal vectors.
+- Mean nearest-neighbour cosine similarity: how close each row's closest other row is (redundancy).
+- Cluster coverage: the share of the pool's clusters that the subset touches.
+
+The random baseline is averaged over a few seeded draws (one draw's Vendi score varies by a few percent).
+
+Large sets are measured on a seeded sample, so every number is reproducible and costs O(sample^2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: Rows per block in nearest-neighbour search (bounds memory to chunk x chunk floats).
+_NN_CHUNK = 8192
+
+
+def _normalise(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float64, so eigenvalues of nearly-equal rows stay accurate)."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"expected a 2-D array of row vectors, got shape {X.shape}")
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        raise ValueError("a row vector is all zeros: cosine similarity is undefined for it")
+    return X / norms
+
+
+def _sample_rows(n: int, sample: int | None, seed: int) -> np.ndarray | None:
+    if sample is None or n <= sample:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
+
+
+def vendi_score(X: np.ndarray, *, sample: int | None = 2000, seed: int = 0) -> float:
+    """Vendi score of the rows of X under cosine similarity (on `sample` seeded rows when n is larger).
+
+    Eigenvalues of X Xᵀ/n equal the non-zero eigenvalues of Xᵀ X/n, so the smaller of the two
+    Gram matrices is decomposed (d x d for the usual n > d embeddings).
+    """
+    n = len(X)
+    if n == 0:
+        return 0.0
+    idx = _sample_rows(n, sample, seed)
+    Xn = _normalise(X if idx is None else np.asarray(X)[idx])
+    m = len(Xn)
+    gram = Xn.T @ Xn if Xn.shape[1] < m else Xn @ Xn.T
+    lam = np.clip(np.linalg.eigvalsh(gram / m), 0.0, None)
+    lam = lam[lam > 1e-12]
+    lam = lam / lam.sum()  # trace(K/n) is 1 in exact arithmetic; renormalise rounding away
+    return float(np.exp(-np.sum(lam * np.log(lam))))
+
+
+def mean_nn_similarity(X: np.ndarray, *, sample: int | None = 2000, seed: int = 0) -> float:
+    """Mean cosine similarity of a row to its nearest *other* row in X (higher = more redundant).
+
+    Queries are `sample` seeded rows; their neighbours are searched in the whole of X, so sampling
+    does not make the set look sparser than it is.
+    """
+    n = len(X)
+    if n < 2:
+        return float("nan")
+    Xn = _normalise(X).astype(np.float32)
+    idx = _sample_rows(n, sample, seed)
+    q_all = np.arange(n) if idx is None else idx
+    best = np.full(len(q_all), -np.inf, dtype=np.float32)
+    for q0 in range(0, len(q_all), _NN_CHUNK):
+        q_idx = q_all[q0 : q0 + _NN_CHUNK]
+        Q, top = Xn[q_idx], best[q0 : q0 + _NN_CHUNK]
+        for start in range(0, n, _NN_CHUNK):
+            sims = Q @ Xn[start : start + _NN_CHUNK].T
+            own = (q_idx >= start) & (q_idx < start + _NN_CHUNK)
+            sims[np.flatnonzero(own), q_idx[own] - start] = -np.inf  # a row is not its own neighbour
+            np.maximum(top, sims.max(axis=1), out=top)
+    return float(np.mean(best.astype(np.float64)))
+
+
+def cluster_coverage(clusters_subset: Any, clusters_pool: Any) -> float:
+    """Share of the pool's distinct clusters present in the subset (nulls and -1 = unclustered, ignored)."""
+    pool = _labels(clusters_pool)
+    if not pool:
+        return float("nan")
+    return len(_labels(clusters_subset) & pool) / len(pool)
+
+
+def _labels(values: Any) -> set:
+    """Distinct cluster labels, without nulls/NaN/-1 (vectorised for numeric labels: pools reach 1M rows)."""
+    try:
+        num = np.asarray(values, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        num = None
+    if num is not None:
+        num = num[~np.isnan(num) & (num != -1)]
+        return {int(v) if float(v).is_integer() else float(v) for v in np.unique(num)}
+    out = set()
+    for v in np.asarray(values, dtype=object).ravel():
+        if v is None or (isinstance(v, float) and np.isnan(v)) or v == -1:
+            continue
+        out.add(int(v) if isinstance(v, (int, np.integer, float, np.floating)) else v)
+    return out
+
+
+def _metrics(X: np.ndarray, clusters: np.ndarray | None, rows: np.ndarray, sample: int, seed: int) -> dict:
+    nn = mean_nn_similarity(X[rows], sample=sample, seed=seed)
+    out: dict[str, Any] = {
+        "rows": int(len(rows)),
+        "vendi": vendi_score(X[rows], sample=sample, seed=seed),
+        "mean_nn_similarity": None if np.isnan(nn) else nn,  # None, not NaN: the manifest is JSON
+    }
+    if clusters is not None:
+        cov = cluster_coverage(clusters[rows], clusters)
+        out["cluster_coverage"] = None if np.isnan(cov) else cov
+        out["clusters"] = len(_labels(clusters[rows]))
+    return out
+
+
+def diversity_summary(
+    X_pool: np.ndarray,
+    selected_mask: np.ndarray,
+    clusters: np.ndarray | None = None,
+    *,
+    seed: int = 0,
+    sample: int = 2000,
+    n_random: int = 3,
+) -> dict[str, Any]:
+    """The subset's metrics next to those of random subsets of the same size (stored in the manifest).
+
+    Returns {"subset": m, "random": mean of m over `n_random` seeded draws, "random_std": their standard
+    deviation (only when n_random > 1), "pool": {rows, clusters}, "sample", "seed", "n_random"}, where m
+    holds rows, vendi, mean_nn_similarity and, with clusters, cluster_coverage and clusters (touched).
+    Every set is measured on min(sample, subset size) rows, so the Vendi scores compare; a random subset
+    *is* a sample of the pool, so the pool gets no Vendi score of its own.
+    """
+    X_pool = np.asarray(X_pool)
+    mask = np.asarray(selected_mask, dtype=bool)
+    if mask.shape != (len(X_pool),):
+        raise ValueError(f"selected_mask has shape {mask.shape}; expected ({len(X_pool)},)")
+    if clusters is not None:
+        clusters = np.asarray(clusters, dtype=object)
+        if len(clusters) != len(X_pool):
+            raise ValueError(f"clusters has {len(clusters)} entries; expected {len(X_pool)}")
+    if n_random < 1:
+        raise ValueError("n_random must be at least 1")
+    chosen = np.flatnonzero(mask)
+    k = len(chosen)
+    size = max(min(sample, k), 1)
+    rng = np.random.default_rng([seed, 1])  # its own stream: not the metric sampler's draws
+    draws = [_metrics(X_pool, clusters, np.sort(rng.choice(len(X_pool), size=k, replace=False)), size, seed)
+             for _ in range(n_random)]
+    out: dict[str, Any] = {"subset": _metrics(X_pool, clusters, chosen, size, seed)}
+    out["random"] = {key: _mean([d[key] for d in draws]) for key in draws[0]} | {"rows": k}
+    if n_random > 1:
+        out["random_std"] = {key: _std([d[key] for d in draws]) for key in draws[0] if key != "rows"}
+    out["pool"] = {"rows": int(len(X_pool))}
+    if clusters is not None:
+        out["pool"]["clusters"] = len(_labels(clusters))
+    out.update({"sample": int(size), "seed": int(seed), "n_random": int(n_random)})
+    return out
+
+
+def _mean(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _std(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.std(vals)) if vals else None

@@ -1,0 +1,442 @@
+"""Report and diversity metrics: hand-checkable metric cases, then a real run folder rendered and checked in
+headless Chromium (page renders, plots present, no console errors).
+
+The fixture run is built from real Alpaca and GSM8K rows with the project's own ingest/dedup; its embeddings
+are TF-IDF + SVD (real vectors, cheap enough for a unit test), its clusters k-means, its scores text
+heuristics, its selection a per-cluster quota filled by score, so every file has the shape the pipeline writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from curate import diversity
+from curate.diversity import cluster_coverage, diversity_summary, mean_nn_similarity, vendi_score
+from curate.ingest import dedup, ingest
+from curate.report import ReportError, write_report
+from curate.run import Run
+
+SHARED = Path(os.environ.get("CURATE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CHROMIUM = Path("/usr/bin/chromium")
+
+# ------------------------------------------------------------------------------- diversity metrics
+
+
+def test_vendi_hand_cases():
+    assert vendi_score(np.ones((6, 4))) == pytest.approx(1.0)  # six copies of one vector
+    assert vendi_score(np.eye(7)) == pytest.approx(7.0)  # orthonormal: seven distinct items
+    assert vendi_score(3 * np.eye(5)[:, :5]) == pytest.approx(5.0)  # scale does not matter (cosine)
+    # two orthogonal directions, 3 copies each: K/n has eigenvalues 1/2, 1/2 -> exp(log 2) = 2
+    X = np.array([[1, 0]] * 3 + [[0, 1]] * 3, dtype=float)
+    assert vendi_score(X) == pytest.approx(2.0)
+    # unequal groups (1 and 3 copies): eigenvalues 1/4 and 3/4
+    X = np.array([[1, 0]] + [[0, 1]] * 3, dtype=float)
+    assert vendi_score(X) == pytest.approx(math.exp(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))))
+    assert vendi_score(np.zeros((0, 3))) == 0.0
+    with pytest.raises(ValueError, match="all zeros"):
+        vendi_score(np.array([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_vendi_both_gram_forms_and_sampling_agree():
+    rng = np.random.default_rng(1)
+    wide = rng.normal(size=(20, 50))  # n < d: the n x n matrix is decomposed
+    tall = rng.normal(size=(300, 8))  # n > d: the d x d matrix is decomposed
+    for X in (wide, tall):
+        Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+        lam = np.clip(np.linalg.eigvalsh(Xn @ Xn.T / len(X)), 1e-15, None)
+        assert vendi_score(X) == pytest.approx(math.exp(-np.sum(lam * np.log(lam))), rel=1e-6)
+    # above `sample` rows the score is that of a seeded sample: reproducible, and equal to scoring the sample
+    idx = np.sort(np.random.default_rng(3).choice(300, size=100, replace=False))
+    assert vendi_score(tall, sample=100, seed=3) == pytest.approx(vendi_score(tall[idx], sample=None))
+    assert vendi_score(tall, sample=100, seed=3) == vendi_score(tall, sample=100, seed=3)
+
+
+def test_mean_nn_similarity_hand_case_and_chunking(monkeypatch):
+    # neighbours: row0 <-> row1 (sim 1), row2's best is 0 (orthogonal to both) -> (1 + 1 + 0) / 3
+    X = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    assert mean_nn_similarity(X) == pytest.approx(2 / 3)
+    assert math.isnan(mean_nn_similarity(X[:1]))
+    rng = np.random.default_rng(0)
+    Y = rng.normal(size=(57, 6))
+    Yn = Y / np.linalg.norm(Y, axis=1, keepdims=True)
+    S = Yn @ Yn.T
+    np.fill_diagonal(S, -np.inf)
+    brute = S.max(axis=1).mean()
+    monkeypatch.setattr(diversity, "_NN_CHUNK", 10)  # blocks of 10 queries x 10 rows, with self-masking
+    assert mean_nn_similarity(Y) == pytest.approx(brute, rel=1e-5)
+    # sampled queries still search the whole set
+    idx = np.sort(np.random.default_rng(4).choice(57, size=20, replace=False))
+    assert mean_nn_similarity(Y, sample=20, seed=4) == pytest.approx(S.max(axis=1)[idx].mean(), rel=1e-5)
+
+
+def test_cluster_coverage():
+    assert cluster_coverage([1, 2], [1, 2, 3, 3]) == pytest.approx(2 / 3)
+    assert cluster_coverage(np.array([0]), np.array([0, 1, -1, 1])) == 0.5  # -1 = unclustered
+    assert cluster_coverage(["b"], ["a", "b", None]) == 0.5
+    assert math.isnan(cluster_coverage([], [None, -1]))
+
+
+def test_diversity_summary_prefers_spread_over_copies():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(10, 16))
+    clusters = np.repeat(np.arange(10), 30)
+    X = centers[clusters] + 0.05 * rng.normal(size=(300, 16))
+    mask = np.zeros(300, bool)
+    mask[:20] = True  # a subset from cluster 0 only: redundant and narrow
+    s = diversity_summary(X, mask, clusters, seed=1)
+    assert s["subset"]["rows"] == s["random"]["rows"] == 20 and s["pool"]["rows"] == 300
+    assert s["subset"]["cluster_coverage"] == 0.1 and s["subset"]["clusters"] == 1
+    assert s["random"]["cluster_coverage"] > 0.5
+    assert s["subset"]["vendi"] < 1.1 < s["random"]["vendi"]
+    assert s["subset"]["mean_nn_similarity"] > s["random"]["mean_nn_similarity"]
+    assert s["pool"] == {"rows": 300, "clusters": 10} and s["n_random"] == 3
+    assert set(s["random_std"]) == {"vendi", "mean_nn_similarity", "cluster_coverage", "clusters"}
+    one = diversity_summary(X, mask, clusters, seed=1, n_random=1)
+    assert "random_std" not in one and one["subset"] == s["subset"]
+    assert json.loads(json.dumps(s)) == s  # storable in the manifest as is
+    assert diversity_summary(X, mask, clusters, seed=1) == s  # seeded
+    with pytest.raises(ValueError, match="selected_mask"):
+        diversity_summary(X, mask[:10], clusters)
+
+
+# ----------------------------------------------------------------------------------- fixture run
+
+
+def _write_inputs(folder: Path) -> list[str]:
+    if not SHARED.exists():
+        pytest.skip(f"shared datasets not found at {SHARED}")
+    alpaca = (SHARED / "alpaca-52k" / "alpaca_data.jsonl").read_text().splitlines()[:320]
+    gsm = (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()[:180]
+    a = folder / "alpaca_slice.jsonl"
+    # real rows, plus what real dumps hold: exact duplicates, a broken line, an empty answer
+    broken = ['{"instruction": "Name a colour", "output": ', json.dumps({"instruction": "Say hi", "output": ""})]
+    a.write_text("\n".join(alpaca + alpaca[:12] + broken) + "\n")
+    g = folder / "gsm8k_slice.jsonl"
+    g.write_text("\n".join(gsm + gsm[:5]) + "\n")
+    return [str(a), str(g)]
+
+
+def _heuristic_scores(records: pl.DataFrame) -> pl.DataFrame:
+    resp = records["response"].to_list()
+    words = [re.findall(r"\w+", r.lower()) for r in resp]
+    return pl.DataFrame({
+        "lexical_diversity": [len(set(w)) / len(w) if w else 0.0 for w in words],
+        "log_response_chars": np.log1p(records["response_chars"].to_numpy()),
+        "heur_flags": [int(len(r) < 40) + int(r.rstrip()[-1:] not in ".!?0123456789") for r in resp],
+    })
+
+
+def build_run(folder: Path, *, budget: int = 120, k: int = 12) -> Path:
+    """A complete run folder (manifest, records, decisions, selected, map2d) from real rows."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA, TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    run = Run(folder / "run")
+    run.set("config", {"select": {"strategy": "kmq", "budget": budget, "seed": 0},
+                       "embed": {"model": "tfidf-svd-64 (test fixture)"}, "cluster": {"k": k}})
+    ingest(run, _write_inputs(folder))
+    dedup(run)
+    rec = pl.read_parquet(run.file("records.parquet"))
+    n = rec.height
+
+    t0 = time.perf_counter()
+    text = [f"{a}\n{b}" for a, b in zip(rec["instruction"], rec["response"], strict=True)]
+    X = TruncatedSVD(64, random_state=0).fit_transform(TfidfVectorizer(min_df=2).fit_transform(text))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    run.stage("embed", rows_in=n, rows_out=n, seconds=time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    clusters = KMeans(k, n_init=3, random_state=0).fit_predict(X)
+    run.stage("cluster", rows_in=n, rows_out=n, seconds=time.perf_counter() - t0, k=k)
+    scores = _heuristic_scores(rec)
+    run.stage("score", rows_in=n, rows_out=n, seconds=0.01)
+
+    # semantic dedup: a later row with cosine >= 0.95 to an earlier kept row
+    S = X @ X.T
+    sem = np.zeros(n, bool)
+    for i in range(n):
+        if not sem[i]:
+            later = np.flatnonzero(S[i, i + 1:] >= 0.95) + i + 1
+            sem[later] = True
+    run.stage("semantic_dedup", rows_in=n, rows_out=int((~sem).sum()),
+              dropped={"semantic_duplicate": int(sem.sum())}, seconds=0.01)
+
+    # selection: cluster quotas proportional to size, filled by lexical diversity; flags >= 2 are filtered
+    status = np.where(sem, "semantic_duplicate", "not_selected").astype(object)
+    reason = np.where(sem, "semantic_duplicate", "outranked").astype(object)
+    below = (~sem) & (scores["heur_flags"].to_numpy() >= 2)
+    status[below], reason[below] = "not_selected", "below_threshold"
+    eligible = ~sem & ~below
+    rank = np.full(n, None, dtype=object)
+    quality = scores["lexical_diversity"].to_numpy()
+    sizes = np.bincount(clusters[eligible], minlength=k)
+    quota = np.floor(budget * sizes / sizes.sum()).astype(int)
+    quota[np.argsort(-(budget * sizes / sizes.sum() - quota))[: budget - quota.sum()]] += 1
+    for c in range(k):
+        members = np.flatnonzero(eligible & (clusters == c))
+        order = members[np.argsort(-quality[members], kind="stable")]
+        for r, i in enumerate(order):
+            rank[i] = r + 1
+            status[i], reason[i] = ("selected", "selected") if r < quota[c] else ("not_selected", "cluster_quota_full")
+    sel = status == "selected"
+    run.stage("select", rows_in=n, rows_out=int(sel.sum()), dropped={"not_selected": int((~sel).sum())},
+              seconds=0.02, strategy="kmq")
+
+    pool_dec = pl.DataFrame({
+        "source": rec["source"], "row": rec["row"], "id": rec["id"],
+        "status": status.tolist(), "reason": reason.tolist(),
+        "cluster": pl.Series(clusters.tolist(), dtype=pl.Int64),
+        "rank_in_cluster": pl.Series(rank.tolist(), dtype=pl.Int64),
+    }).hstack(scores)
+    rej = pl.read_parquet(run.file("rejects.parquet")).select(
+        "source", "row", pl.lit(None, pl.String).alias("id"), pl.lit("rejected").alias("status"),
+        ("rejected:" + pl.col("reason")).alias("reason"))
+    dup = pl.read_parquet(run.file("duplicates.parquet")).select(
+        "source", "row", "id", pl.lit("duplicate").alias("status"), pl.lit("duplicate").alias("reason"))
+    decisions = pl.concat([pool_dec, rej, dup], how="diagonal").sort("source", "row")
+    decisions.write_parquet(run.file("decisions.parquet"))
+    rec.hstack(scores).with_columns(pl.Series("cluster", clusters.tolist())).filter(
+        pl.Series(sel)).write_parquet(run.file("selected.parquet"))
+    xy = PCA(2, random_state=0).fit_transform(X)
+    pl.DataFrame({"id": rec["id"], "x": xy[:, 0], "y": xy[:, 1]}).write_parquet(run.file("map2d.parquet"))
+    run.set("diversity", diversity_summary(X, sel, clusters, seed=0))
+    return run.path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return build_run(tmp_path_factory.mktemp("report"))
+
+
+# ---------------------------------------------------------------------------------- headless check
+
+
+def chromium_check(pages: list[Path], expression: str, timeout: float = 20.0) -> list[dict]:
+    """Open each page in headless Chromium over the DevTools protocol.
+
+    Returns, per page, {"errors": [...console errors, uncaught exceptions, error log entries],
+    "result": value of `expression` evaluated after the load event}.
+    """
+    from websockets.sync.client import connect
+
+    profile = tempfile.mkdtemp(prefix="curate-chromium-")
+    proc = subprocess.Popen(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0",
+         "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        browser_ws, deadline = None, time.monotonic() + timeout
+        while browser_ws is None:  # Chromium prints its DevTools address on stderr once it listens
+            line = proc.stderr.readline()
+            if not line and (proc.poll() is not None or time.monotonic() > deadline):
+                raise RuntimeError("Chromium exited or never opened its DevTools port")
+            m = re.search(r"DevTools listening on (ws://\S+)", line)
+            browser_ws = m.group(1) if m else None
+        out = []
+        with connect(browser_ws, max_size=None, open_timeout=timeout) as ws:
+            counter = iter(range(1, 1_000_000))
+
+            def call(method: str, session: str | None = None, **params) -> dict:
+                msg_id = next(counter)
+                msg = {"id": msg_id, "method": method, "params": params}
+                if session:
+                    msg["sessionId"] = session
+                ws.send(json.dumps(msg))
+                while True:
+                    reply = json.loads(ws.recv(timeout=timeout))
+                    events.append(reply)
+                    if reply.get("id") == msg_id:
+                        if "error" in reply:
+                            raise RuntimeError(f"{method}: {reply['error']}")
+                        return reply["result"]
+
+            for page in pages:
+                events: list[dict] = []
+                target = call("Target.createTarget", url="about:blank")["targetId"]
+                session = call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+                for domain in ("Runtime", "Log", "Page"):
+                    call(f"{domain}.enable", session)
+                call("Page.navigate", session, url=page.resolve().as_uri())
+                end = time.monotonic() + timeout
+                while not any(e.get("method") == "Page.loadEventFired" for e in events):
+                    if time.monotonic() > end:
+                        raise TimeoutError(f"{page} did not finish loading")
+                    events.append(json.loads(ws.recv(timeout=timeout)))
+                result = call("Runtime.evaluate", session, expression=expression, returnByValue=True)
+                time.sleep(0.2)
+                call("Runtime.evaluate", session, expression="1")  # drain events that arrived meanwhile
+                errors = []
+                for e in events:
+                    if e.get("sessionId") not in (None, session):
+                        continue
+                    p, meth = e.get("params", {}), e.get("method")
+                    if meth == "Runtime.consoleAPICalled" and p["type"] in ("error", "assert"):
+                        errors.append(" ".join(str(a.get("value", a.get("description"))) for a in p["args"]))
+                    elif meth == "Runtime.exceptionThrown":
+                        errors.append(p["exceptionDetails"].get("exception", {}).get("description")
+                                      or p["exceptionDetails"]["text"])
+                    elif meth == "Log.entryAdded" and p["entry"]["level"] == "error":
+                        errors.append(p["entry"]["text"])
+                if "exceptionDetails" in result:
+                    errors.append(f"evaluate: {result['exceptionDetails']['text']}")
+                out.append({"errors": errors, "result": result.get("result", {}).get("value")})
+                call("Target.closeTarget", targetId=target)
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (Debian: apt-get install -y chromium)")
+
+PROBE = """(() => {
+  const plots = [...document.querySelectorAll("svg.plot")];
+  const sec = id => document.getElementById(id);
+  const th = document.querySelector("#sources table.sortable th:nth-child(2)");
+  const first = () => document.querySelector("#sources table.sortable tbody td").textContent;
+  const before = first(); th.click(); const afterAsc = first(); th.click(); const afterDesc = first();
+  return {
+    title: document.title,
+    plots: plots.length,
+    drawn: plots.filter(s => { const b = s.getBoundingClientRect(); return b.width > 50 && b.height > 20; }).length,
+    rects: document.querySelectorAll("svg.plot rect").length,
+    paths: document.querySelectorAll("svg.plot path").length,
+    per: Object.fromEntries(["funnel", "reasons", "sources", "clusters", "scores", "map", "diversity"]
+      .map(id => [id, sec(id) ? sec(id).querySelectorAll("svg.plot").length : -1])),
+    mapDots: (sec("map").querySelector("svg path[stroke='#2563eb']")?.getAttribute("d").match(/M/g) || []).length,
+    missing: document.querySelectorAll(".missing").length,
+    sorted: [before, afterAsc, afterDesc],
+    bodyText: document.body.innerText.length,
+  };
+})()"""
+
+DEGRADED_PROBE = """(() => ({
+  plots: document.querySelectorAll("svg.plot").length,
+  missing: [...document.querySelectorAll(".missing")].map(e => e.textContent),
+  sections: document.querySelectorAll("section").length,
+}))()"""
+
+
+def test_report_structure(run_dir):
+    path = write_report(run_dir)
+    assert path == run_dir / "report.html"
+    page = path.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "</html>" in page
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched from anywhere
+    assert path.stat().st_size < 1_000_000
+    assert 'class="k">pool rows<' in page and 'class="k">selected rows<' in page
+    # every score column (+ length) gets a pool-vs-subset histogram
+    assert page.count('aria-label="histogram of') == 4
+    for name in ("lexical_diversity", "log_response_chars", "heur_flags", "n_tokens", "Vendi"):
+        assert name in page
+    rejects = page.split('id="reasons"')[1].split("Rejected rows by reason")[1].split("</section>")[0]
+    assert ">malformed_json</text>" in rejects and ">empty_response</text>" in rejects  # prefix stripped
+
+
+def test_write_report_errors(tmp_path):
+    with pytest.raises(ReportError, match="does not exist"):
+        write_report(tmp_path / "nope")
+    with pytest.raises(ReportError, match="holds no"):
+        write_report(tmp_path)
+
+
+def test_map_is_downsampled(run_dir, tmp_path):
+    out = write_report(run_dir, tmp_path / "small.html", max_points=50)
+    page = out.read_text()
+    assert re.search(r"<p>50 of [\d,]+ points shown", page)
+    dots = sum(m.count("h0") for m in re.findall(r'<path d="([^"]*)" stroke=', page.split('id="map"')[1]))
+    assert dots == 50
+
+
+def test_cluster_chart_scales():
+    from curate.report import cluster_columns
+
+    few = cluster_columns([50, 40, 30], [5, 4, 3], [7, 8, 9])
+    assert few.count("<rect") == 6 and "cluster 7: pool 50, subset 5 (10.0%)" in few and "log" not in few
+    sizes = sorted((np.random.default_rng(0).zipf(1.5, 800) * 3).tolist(), reverse=True)
+    many = cluster_columns(sizes, [s // 10 for s in sizes], list(range(800)))
+    assert "<rect" not in many and many.count("<path") == 2 and "(log scale)" in many
+
+
+@pytest.mark.parametrize("keep", [
+    ("selected.parquet",),  # only the subset
+    ("decisions.parquet",),  # no manifest, records or map
+    ("manifest.json", "map2d.parquet", "selected.parquet"),  # map and subset, no pool
+    ("decisions-bare", "manifest.json"),  # decisions without scores or clusters
+])
+def test_report_degrades(run_dir, tmp_path, keep):
+    for name in keep:
+        if name == "decisions-bare":
+            pl.read_parquet(run_dir / "decisions.parquet").select(
+                "source", "row", "id", "status", "reason").write_parquet(tmp_path / "decisions.parquet")
+        else:
+            shutil.copy(run_dir / name, tmp_path / name)
+    page = write_report(tmp_path).read_text()
+    assert page.count("<section") == 9 and 'class="missing"' in page
+    if keep == ("selected.parquet",):
+        assert 'class="k">pool rows<' not in page and "Only selected.parquet is present" in page
+    if "decisions-bare" in keep:
+        assert "the run was not clustered" in page and "the run was not scored" in page
+        assert "malformed_json" in page  # rejects still come from the decisions
+
+
+def _degraded_copy(run_dir: Path, dest: Path) -> Path:
+    """The same run with only records + a manifest lacking diversity: no decisions, scores, map or subset."""
+    dest.mkdir()
+    shutil.copy(run_dir / "records.parquet", dest / "records.parquet")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest.pop("diversity")
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+@needs_chromium
+def test_report_in_headless_chromium(run_dir, tmp_path):
+    full = write_report(run_dir)
+    degraded = write_report(_degraded_copy(run_dir, tmp_path / "degraded"))
+    bad = tmp_path / "bad.html"  # the checker itself must be able to fail
+    bad.write_text("<html><body><script>console.error('boom'); notDefined();</script></body></html>")
+    t0 = time.monotonic()
+    res_full, res_bad = chromium_check([full, bad], PROBE)
+    (res_deg,) = chromium_check([degraded], DEGRADED_PROBE)
+    assert time.monotonic() - t0 < 30
+
+    assert any("boom" in e for e in res_bad["errors"]) and any("notDefined" in e for e in res_bad["errors"])
+
+    assert res_full["errors"] == []
+    r = res_full["result"]
+    assert r["title"] == "curate report: run"
+    assert r["plots"] == r["drawn"] >= 10, r  # every SVG has a real on-screen size
+    assert r["per"]["funnel"] >= 1 and r["per"]["reasons"] == 2 and r["per"]["sources"] == 1
+    assert r["per"]["clusters"] == 1 and r["per"]["scores"] == 4 and r["per"]["map"] == 1
+    assert r["per"]["diversity"] >= 3
+    assert r["mapDots"] == 120  # every selected row is on the map (pool < 20k, no downsampling)
+    assert r["missing"] == 0
+    assert r["sorted"][1] != r["sorted"][2]  # clicking a header re-orders the table
+    assert r["rects"] > 50 and r["paths"] >= 10
+
+    assert res_deg["errors"] == []
+    deg = res_deg["result"]
+    assert deg["sections"] == 9 and deg["plots"] >= 3  # funnel, rejects, per source still drawn
+    text = " ".join(deg["missing"])
+    for what in ("decisions.parquet is missing", "map2d.parquet", "cluster", "not scored"):
+        assert what in text, (what, text)
