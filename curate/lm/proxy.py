@@ -1,0 +1,390 @@
+"""A proxy LM curate trains itself: the offline default model for likelihood scorers, and an SFT feedback loop.
+
+Why: Superfiltering shows a small model's IFD ranks data nearly as well as a large one's, and nothing may be
+fetched from a hub here. `train_proxy` trains a small LLaMA-architecture LM (and a byte-level BPE tokenizer)
+from scratch on a dataset's conversations, rendered exactly as the engines render them for scoring (ChatML
+with BOS). `finetune_proxy` + `eval_proxy` give later stages a cheap "train on the subset, measure loss on a
+reference set" signal.
+
+Sizes (params include the tied embedding): "tiny" is sized so both IFD passes over Alpaca-52k take about
+10 minutes on a 2-core CPU (see bench/results/engines.md); "small"/"base" are for GPUs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from curate.lm.base import Encoder, LMConfig, LMError, Message
+from curate.lm.testing import llama_config, save_model, train_tokenizer
+from curate.progress import progress
+
+PROXY_VERSION = 1  # bump when training changes, so cached proxies are retrained
+
+
+@dataclass(frozen=True)
+class ProxySize:
+    vocab_size: int
+    hidden_size: int
+    layers: int
+    intermediate_size: int
+    head_dim: int = 64
+
+
+SIZES: dict[str, ProxySize] = {
+    "tiny": ProxySize(vocab_size=4096, hidden_size=64, layers=2, intermediate_size=256),  # ~0.4M params
+    "small": ProxySize(vocab_size=4096, hidden_size=128, layers=2, intermediate_size=384),  # ~1M
+    "base": ProxySize(vocab_size=8192, hidden_size=256, layers=4, intermediate_size=768),  # ~5M
+    "large": ProxySize(vocab_size=16384, hidden_size=512, layers=8, intermediate_size=1536),  # ~34M, GPU
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    size: str = "tiny"
+    steps: int = 1200
+    seq_len: int = 256
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    seed: int = 0
+    max_docs: int = 60000  # documents sampled for training
+    tokenizer_docs: int = 20000  # documents the tokenizer is trained on
+
+
+# -- data -----------------------------------------------------------------------------------------------------
+def load_conversations(source: str | Path | Sequence[Any]) -> list[list[Message]]:
+    """Conversations from a data file (any format ingest reads, incl. records.parquet) or from a list of
+    records/rows (dicts with `messages`, or raw alpaca/sharegpt/... rows)."""
+    from curate.io.formats import to_messages
+    from curate.io.readers import InputError, iter_rows
+    from curate.schema import RowError
+
+    rows: Iterable[Any]
+    if isinstance(source, str | Path):
+        if not Path(source).exists():
+            raise LMError(f"{source}: no such data file")
+        rows = (r.value for r in iter_rows(str(source)))
+    else:
+        rows = source
+    out = []
+    try:
+        for row in rows:
+            if isinstance(row, RowError):
+                continue
+            if isinstance(row, dict) and isinstance(row.get("messages"), list | np.ndarray):
+                msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+            else:
+                try:
+                    msgs = to_messages(row)[1]
+                except RowError:
+                    continue
+            if any(m["role"] == "assistant" for m in msgs):
+                out.append(msgs)
+    except InputError as e:
+        raise LMError(str(e)) from None
+    if not out:
+        where = source if isinstance(source, str | Path) else "the given rows"
+        raise LMError(f"no conversations with an assistant turn found in {where}")
+    return out
+
+
+def _documents(source: str | Path | Sequence[Any]) -> list[list[Message]] | list[str]:
+    if isinstance(source, Sequence) and not isinstance(source, str) and source and isinstance(source[0], str):
+        return list(source)
+    return load_conversations(source)
+
+
+def _doc_text(doc: list[Message] | str, tokenizer: Any) -> str:
+    if isinstance(doc, str):
+        return f"{tokenizer.bos_token}{doc}{tokenizer.eos_token}"
+    return tokenizer.apply_chat_template(doc, tokenize=False)
+
+
+def sft_examples(encoder: Encoder, conversations: Sequence[list[Message]]) -> list[tuple[list[int], int]]:
+    """(ids, n_prompt) per assistant turn: the prompt is every earlier message (masked in the loss)."""
+    out = []
+    for msgs in conversations:
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                enc = encoder.encode(msgs[:i], m["content"])
+                out.append((enc.ids, len(enc.prompt_ids)))
+    return out
+
+
+# -- training -------------------------------------------------------------------------------------------------
+def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_))))
+
+
+def _set_threads() -> None:
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ.get("CURATE_TORCH_THREADS", 0)) or len(os.sched_getaffinity(0)))
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_proxy(
+    source: str | Path | Sequence[Any],
+    out_dir: str | Path,
+    *,
+    size: str = "tiny",
+    steps: int | None = None,
+    seq_len: int = 256,
+    batch_size: int = 16,
+    lr: float | None = None,
+    seed: int = 0,
+    max_docs: int = 60000,
+) -> str:
+    """Train a LLaMA-architecture proxy + BPE tokenizer from scratch on `source`; save HF format to out_dir.
+
+    Documents (conversations rendered with the ChatML template, or plain texts) are packed into
+    `seq_len` blocks; AdamW with warm-up + cosine decay. Returns the model folder.
+    """
+    if size not in SIZES:
+        raise ValueError(f"proxy size must be one of {sorted(SIZES)}, got {size!r}")
+    cfg = TrainConfig(size=size, steps=steps or TrainConfig.steps, seq_len=seq_len, batch_size=batch_size,
+                      lr=lr or (3e-3 if size == "tiny" else 1e-3), seed=seed, max_docs=max_docs)
+    spec = SIZES[size]
+    _set_threads()
+    rng = random.Random(seed)
+    docs = _documents(source)
+    if len(docs) > cfg.max_docs:
+        docs = rng.sample(docs, cfg.max_docs)
+    # tokenizer: trained on raw message text (special tokens are added by the template)
+    tok_docs = docs if len(docs) <= cfg.tokenizer_docs else rng.sample(docs, cfg.tokenizer_docs)
+    raw = [d if isinstance(d, str) else "\n".join(m["content"] for m in d) for d in tok_docs]
+    tokenizer = train_tokenizer(raw, spec.vocab_size)
+    texts = [_doc_text(d, tokenizer) for d in docs]
+    stream = np.fromiter(
+        (i for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in ids), dtype=np.int64
+    )
+    n_blocks = len(stream) // (cfg.seq_len + 1)
+    if n_blocks < 2:
+        raise LMError(f"too little text to train a proxy: {len(stream)} tokens")
+    blocks = torch.from_numpy(stream[: n_blocks * (cfg.seq_len + 1)].reshape(n_blocks, cfg.seq_len + 1))
+
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = llama_config(tokenizer, hidden_size=spec.hidden_size, head_dim=spec.head_dim, layers=spec.layers,
+                          intermediate_size=spec.intermediate_size, max_positions=4096, tie=True)
+    device = _device()
+    model = LlamaForCausalLM(config).to(device).train()
+    _fit(model, cfg, lambda g: _block_batch(blocks, cfg.batch_size, g), desc=f"train proxy ({size})")
+    out = save_model(model.cpu().eval(), tokenizer, out_dir)
+    meta = {"train": asdict(cfg), "tokens": int(len(stream)), "docs": len(docs),
+            "params": sum(p.numel() for p in model.parameters()), "version": PROXY_VERSION}
+    (Path(out) / "curate_proxy.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _block_batch(blocks: torch.Tensor, batch_size: int, gen: torch.Generator):
+    idx = torch.randint(0, len(blocks), (batch_size,), generator=gen)
+    b = blocks[idx]
+    return b[:, :-1], b[:, 1:], None
+
+
+def _fit(model: Any, cfg: TrainConfig, next_batch, desc: str) -> list[float]:
+    """AdamW loop; next_batch(gen) -> (inputs, labels(-100 = ignore), attention_mask | None)."""
+    device = next(model.parameters()).device
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    with progress() as bar:
+        task = bar.add_task(desc, total=cfg.steps)
+        for step in range(cfg.steps):
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+            x, y, mask = next_batch(gen)
+            x, y = x.to(device), y.to(device)
+            logits = model(input_ids=x, attention_mask=None if mask is None else mask.to(device)).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            bar.advance(task)
+    return losses
+
+
+def finetune_proxy(
+    base_dir: str | Path,
+    records: str | Path | Sequence[Any],
+    out_dir: str | Path,
+    *,
+    epochs: float = 1.0,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    max_length: int = 512,
+    seed: int = 0,
+) -> str:
+    """SFT of a proxy on `records` (every assistant turn, prompt tokens masked); saves to out_dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _set_threads()
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), use_safetensors=True, dtype=torch.float32)
+    encoder = Encoder(tokenizer, LMConfig(str(base_dir), max_length=max_length))
+    examples = sft_examples(encoder, load_conversations(records))
+    steps = max(1, math.ceil(len(examples) * epochs / batch_size))
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 10), seed=seed)
+    order: list[int] = []
+    pad = tokenizer.pad_token_id
+
+    def next_batch(gen: torch.Generator):
+        nonlocal order
+        if len(order) < batch_size:
+            order += torch.randperm(len(examples), generator=gen).tolist()
+        picked, order = order[:batch_size], order[batch_size:]
+        width = max(len(examples[i][0]) for i in picked) - 1
+        x = torch.full((len(picked), width), pad, dtype=torch.long)
+        y = torch.full((len(picked), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(picked), width), dtype=torch.long)
+        for row, i in enumerate(picked):
+            ids, n_prompt = examples[i]
+            t = torch.tensor(ids)
+            x[row, : len(ids) - 1] = t[:-1]
+            mask[row, : len(ids) - 1] = 1
+            y[row, n_prompt - 1: len(ids) - 1] = t[n_prompt:]
+        return x, y, mask
+
+    model = model.to(_device()).train()
+    _fit(model, cfg, next_batch, desc="finetune proxy")
+    out = save_model(model.cpu().eval(), tokenizer, out_dir)
+    meta = {"finetune": {"base": str(base_dir), "examples": len(examples), **asdict(cfg)}}
+    (Path(out) / "curate_proxy.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def eval_proxy(model_dir: str | Path, records: str | Path | Sequence[Any], *, max_length: int = 512,
+               engine: Any = None) -> float:
+    """Mean response loss (nats per token, token-weighted over every assistant turn) on reference records."""
+    from curate.lm.hf import HFEngine
+
+    eng = engine or HFEngine(LMConfig(str(model_dir), max_length=max_length))
+    prompts, responses = _turns(load_conversations(records))
+    lps = eng.response_logprobs(prompts, responses)
+    total = sum(float(-x.sum()) for x in lps)
+    return total / max(1, sum(len(x) for x in lps))
+
+
+def _turns(convs: Sequence[list[Message]]) -> tuple[list[list[Message]], list[str]]:
+    prompts, responses = [], []
+    for msgs in convs:
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                prompts.append(msgs[:i])
+                responses.append(m["content"])
+    return prompts, responses
+
+
+def unigram_loss(encoder: Encoder, train: Sequence[list[Message]], heldout: Sequence[list[Message]]) -> float:
+    """Cross-entropy (nats/token) of held-out response tokens under an add-one unigram of training responses:
+    the floor a proxy must clearly beat to be learning anything beyond token frequencies."""
+    vocab = len(encoder.tok)
+    counts = np.ones(vocab, dtype=np.float64)
+    for r in _turns(train)[1]:
+        np.add.at(counts, encoder.response_ids(r)[0], 1)
+    logp = np.log(counts / counts.sum())
+    ids = [i for r in _turns(heldout)[1] for i in encoder.response_ids(r)[0]]
+    return float(-logp[ids].mean())
+
+
+def proxy_quality(model_dir: str | Path, train: str | Path | Sequence[Any], heldout: str | Path | Sequence[Any],
+                  *, seed: int = 0, max_length: int = 512, engine: Any = None) -> dict[str, float]:
+    """Held-out response loss vs the unigram baseline, and AUROC of real vs shuffled responses.
+
+    Shuffled = each held-out prompt paired with another row's response (a derangement). Two scores:
+    `auroc_logp` ranks by mean log p(response | prompt); `auroc_pmi` by that minus the unconditioned mean
+    log p(response) (the IFD direction), which cancels how likely a response is on its own.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from curate.lm.hf import HFEngine
+
+    eng = engine or HFEngine(LMConfig(str(model_dir), max_length=max_length))
+    train_c, held_c = load_conversations(train), load_conversations(heldout)
+    prompts, responses = _turns(held_c)
+    n = len(prompts)
+    if n < 2:
+        raise LMError("proxy_quality needs at least 2 held-out rows")
+    perm = np.random.default_rng(seed).permutation(n)
+    perm = np.roll(perm, 1)[np.argsort(perm)]  # derangement: i -> next element of a random cycle
+    shuffled = [responses[j] for j in perm]
+    lps = eng.response_logprobs(prompts + prompts + [[]] * n, responses + shuffled + responses)
+    cond, shuf, uncond = lps[:n], lps[n:2 * n], lps[2 * n:]
+    loss = sum(float(-x.sum()) for x in cond) / sum(len(x) for x in cond)
+    mean = np.array([x.mean() for x in cond + shuf])
+    base = np.array([x.mean() for x in uncond + [uncond[j] for j in perm]])
+    labels = np.r_[np.ones(n), np.zeros(n)]
+    return {
+        "heldout_loss": loss,
+        "unigram_loss": unigram_loss(eng.encoder, train_c, held_c),
+        "auroc_logp": float(roc_auc_score(labels, mean)),
+        "auroc_pmi": float(roc_auc_score(labels, mean - base)),
+        "rows": n,
+    }
+
+
+# -- cached default -------------------------------------------------------------------------------------------
+def _source_hash(source: str | Path | Sequence[Any]) -> str:
+    if isinstance(source, str | Path):
+        from curate.run import sha256_file
+
+        return sha256_file(source)
+    h = hashlib.sha256()
+    for item in source:
+        h.update(json.dumps(item, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def ensure_default_proxy(source: str | Path | Sequence[Any], *, size: str = "tiny", **train_kw: Any) -> str:
+    """The proxy for `source`, trained on first use and cached under cache_dir()/models/ (keyed by data hash
+    + training config + PROXY_VERSION). Concurrent callers wait on a file lock instead of training twice."""
+    from curate.run import cache_dir
+
+    key_data = {"data": _source_hash(source), "size": size, "train": train_kw, "version": PROXY_VERSION}
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+    root = cache_dir() / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"proxy-{size}-{key}"
+    with open(root / f".proxy-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "curate_proxy.json").exists():
+            return str(final)
+        tmp = root / f".tmp-proxy-{key}-{os.getpid()}-{int(time.time())}"
+        try:
+            train_proxy(source, tmp, size=size, **train_kw)
+            (tmp / "curate_key.json").write_text(json.dumps(key_data, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return str(final)
