@@ -110,6 +110,9 @@ def score_pool(
     store = store if store is not None else ScoreStore()
     key = make_key(scorer.signature(), model_signature(scorer, engine), context)
     ids = records["id"].to_list()
+    if not ids:
+        empty = pl.DataFrame({c: [] for c in ["id", *scorer.columns]}).with_columns(pl.col("id").cast(pl.String))
+        return ScoreRun(df=empty, n_computed=0, n_cached=0, seconds=time.perf_counter() - t0, key=key)
     todo = store.missing(key, ids)
     n_unique = len(set(ids))
     if todo:
@@ -135,12 +138,14 @@ def score_pool(
         if len(list(store.folder(key).glob("part-*.parquet"))) > COMPACT_AFTER_PARTS:
             store.compact(key)
     df = store.get(key, ids).select(["id", *scorer.writes])
-    if scorer.pool_writes:
-        df = scorer.finalize(df)
-        lacking = [c for c in scorer.pool_writes if c not in df.columns]
-        if lacking or df.height != len(ids):
+    if scorer.pool_writes:  # over the distinct rows of the pool, then back in records order
+        uniq = df.unique(subset="id", keep="first", maintain_order=True)
+        fin = scorer.finalize(uniq)
+        lacking = [c for c in scorer.pool_writes if c not in fin.columns]
+        if lacking or fin.height != uniq.height:
             raise ScorerError(f"scorer {scorer.name!r}: finalize() must add {list(scorer.pool_writes)} "
                               "and keep every row")
+        df = df.join(fin.select(["id", *scorer.pool_writes]), on="id", how="left", maintain_order="left")
         df = df.select(["id", *scorer.columns])
     return ScoreRun(df=df, n_computed=len(todo), n_cached=n_unique - len(todo),
                     seconds=time.perf_counter() - t0, key=key)

@@ -230,6 +230,7 @@ def test_runner_keys_validation_and_duplicates(tmp_path):
     assert run.key.endswith("|none|")  # no engine used: the model part is "none"
     assert Chars(scale=2).signature() == Chars(scale=2.0).signature() != Chars().signature()
     assert score_pool(recs, Chars(scale=2), store=store, engine=object()).n_cached == 3
+    assert score_pool(recs.head(0), Chars(), store=store).df.columns == ["id", "chars"]
     with pytest.raises(ScorerError, match="invalid parameters.*scal"):
         Chars(scal=2)
     with pytest.raises(ScorerError, match="reads columns"):
