@@ -82,6 +82,7 @@ class PoolView:
     pool: pl.DataFrame
     n: int
     id_rank: np.ndarray  # rank of each row's id in sorted order: the deterministic tie-break
+    id_order: np.ndarray  # rows in id order (inverse of id_rank)
     cluster: np.ndarray  # cluster label per row; null and -1 -> UNCLUSTERED
     group: np.ndarray  # cluster code 0..G-1 per row (unclustered rows form one group)
     group_labels: np.ndarray  # cluster label of each code
@@ -100,29 +101,32 @@ class PoolView:
         ids = pool["id"].cast(pl.String)
         if ids.null_count():
             raise SelectionError("pool has null ids")
-        if ids.n_unique() != pool.height:
-            raise SelectionError("pool ids are not unique (deduplicate before selecting)")
         n = pool.height
+        id_order = ids.arg_sort().to_numpy()
+        sorted_ids = ids.gather(id_order)
+        if n > 1 and (sorted_ids.slice(1) == sorted_ids.slice(0, n - 1)).any():
+            raise SelectionError("pool ids are not unique (deduplicate before selecting)")
         id_rank = np.empty(n, dtype=np.int64)
-        id_rank[ids.arg_sort().to_numpy()] = np.arange(n)
+        id_rank[id_order] = np.arange(n)
         if "cluster" in pool.columns:
             cluster = pool["cluster"].cast(pl.Int64).fill_null(UNCLUSTERED).to_numpy()
             cluster = np.where(cluster < 0, UNCLUSTERED, cluster)
         else:
             cluster = np.full(n, UNCLUSTERED, dtype=np.int64)
-        group_labels, group = np.unique(cluster, return_inverse=True)
+        group_labels, group = dense_codes(cluster)
         if "source" in pool.columns:
             src = pool["source"].cast(pl.String).fill_null("")
         else:
             src = pl.Series("source", [""] * n, dtype=pl.String)
         source_labels = sorted(src.unique().to_list())
-        source = src.replace_strict(source_labels, list(range(len(source_labels))), return_dtype=pl.Int64)
+        source = src.cast(pl.Enum(source_labels)).to_physical().cast(pl.Int64)
         return cls(
             pool=pool,
             n=n,
             id_rank=id_rank,
+            id_order=id_order,
             cluster=cluster,
-            group=group.astype(np.int64).reshape(-1),
+            group=group,
             group_labels=group_labels,
             source=source.to_numpy(),
             source_labels=source_labels,
@@ -152,8 +156,12 @@ class PoolView:
 
     def order_by(self, key: np.ndarray, descending: bool = True) -> np.ndarray:
         """Row indices sorted by key (NaN last), ties by id: the strategy's global order."""
-        k = np.where(np.isnan(key), np.inf, -key if descending else key)
-        return np.lexsort((self.id_rank, k))
+        k = np.where(np.isnan(key), np.inf, -key if descending else key)[self.id_order]
+        by = np.argsort(k)  # fast unstable sort; if any keys tie, redo it stably (ties then go by id)
+        ks = k[by]
+        if ks.size > 1 and (ks[1:] == ks[:-1]).any():
+            by = np.argsort(k, kind="stable")
+        return self.id_order[by]
 
     def decisions(
         self,
@@ -184,26 +192,48 @@ def make_decisions(
         "reason": reasons,
         "rank_in_cluster": _nullable("rank_in_cluster", rank, n, pl.Int64),
         "round": _nullable("round", round_, n, pl.Int32),
-        "detail": pl.Series("detail", [None] * n, dtype=pl.String),
+        "detail": _nulls("detail", n, pl.String()),
     }
     if detail is not None and len(detail[0]):
         cols["detail"] = cols["detail"].scatter(np.asarray(detail[0], dtype=np.int64), list(detail[1]))
     return pl.DataFrame(cols, schema=DECISION_SCHEMA)
 
 
+def _nulls(name: str, n: int, dtype: pl.DataType) -> pl.Series:
+    return pl.repeat(None, n, dtype=dtype, eager=True).alias(name)
+
+
 def _nullable(name: str, values: np.ndarray | None, n: int, dtype: pl.DataType) -> pl.Series:
     if values is None:
-        return pl.Series(name, [None] * n, dtype=dtype)
+        return _nulls(name, n, dtype)
     s = pl.Series(name, np.asarray(values, dtype=np.int64))
     return s.set(s < 0, None).cast(dtype) if (s < 0).any() else s.cast(dtype)
+
+
+def dense_codes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct labels, code per row) like np.unique, but O(n) when labels span a small range."""
+    labels = np.asarray(labels, np.int64)
+    if labels.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo, hi = int(labels.min()), int(labels.max())
+    if hi - lo > 4 * labels.size + 1024:
+        uniq, codes = np.unique(labels, return_inverse=True)
+        return uniq, codes.reshape(-1).astype(np.int64)
+    present = np.bincount(labels - lo, minlength=hi - lo + 1) > 0
+    table = np.cumsum(present) - 1
+    return np.flatnonzero(present).astype(np.int64) + lo, table[labels - lo].astype(np.int64)
+
+
+def _small(codes: np.ndarray) -> np.ndarray:
+    """Codes in the narrowest dtype: numpy's stable argsort is a radix sort for 8/16-bit ints."""
+    top = int(codes.max()) if codes.size else 0
+    return codes.astype(np.int16) if top < 2**15 else codes
 
 
 def rank_in_groups(group: np.ndarray, order: np.ndarray) -> np.ndarray:
     """1-based rank of each row inside its group when rows are taken in `order`."""
     n = group.size
-    pos = np.empty(n, dtype=np.int64)
-    pos[order] = np.arange(n)
-    by = np.lexsort((pos, group))
+    by = order[np.argsort(_small(group[order]), kind="stable")]
     g = group[by]
     starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if n else np.zeros(0, np.int64)
     first = np.repeat(starts, np.diff(np.r_[starts, n]))
@@ -335,8 +365,7 @@ def fill_stratified(
     # units: clusters, or (source, cluster) pairs when sources have target shares
     unit_key = view.group if sw is None else view.source * view.group_labels.size + view.group
     idx = np.flatnonzero(avail)
-    _, u = np.unique(unit_key[idx], return_inverse=True)
-    u = u.reshape(-1).astype(np.int64)
+    _, u = dense_codes(unit_key[idx])
     unit = np.full(n, -1, np.int64)
     unit[idx] = u
     n_units = int(u.max()) + 1 if u.size else 0
@@ -378,7 +407,9 @@ def fill_stratified(
     if not view.tokens:
         reason[idx[r <= alloc[u]]] = R_SELECTED
         return reason
-    taken = _fill_tokens(idx[np.lexsort((r, u))], unit, rank, view.costs, alloc, unit_cap)
+    by_unit = idx[np.argsort(rank[idx], kind="stable")]
+    by_unit = by_unit[np.argsort(_small(unit[by_unit]), kind="stable")]
+    taken = _fill_tokens(by_unit, unit, rank, view.costs, alloc, unit_cap)
     # slack left by skipped rows: offered to every unit, interleaved by (rank - 0.5) / weight
     for units, t in buckets:
         in_bucket = np.isin(u, units)
