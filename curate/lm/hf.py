@@ -256,11 +256,11 @@ class HFEngine(Engine):
                 mask[row, width - len(s):] = 1
             sample = temperature > 0
             k = n if sample else 1  # greedy: one decode, repeated n times
+            sampling = {"temperature": temperature, "top_p": 1.0, "top_k": 0} if sample else {}
             out = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                do_sample=sample, temperature=temperature if sample else None, top_p=1.0, top_k=0,
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=sample,
                 num_return_sequences=k, max_new_tokens=max_tokens, eos_token_id=stop or None,
-                pad_token_id=self.pad_id,
+                pad_token_id=self.pad_id, **sampling,
             )
             texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             return [texts[row * k:(row + 1) * k] * (n // k) for row in range(len(batch))]
