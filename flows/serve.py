@@ -1,0 +1,109 @@
+"""`curate serve`: run the curate flow on a cron schedule over a folder where new data lands.
+
+Each scheduled run ingests the whole folder again (cheap), embeds and scores only rows the content-addressed
+stores have not seen, and re-selects the subset over the whole pool into the same run folder. Schedules need a
+real Prefect server (the ephemeral one refuses to schedule): with PREFECT_API_URL unset, `serve_command`
+starts `prefect server start` on 127.0.0.1 (UI included) for as long as it serves.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from curate.config import Recipe, load_recipe
+from flows.pipeline import curate_flow  # sets Prefect's environment before prefect is imported
+
+
+def watch_recipe(watch: str | Path, out: str | Path, config: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> Recipe:
+    """The recipe of a watched folder: `config` (optional YAML) + overrides, inputs = [watch], out = out."""
+    folder = Path(watch).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: watched folder not found (create it; new data files land there)")
+    recipe = load_recipe(config, overrides)
+    recipe.inputs = [str(folder.resolve())]
+    recipe.out = str(Path(out).expanduser().resolve())
+    return recipe
+
+
+def check_cron(cron: str) -> str:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except Exception as e:  # pydantic ValidationError: one clear line for the CLI
+        raise ValueError(f"--cron {cron!r} is not a valid cron expression ({type(e).__name__})") from None
+    return cron
+
+
+def make_deployment(recipe: Recipe, cron: str, name: str = "curate-watch", timezone: str = "UTC") -> Any:
+    """A RunnerDeployment of `curate_flow` for `recipe` on `cron`; runs never overlap (concurrency 1)."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    return curate_flow.to_deployment(
+        name=name,
+        schedule=CronSchedule(cron=check_cron(cron), timezone=timezone),
+        parameters={"recipe_json": recipe.model_dump(mode="json")},
+        concurrency_limit=1,
+        description=f"curate {recipe.inputs[0]} -> {recipe.out} on '{cron}' ({timezone})",
+        tags=["curate"],
+    )
+
+
+def start_local_server(port: int = 4200, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on 127.0.0.1:port (API, scheduler, UI); returns (process, API URL)."""
+    import httpx
+
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            raise ValueError(f"a Prefect server already listens on port {port}: export PREFECT_API_URL={url}")
+    except httpx.HTTPError:
+        pass
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ValueError(f"prefect server start exited ({proc.returncode}): "
+                             f"{(proc.stderr.read() if proc.stderr else b'').decode()[-500:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise ValueError(f"prefect server did not answer on {url} within {timeout:.0f} s")
+
+
+def serve_command(watch: Path, out: Path, cron: str = "0 * * * *", config: Path | None = None,
+                  name: str = "curate-watch", port: int = 4200) -> None:
+    """Serve the scheduled deployment until interrupted (Ctrl-C); starts a local server when none is set."""
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    recipe = watch_recipe(watch, out, config)
+    deployment = make_deployment(recipe, cron, name)
+    server, url = None, os.environ.get("PREFECT_API_URL")
+    if not url:
+        server, url = start_local_server(port)
+        os.environ["PREFECT_API_URL"] = url  # for Dask/Ray workers started by the flow runs
+        print(f"Prefect server + UI: {url.removesuffix('/api')}  (runs are listed under flow 'curate')")
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            serve(deployment, print_starting_message=True)
+    finally:
+        if server is not None:  # stop the server only after serve() has returned (its runs are done)
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()

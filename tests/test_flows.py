@@ -1,0 +1,309 @@
+"""The Prefect flow: resume after SIGKILL, incremental scheduled runs, Dask scale-out. Real Prefect, real kills.
+
+One Prefect API server per session, on a copy of a pre-migrated template DB (migrating costs ~20 s; the copy
+~0 s). Pools are 80-120 rows of the bundled sample so the whole file stays around 2-3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample"
+TEMPLATE = Path(os.environ.get("CURATE_PREFECT_TEMPLATE",
+                               f"/tmp/curate-prefect-template-{metadata.version('prefect')}"))
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a flow subprocess: no Prefect settings from this session (it must set its own)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(CURATE_PROGRESS="0", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def _template_db() -> Path:
+    """A migrated Prefect DB, built once per machine (atomic rename, so parallel sessions do not clash)."""
+    db = TEMPLATE / "prefect.db"
+    if not db.exists():
+        tmp = TEMPLATE.with_name(f"{TEMPLATE.name}.{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        env = _clean_env(PREFECT_HOME=str(tmp), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                       env=env, check=True, capture_output=True, timeout=300)
+        try:
+            os.replace(tmp, TEMPLATE)
+        except OSError:  # another session won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return db
+
+
+def _seed_home(cache: Path) -> None:
+    """Give a cache dir's Prefect home a migrated DB (what a second `curate select` would find)."""
+    home = cache / "prefect" / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(_template_db(), home / "prefect.db")
+
+
+@pytest.fixture(scope="session")
+def prefect_api(_cache_dir, tmp_path_factory):
+    """One API server for the session; its URL is exported so Dask workers and subprocesses share it."""
+    import flows.pipeline as fp  # sets PREFECT_HOME etc. before prefect is imported
+
+    fp.configure_prefect_env()
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_DATABASE_CONNECTION_URL,
+        temporary_settings,
+    )
+
+    db = tmp_path_factory.mktemp("prefect") / "prefect.db"
+    shutil.copy(_template_db(), db)
+    with temporary_settings({PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}",
+                             PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        srv = SubprocessASGIServer()
+        srv.start(timeout=120)
+        os.environ["PREFECT_API_URL"] = srv.api_url
+        with temporary_settings({PREFECT_API_URL: srv.api_url}):
+            yield srv.api_url
+    os.environ.pop("PREFECT_API_URL", None)
+    # no srv.stop(): start() registered an atexit stop that runs after Prefect's log/event workers flush
+
+
+def _pool(path: Path, src: str, start: int, n: int) -> Path:
+    lines = (SAMPLE / src).read_text().splitlines()[start:start + n]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _recipe(inputs: list[str], out: Path, **sections):
+    from curate.config import Recipe
+
+    base = {"inputs": inputs, "out": str(out), "embed": {"enabled": False},
+            "score": {"scorers": ["heur"], "shards": 4}, "select": {"budget": 30}, "report": False}
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return Recipe.model_validate(base)
+
+
+def _store_parts(root: Path, pattern: str) -> dict[Path, list[str]]:
+    return {p: pl.read_parquet(p, columns=["id"])["id"].to_list() for p in sorted(root.glob(pattern))}
+
+
+def _same_output(a: Path, b: Path) -> None:
+    for name in ("selected.parquet", "decisions.parquet"):
+        assert_frame_equal(pl.read_parquet(a / name), pl.read_parquet(b / name))
+
+
+# ---------------------------------------------------------------------------------------------- (1) SIGKILL
+
+_FLOW_SCRIPT = """
+import os, sys, time
+import curate.pipeline as P
+if os.environ.get("SLOW_SCORE"):  # widen the window between shards so the parent can kill mid-scoring
+    _orig = P.stage_score
+    def _slow(*a, **k):
+        out = _orig(*a, **k)
+        time.sleep(float(os.environ["SLOW_SCORE"]))
+        return out
+    P.stage_score = _slow
+from curate.config import Recipe
+from flows.pipeline import run_flow
+if __name__ == "__main__":
+    run_flow(Recipe.model_validate_json(open(sys.argv[1]).read()))
+"""
+
+
+def test_sigkill_mid_scoring_resumes_without_recomputing(prefect_api, tmp_path, monkeypatch):
+    from flows.pipeline import run_flow
+
+    n = 120
+    pool = _pool(tmp_path / "pool" / "gsm8k.jsonl", "gsm8k_train.jsonl", 0, n)
+    cache = tmp_path / "cache"
+    _seed_home(cache)  # offline ephemeral mode, as `curate select` runs, minus the one-off DB migration
+    recipe = _recipe([str(pool)], tmp_path / "run")
+    (tmp_path / "recipe.json").write_text(recipe.model_dump_json())
+    (tmp_path / "flow.py").write_text(_FLOW_SCRIPT)
+    env = _clean_env(CURATE_CACHE_DIR=str(cache), CURATE_CODE_VERSION="test", CURATE_TASK_WORKERS="1")
+    cmd = [sys.executable, str(tmp_path / "flow.py"), str(tmp_path / "recipe.json")]
+    store = cache / "scores"
+
+    def scored() -> int:
+        return sum(len(v) for v in _store_parts(store, "heur/*/part-*.parquet").values())
+
+    # 1. run, SIGKILL once half the shards are stored
+    proc = subprocess.Popen(cmd, env={**env, "SLOW_SCORE": "2"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while scored() < n // 2:
+        assert proc.poll() is None, f"flow ended before the kill: {proc.stdout.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "scoring never reached half the pool"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    at_kill = _store_parts(store, "heur/*/part-*.parquet")
+    rows_at_kill = sum(len(v) for v in at_kill.values())
+    assert n // 2 <= rows_at_kill < n
+    servers = [json.loads(p.read_text()) for p in (cache / "prefect" / "servers").glob("*.json")]
+    assert len(servers) == 1
+    orphan = servers[0]["server_pid"]
+    assert _pid_alive(orphan), "the killed run's ephemeral API server should be orphaned"
+
+    # 2. re-run: the orphaned server is stopped, finished shards are not recomputed
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not _pid_alive(orphan)
+    after = _store_parts(store, "heur/*/part-*.parquet")
+    new_ids = [i for p, ids in after.items() if p not in at_kill for i in ids]
+    old_ids = {i for ids in at_kill.values() for i in ids}
+    assert len(new_ids) == n - rows_at_kill and not old_ids & set(new_ids)  # each row scored exactly once
+    tasks = json.loads((tmp_path / "run" / "manifest.json").read_text())["flow"]["tasks"]
+    assert tasks["ingest"] == "Cached" and tasks["score-heur-0-30"] == "Cached", tasks
+    assert tasks["score-heur-90-120"] != "Cached"
+
+    # 3. identical to an uninterrupted run (fresh stores and cache, same recipe)
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache-ref"))
+    ref = run_flow(recipe.model_copy(update={"out": str(tmp_path / "ref")}))
+    assert ref.manifest["flow"]["cached"] == 0
+    _same_output(tmp_path / "run", tmp_path / "ref")
+    assert pl.read_parquet(tmp_path / "ref" / "decisions.parquet").height == n
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- (2) incremental
+
+
+def test_scheduled_run_embeds_and_scores_only_new_rows(prefect_api, tmp_path, monkeypatch):
+    from curate.config import Recipe
+    from flows.pipeline import run_flow
+    from flows.serve import make_deployment, watch_recipe
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(cache))
+    watch = tmp_path / "incoming"
+    _pool(watch / "a.jsonl", "gpteacher_codegen.jsonl", 0, 80)
+    recipe = watch_recipe(watch, tmp_path / "run", overrides={
+        "embed.model": "minilm", "score.scorers": ["heur"], "score.shards": 2, "select.budget": 20,
+        "report": False})
+    dep = make_deployment(recipe, "0 * * * *")
+    assert dep.schedules[0].schedule.cron == "0 * * * *"
+    params = json.loads(json.dumps(dep.parameters))  # what the server stores and a worker gets back
+    with pytest.raises(ValueError, match="cron"):
+        make_deployment(recipe, "every hour")
+
+    def scheduled_run():  # what the deployment runs, with its stored parameters
+        return run_flow(Recipe.model_validate(params["recipe_json"]))
+
+    scheduled_run()
+    emb_before = _emb_parts(cache)
+    sc_before = _store_parts(cache / "scores", "heur/*/part-*.parquet")
+    assert sum(len(v) for v in emb_before.values()) == 80
+
+    _pool(watch / "b.jsonl", "self_instruct_seed.jsonl", 0, 40)  # new data lands
+    run = scheduled_run()
+    recs = pl.read_parquet(run.file("records.parquet"), columns=["id", "source"])
+    new = set(recs.filter(pl.col("source").str.ends_with("b.jsonl"))["id"])
+    assert len(new) == 40 and recs.height == 120
+    embedded = [i for p, ids in _emb_parts(cache).items() if p not in emb_before for i in ids]
+    scored = [i for p, ids in _store_parts(cache / "scores", "heur/*/part-*.parquet").items()
+              if p not in sc_before for i in ids]
+    assert sorted(embedded) == sorted(new)
+    assert sorted(scored) == sorted(new)
+    # re-selected over the whole pool: one decision per input row, old and new
+    dec = pl.read_parquet(run.file("decisions.parquet"))
+    assert dec.height == 120 and dec["status"].is_in(["selected"]).sum() == 20
+    assert run.manifest["stages"]["cluster"]["rows_in"] == 120
+
+
+def _emb_parts(cache: Path) -> dict[Path, list[str]]:
+    return _store_parts(cache / "embeddings", "*/*/part-*.ids.parquet")
+
+
+# ---------------------------------------------------------------------------------------------- (3) Dask
+
+
+def test_dask_multiprocess_cluster_matches_thread_runner(prefect_api, tmp_path, monkeypatch):
+    from distributed import Client, LocalCluster
+
+    from flows.pipeline import run_flow
+
+    pool = _pool(tmp_path / "pool" / "gsm8k.jsonl", "gsm8k_train.jsonl", 200, 100)
+    recipe = _recipe([str(pool)], tmp_path / "threads", embed={"enabled": True, "model": "minilm"},
+                     score={"shards": 2})
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache-threads"))
+    run_flow(recipe)
+
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache-dask"))  # fresh stores: Dask computes all
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        workers = set(client.run(os.getpid).values())
+        monkeypatch.setenv("CURATE_TASK_RUNNER", "dask")
+        monkeypatch.setenv("CURATE_DASK_ADDRESS", cluster.scheduler_address)
+        run = run_flow(recipe.model_copy(update={"out": str(tmp_path / "dask")}))
+    assert run.manifest["flow"]["cached"] == 0
+    # the shard tasks ran in the worker processes (store part names carry the writer's pid)
+    parts = list((tmp_path / "cache-dask").glob("embeddings/*/*/part-*.npy"))
+    parts += list((tmp_path / "cache-dask").glob("scores/heur/*/part-*.parquet"))
+    pids = {int(p.name.split("-")[2]) for p in parts}
+    assert pids and pids <= workers, (pids, workers)
+    _same_output(tmp_path / "threads", tmp_path / "dask")
+    for name in ("clusters.parquet", "scores.parquet"):
+        assert_frame_equal(pl.read_parquet(tmp_path / "threads" / name), pl.read_parquet(tmp_path / "dask" / name))
+
+
+# ---------------------------------------------------------------------------------------------- small units
+
+
+def test_runner_settings_and_transient_errors(monkeypatch):
+    import httpx
+
+    from flows.pipeline import is_transient, task_runner
+
+    monkeypatch.setenv("CURATE_TASK_RUNNER", "thread")
+    monkeypatch.setenv("CURATE_TASK_WORKERS", "3")
+    assert task_runner()._max_workers == 3
+    monkeypatch.setenv("CURATE_TASK_RUNNER", "dask")
+    monkeypatch.setenv("CURATE_DASK_ADDRESS", "tcp://10.0.0.1:8786")
+    assert task_runner().address == "tcp://10.0.0.1:8786"
+    monkeypatch.setenv("CURATE_TASK_RUNNER", "spark")
+    with pytest.raises(ValueError, match="thread, dask or ray"):
+        task_runner()
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
+    assert is_transient(httpx.ConnectError("refused"))
+    assert not is_transient(ValueError("bad recipe")) and not is_transient(FileNotFoundError("x"))
+
+
+def test_prefect_yaml_deploys_the_flow_with_a_valid_recipe():
+    import yaml
+
+    from curate.config import Recipe
+
+    spec = yaml.safe_load((ROOT / "flows" / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    path, _, name = dep["entrypoint"].partition(":")
+    assert (ROOT / path).exists() and name == "curate_flow"
+    Recipe.model_validate(dep["parameters"]["recipe_json"])
+    from prefect.client.schemas.schedules import CronSchedule
+
+    CronSchedule(cron=dep["schedules"][0]["cron"])
