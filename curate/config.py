@@ -42,10 +42,11 @@ class SemDedupConfig(_Section):
     eps: float = 0.05  # drop a row whose cosine similarity to a kept row exceeds 1 - eps
     keep: Literal["farthest", "closest", "random", "score"] = "farthest"
     keep_score: str | None = None  # score column when keep == "score"
+    view: Literal["user", "instruction_response", "conversation"] = "instruction_response"
 
 
 class ScoreConfig(_Section):
-    scorers: list[str] = Field(default_factory=lambda: ["heuristics", "perplexity"])
+    scorers: list[str] = Field(default_factory=lambda: ["heuristics", "ifd"])
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-scorer parameters
     # causal LM for model-based scorers: "proxy" = a small LM curate trains on the pool itself (offline CPU
     # default), or any HF name / local path

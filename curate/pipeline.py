@@ -69,13 +69,13 @@ def stage_embed(run: Run, recipe: Recipe, shard: tuple[int, int] | None = None) 
             "model": res.model_signature}
 
 
-def pool_vectors(run: Run, recipe: Recipe) -> np.ndarray:
+def pool_vectors(run: Run, recipe: Recipe, view: str | None = None) -> np.ndarray:
     """All records' embeddings in records.parquet order, from the store (embedding anything missing)."""
     from curate.embed import embed
 
     cfg = recipe.embed
     df = records(run, ["id", "messages", "instruction", "response"])
-    return embed(df, model=cfg.model, view=cfg.view, batch_size=cfg.batch_size,
+    return embed(df, model=cfg.model, view=view or cfg.view, batch_size=cfg.batch_size,
                  max_seq_length=cfg.max_seq_length).vectors
 
 
@@ -111,7 +111,8 @@ def stage_semdedup(run: Run, recipe: Recipe) -> dict[str, Any]:
     if not cfg.enabled:
         dropped = empty
     else:
-        X = pool_vectors(run, recipe)
+        # near-duplicates are judged on instruction + response: rows that only share a question are not copies
+        X = pool_vectors(run, recipe, cfg.view)
         cl = pl.read_parquet(run.file("clusters.parquet"))
         scores = None
         if cfg.keep == "score":
@@ -126,7 +127,7 @@ def stage_semdedup(run: Run, recipe: Recipe) -> dict[str, Any]:
     write_parquet(dropped.to_arrow(), run.file("semdedup.parquet"))
     run.stage("semdedup", rows_in=len(ids), rows_out=len(ids) - dropped.height,
               dropped={"semantic_duplicate": dropped.height}, seconds=time.perf_counter() - t0,
-              eps=cfg.eps, keep=cfg.keep, enabled=cfg.enabled)
+              eps=cfg.eps, keep=cfg.keep, view=cfg.view, enabled=cfg.enabled)
     return {"dropped": dropped.height}
 
 

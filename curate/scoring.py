@@ -17,6 +17,11 @@ from curate.config import Recipe
 from curate.run import Run
 
 _ENGINES: dict[tuple, Any] = {}
+ALIASES = {"heuristics": "heur"}  # the scorer module is heuristics.py; its columns are heur_*
+
+
+def canonical(name: str) -> str:
+    return ALIASES.get(name, name)
 
 
 def resolve_model(run: Run, recipe: Recipe) -> str:
@@ -57,6 +62,7 @@ def _ordered(names: list[str]) -> list[str]:
     """Scorers that read other scorers' columns go after them."""
     from scorers import scorer_class
 
+    names = [canonical(n) for n in names]
     deps = {n: set(scorer_class(n).needs.scores) for n in names}
     out: list[str] = []
     while len(out) < len(names):
@@ -71,7 +77,7 @@ def _inputs(run: Run, recipe: Recipe, name: str, df: pl.DataFrame) -> dict[str, 
     """Engine, embeddings and other scores that scorer `name` needs, for the rows of df."""
     from scorers import get_scorer
 
-    scorer = get_scorer(name, **recipe.score.params.get(name, {}))
+    scorer = get_scorer(canonical(name), **recipe.score.params.get(name, {}))
     kw: dict[str, Any] = {"store": None, "batch_size": recipe.score.batch_size}
     context: list[str] = []
     if scorer.needs.engine:
@@ -123,6 +129,6 @@ def collect_scores(run: Run, recipe: Recipe, ids: pl.DataFrame) -> pl.DataFrame:
                       "seconds": round(time.perf_counter() - t0, 3)}
     from scorers import scorer_class
 
-    uses_lm = any(scorer_class(n).needs.engine for n in recipe.score.scorers)
+    uses_lm = any(scorer_class(canonical(n)).needs.engine for n in recipe.score.scorers)
     run.set("scoring", {"scorers": info, "model": engine_for(run, recipe).signature() if uses_lm else None})
     return out

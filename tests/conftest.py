@@ -18,8 +18,15 @@ sys.path.insert(0, str(ROOT))
 
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory):
-    """One cache (embeddings, scores, models) per test session, isolated from the user's."""
+    """One cache (embeddings, scores) per test session, isolated from the user's.
+
+    Models (the distilled static embedder, trained proxies) are deterministic and slow to build, so they
+    are shared across sessions in $CURATE_TEST_MODELS (default /tmp/curate-test-models).
+    """
     path = tmp_path_factory.mktemp("curate-cache")
+    models = Path(os.environ.get("CURATE_TEST_MODELS", "/tmp/curate-test-models"))
+    models.mkdir(parents=True, exist_ok=True)
+    (path / "models").symlink_to(models, target_is_directory=True)
     os.environ["CURATE_CACHE_DIR"] = str(path)
     yield path
 

@@ -1,0 +1,113 @@
+"""Pipeline glue for selection: recipe -> strategy, budget, quotas, thresholds; plus diversity numbers.
+
+The strategies (`curate/select/`) are pure functions of a pool table; this module builds that table's
+extra inputs from the run folder (embeddings for deita, exact token counts for a named tokenizer) and picks
+defaults from the scores that exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from curate.config import Recipe
+from curate.run import Run
+
+#: quality column used by kMQ / deita when `select.score` is not given: the first present, higher = better
+QUALITY_PRIORITY = ("deita_score", "deita_quality", "clear_confidence", "ifd", "grape_logp", "donod")
+#: filters applied by default when their column exists (a defect flag, Cherry's IFD > 1 = misaligned)
+DEFAULT_THRESHOLDS = (("heur_flags", "heur_flags < 1"), ("ifd", "ifd < 1"))
+DEFAULT_FRACTION = 0.1  # Diversify-and-Conquer's scripts select 10 % of the pool
+
+
+def _quality_column(pool: pl.DataFrame, wanted: str | None) -> str | None:
+    if wanted:
+        return wanted
+    return next((c for c in QUALITY_PRIORITY if c in pool.columns and pool[c].null_count() < pool.height), None)
+
+
+def _budget(recipe: Recipe, pool: pl.DataFrame) -> tuple[Any, pl.DataFrame]:
+    from curate.select import Budget
+
+    cfg = recipe.select
+    if cfg.budget_tokens is not None:
+        if cfg.tokenizer:
+            pool = pool.with_columns(n_tokens_model=pl.Series(token_counts(pool["messages"], cfg.tokenizer)))
+            return Budget(tokens=cfg.budget_tokens, token_col="n_tokens_model"), pool
+        return Budget(tokens=cfg.budget_tokens), pool
+    if cfg.budget is not None:
+        return Budget(rows=cfg.budget), pool
+    if cfg.strategy == "threshold":
+        return Budget(fraction=1.0), pool
+    return Budget(fraction=cfg.fraction if cfg.fraction is not None else DEFAULT_FRACTION), pool
+
+
+def token_counts(messages: pl.Series, tokenizer: str) -> np.ndarray:
+    """Exact token counts of each conversation under `tokenizer`'s chat template (plain text if it has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    out = np.empty(len(messages), dtype=np.int64)
+    for i, msgs in enumerate(messages.to_list()):
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(msgs, tokenize=True)
+            out[i] = len(ids["input_ids"] if isinstance(ids, dict) else ids)
+        else:
+            out[i] = len(tok("\n".join(m["content"] for m in msgs))["input_ids"])
+    return out
+
+
+def _strategy(recipe: Recipe, pool: pl.DataFrame) -> Any:
+    from curate.select import make_strategy
+
+    cfg = recipe.select
+    quality = _quality_column(pool, cfg.score)
+    if cfg.strategy == "kmq":
+        return make_strategy("kmq", score_col=quality,
+                             split="proportional" if cfg.proportional else "uniform")
+    if cfg.strategy == "deita":
+        if quality is None:
+            raise ValueError("the deita strategy needs a score column: add a scorer or set select.score")
+        return make_strategy("deita", score_col=quality, tau=cfg.tau)
+    if cfg.strategy == "fusion":
+        if not cfg.fusion:
+            raise ValueError("the fusion strategy needs select.fusion: {column: weight}, negative = lower is better")
+        cols = tuple(cfg.fusion)
+        return make_strategy("fusion", columns=cols, weights=tuple(abs(w) for w in cfg.fusion.values()),
+                             cost=tuple(c for c, w in cfg.fusion.items() if w < 0))
+    return make_strategy("random")
+
+
+def select_pool(run: Run, recipe: Recipe, pool: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Decisions for every pool row plus what the manifest should record about the choice."""
+    from curate.select import Quotas, resolve_thresholds, select
+
+    cfg = recipe.select
+    budget, pool = _budget(recipe, pool)
+    thresholds = list(cfg.thresholds) or [t for col, t in DEFAULT_THRESHOLDS if col in pool.columns]
+    strategy = _strategy(recipe, pool)
+    quotas = Quotas(source_weights=cfg.source_weights or None, cluster_min=cfg.cluster_min,
+                    cluster_max=cfg.cluster_max)
+    X = None
+    if recipe.embed.enabled and pool.height:
+        from curate.pipeline import pool_vectors, records
+
+        ids = records(run, ["id"]).with_row_index("_p")
+        pos = pool.select("id").join(ids, on="id", how="left", maintain_order="left")["_p"].to_numpy()
+        X = pool_vectors(run, recipe)[pos]
+    decisions = select(pool, strategy, budget, quotas=quotas, thresholds=thresholds, seed=recipe.seed,
+                       embeddings=X if cfg.strategy == "deita" else None)
+    info: dict[str, Any] = {
+        "budget": budget.describe(),
+        "strategy_params": {k: v for k, v in vars(strategy).items() if not k.startswith("_")},
+        "thresholds": {str(t.column) + " " + t.op: cut for t, cut in resolve_thresholds(pool, thresholds)}
+        if thresholds else {},
+    }
+    if X is not None and pool.height:
+        from curate.diversity import diversity_summary
+
+        mask = decisions["selected"].to_numpy()
+        run.set("diversity", diversity_summary(X, mask, pool["cluster"].to_numpy(), seed=recipe.seed))
+    return decisions, info
