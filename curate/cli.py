@@ -202,6 +202,86 @@ def plan(
     out.print(f"total: about {total / 60:.1f} min on 2 CPU cores (GPU: embed and score stages are far faster)")
 
 
+@proxy_app.command("train")
+def proxy_train(
+    data: list[str] = typer.Argument(..., help="Data to train on (any format ingest reads)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Model folder (HF format)."),
+    size: str = typer.Option("tiny", "--size", help="tiny (CPU default) | small | base"),
+    steps: int = typer.Option(None, "--steps", help="Training steps (default: by size)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train a small LLaMA-architecture LM and its BPE tokenizer from scratch on DATA."""
+    from curate.io.readers import expand_inputs
+    from curate.lm.proxy import train_proxy
+
+    files = _guard(expand_inputs, data)
+    src = files[0] if len(files) == 1 else files
+    out.print(f"wrote {_guard(train_proxy, src, out_dir, size=size, steps=steps, seed=seed)}")
+
+
+@proxy_app.command("finetune")
+def proxy_finetune(
+    base: Path = typer.Argument(..., help="A proxy (or any small HF causal LM) folder."),
+    data: str = typer.Argument(..., help="The subset to fine-tune on, e.g. RUN/selected.parquet."),
+    out_dir: Path = typer.Option(..., "--out", "-o"),
+    epochs: float = typer.Option(1.0, "--epochs"),
+) -> None:
+    """Supervised fine-tuning on a subset (prompt tokens masked): the feedback signal for selection."""
+    from curate.lm.proxy import finetune_proxy
+
+    out.print(f"wrote {_guard(finetune_proxy, base, data, out_dir, epochs=epochs)}")
+
+
+@proxy_app.command("eval")
+def proxy_eval(
+    model_dir: Path = typer.Argument(..., help="A model folder."),
+    reference: str = typer.Argument(..., help="Reference set with answers (e.g. LIMA, MT-Bench references)."),
+) -> None:
+    """Mean response loss (nats/token) of MODEL on REFERENCE: lower is better."""
+    from curate.lm.proxy import eval_proxy
+
+    out.print(f"loss {_guard(eval_proxy, model_dir, reference):.4f}")
+
+
+@im_app.command("fit")
+def instructmining_fit(
+    results: Path = typer.Argument(..., help="CSV/Parquet: one row per fine-tuned subset, indicator means + loss."),
+    loss: str = typer.Option("loss", "--loss", help="Column with the evaluation loss."),
+    stepwise: bool = typer.Option(True, "--stepwise/--no-stepwise", help="Backward p-value elimination."),
+    save: Path = typer.Option(None, "--save", help="Write the fitted rule as JSON (for the scorer)."),
+) -> None:
+    """Fit InstructMining's linear rule log(loss) ~ indicators to your own (subset -> eval loss) results."""
+    import polars as pl
+
+    from scorers.instructmining import fit_rule
+
+    df = _guard(pl.read_csv if results.suffix == ".csv" else pl.read_parquet, results)
+    if loss not in df.columns:
+        _fail(f"{results}: no column {loss!r} (columns: {', '.join(df.columns)})")
+    rule = _guard(fit_rule, df.drop(loss), df[loss].to_numpy(), stepwise=stepwise)
+    t = Table("term", "coefficient", "p-value", title=f"log(loss) rule, R²={rule.r2:.3f}, n={rule.n}")
+    t.add_row("intercept", f"{rule.intercept:.6g}", "")
+    for k, v in rule.coefs.items():
+        t.add_row(k, f"{v:.6g}", f"{rule.pvalues.get(k, float('nan')):.3g}")
+    out.print(t)
+    if save:
+        rule.save(save)
+        out.print(f"wrote {save}; use it with score.params.instructmining.fitted_rule: {save}")
+
+
+@app.command()
+def serve(
+    watch: Path = typer.Option(..., "--watch", help="Folder where new data lands."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder, re-selected on every run."),
+    cron: str = typer.Option("0 * * * *", "--cron", help="Schedule (cron, UTC)."),
+    config: Path = ConfigOpt,
+) -> None:
+    """Serve the scheduled flow: on each tick, embed/score only new rows and re-select over the whole pool."""
+    from flows.serve import serve_command
+
+    _guard(serve_command, watch, out_dir, cron=cron, config=config)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
