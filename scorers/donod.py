@@ -47,7 +47,7 @@ def donod_update(hidden: Any, logits: Any, targets: Any, w_sq_norm: float, lr: f
     t = len(y)
     a = torch.softmax(z, dim=-1)
     a[torch.arange(t), y] -= 1.0  # p_t - e_t
-    wg = float((a * z).sum()) / t
+    wg = float(a.reshape(-1) @ z.reshape(-1)) / t  # BLAS dot, no T x V temporary
     if t <= h.shape[1]:  # Gram form: T^2 (V + d) flops
         g2 = float(((a @ a.T) * (h @ h.T)).sum()) / t**2
     else:  # materialise G (V x d): T V d flops
