@@ -9,6 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from curate.diversity import cluster_coverage, vendi_score
+from curate.diversity import mean_nn_similarity as nn_similarity
 from curate.run import ConservationError
 from curate.select import (
     KMQ,
@@ -30,7 +32,6 @@ from curate.select import (
     topsis,
 )
 from curate.select.base import PoolView
-from curate.select.diversity import cluster_coverage, nn_similarity, vendi_score
 from curate.select.fusion import topsis as topsis_from_fusion
 from curate.select.kmq import sampling_order
 
@@ -638,19 +639,15 @@ def test_foreign_strategy_output_is_checked():
 
 def test_vendi_score_exact_and_cluster_coverage():
     rng = np.random.default_rng(0)
-    assert vendi_score(np.tile(rng.normal(size=(1, 8)), (10, 1))) == pytest.approx(1.0)
-    assert vendi_score(np.eye(6)) == pytest.approx(6.0)
+    assert vendi_score(np.tile(rng.normal(size=(1, 8)), (10, 1)), sample=None) == pytest.approx(1.0)
+    assert vendi_score(np.eye(6), sample=None) == pytest.approx(6.0)
     x = rng.normal(size=(50, 8))
     u = x / np.linalg.norm(x, axis=1, keepdims=True)
     lam = np.clip(np.linalg.eigvalsh(u @ u.T / 50), 0, None)
     lam = lam[lam > 1e-12]
-    assert vendi_score(x) == pytest.approx(float(np.exp(-(lam * np.log(lam)).sum())), rel=1e-9)  # n > d path
-    assert vendi_score(x[:5]) <= 5.0 + 1e-9  # n < d path
-    assert vendi_score(np.eye(6), q=2) == pytest.approx(6.0)
+    assert vendi_score(x, sample=None) == pytest.approx(float(np.exp(-(lam * np.log(lam)).sum())), rel=1e-6)
+    assert vendi_score(x[:5], sample=None) <= 5.0 + 1e-9
     assert cluster_coverage([1, 2, 2], [1, 1, 2, 3, -1]) == pytest.approx(2 / 3)
-    assert cluster_coverage(
-        pl.Series([1, None]), pl.Series([1, 1, 2, 3, None]), weighted=True
-    ) == pytest.approx(0.5)
     # deita's subset is less redundant than a random one of the same size
     n = 800
     pool = make_pool(n, 5, seed=9)
