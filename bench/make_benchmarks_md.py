@@ -1,0 +1,31 @@
+"""Assemble BENCHMARKS.md from bench/results/*.md (each written by the benchmark that measured it)."""
+
+from pathlib import Path
+
+HERE = Path(__file__).parent
+ORDER = ["ingest", "embed", "kmeans", "semdedup", "engines", "scorers", "quality", "select", "report", "flow"]
+HEAD = """# Benchmarks
+
+Every number below was measured by the script named with it, on this project's machine kind: 2 x86_64
+cores, 24 GiB, no GPU, unless a section says otherwise. Several benchmarks ran while other jobs shared the
+two cores; each section states the load it saw. Rebuild this file with `python bench/make_benchmarks_md.py`
+after re-running a benchmark (its results file in `bench/results/` is overwritten by the benchmark).
+No GPU was lent to the session that wrote these numbers, so there are no GPU rows yet.
+"""
+
+
+def main() -> None:
+    parts = [HEAD]
+    files = {p.stem: p for p in sorted((HERE / "results").glob("*.md")) if not p.stem.endswith("-readme")}
+    for name in ORDER + sorted(set(files) - set(ORDER)):
+        if name in files:
+            text = files[name].read_text().strip()
+            if not text.startswith("#"):
+                text = f"# {name}\n\n{text}"
+            # each results file is a document of its own: demote its headings one level under this page
+            parts.append("\n".join("#" + line if line.startswith("#") else line for line in text.split("\n")))
+    (HERE.parent / "BENCHMARKS.md").write_text("\n\n".join(parts) + "\n")
+
+
+if __name__ == "__main__":
+    main()
