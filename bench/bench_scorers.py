@@ -194,6 +194,13 @@ def main() -> None:
         "perplexity and GRAPE are one conditioned pass, IFD two passes (conditioned + unconditioned), DONOD "
         "one pass with hidden states and full logits plus the closed-form lm_head update.",
         "",
+        "Reading: each swapped row reuses an original answer, so answer-only difficulty cancels only in IFD",
+        "(its unconditioned loss is the same for both rows of a pair); perplexity / GRAPE log-p also rank",
+        "answers by how easy they are in themselves, hence the lower AUROC. DONOD measures the size and",
+        "norm effect of an update, not instruction-answer fit: it is not expected to separate the pairs.",
+        "The proxy is tiny (~1M params, trained minutes on CPU): absolute AUROCs grow with the model.",
+        "rows/s depend heavily on the shared machine's load (see above); compare rows within one run.",
+        "",
     ]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
