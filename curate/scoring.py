@@ -35,9 +35,15 @@ def resolve_model(run: Run, recipe: Recipe) -> str:
     pinned = run.manifest.get("proxy_model")
     if pinned and Path(pinned).exists():
         return pinned
+    import polars as pl
+
     from curate.lm.proxy import ensure_default_proxy
 
-    path = str(ensure_default_proxy(run.file("records.parquet"), seed=recipe.seed))
+    # training steps scale with the pool (about 1.5 epochs of a small pool), capped at the default 1200,
+    # so the bundled sample trains its proxy in a few CPU minutes and a 52k pool gets the full schedule
+    n = pl.scan_parquet(run.file("records.parquet")).select(pl.len()).collect().item()
+    steps = int(min(1200, max(150, n // 10)))
+    path = str(ensure_default_proxy(run.file("records.parquet"), seed=recipe.seed, steps=steps))
     run.set("proxy_model", path)
     return path
 
