@@ -388,8 +388,8 @@ def embed(
     st: EmbeddingStore | None
     if store is True:
         st = EmbeddingStore.for_model(spec.signature, view)
-    else:
-        st = store or None
+    else:  # an explicit store, or False (note: an empty store is falsy, hence isinstance)
+        st = store if isinstance(store, EmbeddingStore) else None
     ids = df["id"]
     todo = st.missing(ids) if st is not None else ids.unique(maintain_order=True).to_list()
     n_unique = ids.n_unique()

@@ -71,12 +71,14 @@ def _edit(row: dict, kind: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def static_embedder(tmp_path_factory):
-    """The distilled static model, built once per session in a shared folder (distillation takes ~15 s)."""
-    shared = tmp_path_factory.getbasetemp() / "curate-model-cache"
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("CURATE_CACHE_DIR", str(shared))
-        return load_embedder("minilm-static", max_seq_length=128)
+def static_embedder():
+    """The distilled static model; conftest keeps cache_dir()/models across sessions (distilling takes ~15 s)."""
+    return load_embedder("minilm-static", max_seq_length=128)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_embedder("minilm", max_seq_length=128)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,7 @@ def _append_parts(root: str, worker: int, barrier) -> None:
 
 def test_store_concurrent_appends_and_memmap(tmp_path):
     root = tmp_path / "store"
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after polars' thread pool started can deadlock
     barrier = ctx.Barrier(2)
     procs = [ctx.Process(target=_append_parts, args=(str(root), w, barrier)) for w in range(2)]
     for p in procs:
@@ -167,7 +169,7 @@ def test_embed_caches_by_id(tmp_path, static_embedder):
 
 
 def test_embed_default_store_location(tmp_path, monkeypatch, static_embedder):
-    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))  # a fresh, empty cache
     df = _records(tmp_path / "a", _alpaca_rows(20))
     r = embed(df, model=static_embedder, view="user")
     sig = static_embedder.signature
@@ -178,11 +180,11 @@ def test_embed_default_store_location(tmp_path, monkeypatch, static_embedder):
         resolve_model("no-such-org/no-such-model")
 
 
-def test_minilm_stage_matches_bare_encode(tmp_path, planted):
+def test_minilm_stage_matches_bare_encode(tmp_path, planted, minilm):
     """The stage (length sorting, chunking, store round trip) returns what SentenceTransformer.encode does."""
     df, _ = planted
-    sub = df.head(40)
-    model = load_embedder("minilm", max_seq_length=128)
+    sub = df.head(24)
+    model = minilm
     assert model.device == "cpu" and model.dtype == "float32" and model.dim == 384
     r = embed(sub, model=model, view="instruction_response", store=EmbeddingStore(tmp_path / "s"))
     bare = model.model.encode(view_texts(sub, "instruction_response"), batch_size=64, normalize_embeddings=True)
@@ -195,10 +197,9 @@ def _pairs_found(dropped: pl.DataFrame, pairs: list[tuple[int, int, str]]) -> li
     return [p for p in pairs if (p[1], p[0]) in got or (p[0], p[1]) in got]
 
 
-def test_minilm_semdedup_finds_planted_near_duplicates(tmp_path, planted):
+def test_minilm_semdedup_finds_planted_near_duplicates(tmp_path, planted, minilm):
     df, pairs = planted
-    r = embed(df, model="minilm", view="instruction_response", max_seq_length=128,
-              store=EmbeddingStore(tmp_path / "s"))
+    r = embed(df, model=minilm, view="instruction_response", store=EmbeddingStore(tmp_path / "s"))
     X = r.vectors
     # one cluster: every planted copy must be found, and nothing else (the 300 Alpaca rows are distinct)
     one = semdedup(X, np.zeros(len(X), np.int32), np.zeros(len(X), np.float32), eps=0.1)
