@@ -47,7 +47,6 @@ from scorers.instructmining import (
     subset_means,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 ALPACA = Path("/work/shared/data/alpaca-52k/alpaca_data.jsonl")
 
 
@@ -442,22 +441,21 @@ def test_instructmining_unieval_model_matches_unieval_scoring(tmp_path):
 
 
 def _vllm_python() -> str | None:
-    py = ROOT / ".venv-vllm" / "bin" / "python"
-    return str(py) if py.exists() else None
+    from curate.lm.vllm import default_vllm_python
+
+    py = default_vllm_python()
+    return py if Path(py).exists() else None
 
 
 @pytest.mark.vllm
 def test_deita_and_clear_through_vllm(tiny, hf):
+    """deita matches the transformers engine through a real vLLM server; CLEAR and correct() run on it."""
     python = _vllm_python()
     if python is None:
-        pytest.skip(".venv-vllm is absent (the vLLM environment is built by `curate vllm setup` / .ci/run)")
+        pytest.skip(".venv-vllm is absent (build it with curate/lm/setup_vllm_env.sh)")
     from curate.lm import LMConfig, load_engine
 
-    try:
-        import curate.lm.vllm  # noqa: F401
-    except ImportError as e:  # pragma: no cover - the engine module ships with the package
-        pytest.fail(f"curate.lm.vllm missing: {e}")
-    with load_engine(LMConfig(tiny, max_length=512), kind="vllm", python=python) as vl:
+    with load_engine(LMConfig(tiny, max_length=512), kind="vllm", python=python, enforce_eager=True) as vl:
         df = pl.DataFrame({"messages": [MULTI[:2], MULTI]})
         d_vllm = get_scorer("deita").score(df, ScoreContext(engine=vl))
         d_hf = get_scorer("deita").score(df, ScoreContext(engine=hf))
