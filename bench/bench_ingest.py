@@ -58,7 +58,7 @@ def main() -> None:
     path = sys.argv[1] if len(sys.argv) > 1 else str(DEFAULT)
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     print(f"input: {path}")
-    print("| reader | rows | seconds (best of %d) | rows/s | peak RSS MB |" % repeats)
+    print(f"| reader | rows | seconds (best of {repeats}) | rows/s | peak RSS MB |")
     print("|---|---|---|---|---|")
     for name, code in CONTENDERS.items():
         runs = [measure(code, path) for _ in range(repeats)]
