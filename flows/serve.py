@@ -9,6 +9,7 @@ starts `prefect server start` on 127.0.0.1 (UI included) for as long as it serve
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,7 +69,8 @@ def start_local_server(port: int = 4200, timeout: float = 120.0) -> tuple[subpro
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # Ctrl-C stops serve first; serve then stops the server
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -97,10 +99,13 @@ def serve_command(watch: Path, out: Path, cron: str = "0 * * * *", config: Path 
         server, url = start_local_server(port)
         os.environ["PREFECT_API_URL"] = url  # for Dask/Ray workers started by the flow runs
         print(f"Prefect server + UI: {url.removesuffix('/api')}  (runs are listed under flow 'curate')")
+    # Prefect's runner shuts down gracefully on SIGTERM but ignores Ctrl-C under asyncio: route SIGINT to SIGTERM
+    previous = signal.signal(signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     try:
         with temporary_settings({PREFECT_API_URL: url}):
             serve(deployment, print_starting_message=True)
     finally:
+        signal.signal(signal.SIGINT, previous)
         if server is not None:  # stop the server only after serve() has returned (its runs are done)
             server.terminate()
             try:
