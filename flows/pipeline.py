@@ -292,17 +292,19 @@ def _default_runner() -> Any:
 
 
 def _scorer_groups(names: list[str]) -> tuple[list[str], dict[str, list[str]], set[str]]:
-    """Scorers in dependency order, their in-recipe dependencies, and those needing embeddings (transitively)."""
-    from curate.scoring import _ordered
+    """Scorers (as the recipe names them) in dependency order, their in-recipe dependencies, and those needing
+    embeddings (directly or through a dependency)."""
+    from curate.scoring import _ordered, canonical
     from scorers import scorer_class
 
+    given = {canonical(n): n for n in names}  # registry name -> the recipe's name (params are keyed by it)
     order = _ordered(list(names))
-    deps = {n: [d for d in scorer_class(n).needs.scores if d in names] for n in order}
+    deps = {given[c]: [given[d] for d in scorer_class(c).needs.scores if d in given] for c in order}
     late: set[str] = set()
-    for n in order:
-        if scorer_class(n).needs.embeddings or any(d in late for d in deps[n]):
-            late.add(n)
-    return order, deps, late
+    for c in order:
+        if scorer_class(c).needs.embeddings or any(d in late for d in deps[given[c]]):
+            late.add(given[c])
+    return [given[c] for c in order], deps, late
 
 
 @flow(name="curate", log_prints=True, task_runner=_default_runner())
@@ -402,9 +404,10 @@ def curate_flow(recipe_json: dict) -> dict:
 
 
 def _needs_engine(name: str) -> bool:
+    from curate.scoring import canonical
     from scorers import scorer_class
 
-    return bool(scorer_class(name).needs.engine)
+    return bool(scorer_class(canonical(name)).needs.engine)
 
 
 def _semkey(rj: dict, outs: dict, run_dir: str) -> dict:
