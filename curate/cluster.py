@@ -79,7 +79,7 @@ def _as_unit(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ClusterError(f"expected a non-empty (n, d) matrix, got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # no n x d temporary, unlike np.linalg.norm
     if np.abs(norms - 1).max() > 1e-3:  # cosine geometry needs unit rows; normalise a copy
         x = x / np.maximum(norms, 1e-12)[:, None]
     return x
