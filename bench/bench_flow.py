@@ -142,6 +142,9 @@ def _report_overhead(res: dict, args: argparse.Namespace) -> None:
     print("\nstage seconds (direct | flow):")
     for k in d["stages"]:
         print(f"  {k}: {d['stages'].get(k)} | {f['stages'].get(k)}")
+    print("flow task seconds (stages here: wall in the flow; shards: their own compute):")
+    for k, v in f["flow"].get("task_seconds", {}).items():
+        print(f"  {k}: {v}")
 
 
 def e2e(args: argparse.Namespace) -> None:

@@ -316,23 +316,27 @@ def curate_flow(recipe_json: dict) -> dict:
     run_dir = str(run.path.resolve())
     opts = task_options()
     states: dict[str, str] = {}
+    secs: dict[str, float] = {}  # wall time of stages run here; a shard's own compute time (its result's seconds)
     t0 = time.perf_counter()
 
     def call(t: Any, name: str, key: dict) -> dict:
         """A run-folder stage, here in the flow's thread; re-run when its cached outputs are gone or changed."""
+        t1 = time.perf_counter()
         st = t.with_options(**opts)(run_dir, rj, key=key, return_state=True)
         res = st.result()
         if not _intact(run_dir, res):
             st = t.with_options(**opts, refresh_cache=True)(run_dir, rj, key=key, return_state=True)
             res = st.result()
-        states[name] = st.name
+        states[name], secs[name] = st.name, round(time.perf_counter() - t1, 3)
         return res
 
     def gather(futs: dict[str, PrefectFuture]) -> None:
         wait(list(futs.values()))
         for name, f in futs.items():
-            f.result()  # raises the task's own exception (a ValueError stays a ValueError for the CLI)
+            res = f.result()  # raises the task's own exception (a ValueError stays a ValueError for the CLI)
             states[name] = f.state.name
+            if states[name] != "Cached" and isinstance(res, dict) and "seconds" in res:
+                secs[name] = round(float(res["seconds"]), 3)
 
     ing = call(ingest_task, "ingest", {"inputs": input_fingerprints(recipe.inputs), "ingest": rj["ingest"],
                                        "run": run_dir, "code": C("ingest")})
@@ -342,8 +346,10 @@ def curate_flow(recipe_json: dict) -> dict:
     order, deps, late = _scorer_groups(recipe.score.scorers) if recipe.score.scorers else ([], {}, set())
     model = "none"
     if any(_needs_engine(n) for n in order):
+        t1 = time.perf_counter()
         st = scoring_model_task(run_dir, rj, return_state=True)
         model, states["scoring-model"] = st.result(), st.name
+        secs["scoring-model"] = round(time.perf_counter() - t1, 3)
 
     embed_futs: dict[str, PrefectFuture] = {}
     if recipe.embed.enabled:
@@ -397,7 +403,8 @@ def curate_flow(recipe_json: dict) -> dict:
 
     run = Run(run_dir)
     summary = {"tasks": states, "computed": sum(s != "Cached" for s in states.values()),
-               "cached": sum(s == "Cached" for s in states.values()), "seconds": round(time.perf_counter() - t0, 3)}
+               "cached": sum(s == "Cached" for s in states.values()), "seconds": round(time.perf_counter() - t0, 3),
+               "task_seconds": secs}
     run.set("flow", summary)
     _artifacts(run, summary)
     return {"run": run_dir, "selected": sel.get("selected"), **summary}
