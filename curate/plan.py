@@ -69,7 +69,7 @@ def plan(recipe: Recipe) -> list[StagePlan]:
         rows += r
         nbytes += b
     tokens = nbytes // 4
-    dim = 256 if recipe.embed.model == "minilm-static" else 384
+    dim = 384  # MiniLM and the static model distilled from it (PCA to 384)
     out = [StagePlan("ingest+dedup", rows, 0, rows / RATES["ingest"], 400.0)]
     if recipe.embed.enabled:
         rate = RATES.get(f"embed:{recipe.embed.model}", RATES["embed:other"])
