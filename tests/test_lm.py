@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +58,8 @@ def _reference(engine, messages, response) -> np.ndarray:
     return logp[p - 1:-1].gather(1, ids[0, p:, None])[:, 0].numpy()
 
 
-def test_tiny_model_files_and_speed(tmp_path):
-    t0 = time.perf_counter()
+def test_tiny_model_files(tmp_path):
     path = Path(make_tiny_model(tmp_path / "m", vocab_size=300, texts=["hello world " * 50, "foo bar baz"]))
-    assert time.perf_counter() - t0 < 5
     names = {p.name for p in path.iterdir()}
     assert "model.safetensors" in names and not any(n.endswith(".bin") for n in names)
     cfg = json.loads((path / "config.json").read_text())

@@ -162,8 +162,10 @@ def train_proxy(
     """
     if size not in SIZES:
         raise ValueError(f"proxy size must be one of {sorted(SIZES)}, got {size!r}")
-    cfg = TrainConfig(size=size, steps=steps or TrainConfig.steps, seq_len=seq_len, batch_size=batch_size,
-                      lr=lr or (3e-3 if size == "tiny" else 1e-3), seed=seed, max_docs=max_docs)
+    n_steps = steps or TrainConfig.steps
+    cfg = TrainConfig(size=size, steps=n_steps, seq_len=seq_len, batch_size=batch_size,
+                      lr=lr or (3e-3 if size == "tiny" else 1e-3), warmup=min(50, max(1, n_steps // 10)),
+                      seed=seed, max_docs=max_docs)
     spec = SIZES[size]
     _set_threads()
     rng = random.Random(seed)
