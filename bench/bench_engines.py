@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -133,7 +134,7 @@ def main() -> None:
     lines = [
         "# Engines: proxy quality and throughput (CPU)",
         "",
-        f"Command: `.venv/bin/python bench/bench_engines.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Command: `.venv/bin/python bench/bench_engines.py {shlex.join(sys.argv[1:])}`".rstrip(),
         f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; torch "
         f"{torch.__version__}, threads {torch.get_num_threads()}. Load average at the end: "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other helpers share the 2 cores: numbers are lower "

@@ -32,7 +32,7 @@ def rows() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def proxy(rows, tmp_path_factory) -> str:
-    return train_proxy(rows[:1500], tmp_path_factory.mktemp("proxy") / "p", steps=100, seq_len=128,
+    return train_proxy(rows[:1500], tmp_path_factory.mktemp("proxy") / "p", steps=250, seq_len=128, lr=6e-3,
                        batch_size=8, seed=0)
 
 
@@ -41,7 +41,7 @@ def test_trained_proxy_beats_unigram(proxy, rows):
     assert meta["params"] < 600_000 and (Path(proxy) / "model.safetensors").exists()
     q = proxy_quality(proxy, rows[:1500], rows[1500:1650])
     assert q["rows"] == 150
-    assert q["heldout_loss"] < q["unigram_loss"] - 0.3, q  # learned more than token frequencies
+    assert q["heldout_loss"] < q["unigram_loss"] - 0.5, q  # learned more than token frequencies
     assert 0.0 <= q["auroc_pmi"] <= 1.0
 
 

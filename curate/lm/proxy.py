@@ -55,7 +55,7 @@ SIZES: dict[str, ProxySize] = {
 @dataclass(frozen=True)
 class TrainConfig:
     size: str = "tiny"
-    steps: int = 400  # ~5 min on an idle 2-core CPU (1.6M tokens)
+    steps: int = 1000  # 4.1M tokens: 169 s on an idle 2-core CPU (bench/results/engines.md)
     seq_len: int = 256
     batch_size: int = 16
     lr: float = 3e-3
