@@ -39,10 +39,10 @@ def resolve_model(run: Run, recipe: Recipe) -> str:
 
     from curate.lm.proxy import ensure_default_proxy
 
-    # training steps scale with the pool (about 1.5 epochs of a small pool), capped at the default 400,
+    # training steps scale with the pool (about 1.5 epochs of a small pool), capped at the proxy default (1000),
     # so the bundled sample trains its proxy in a few CPU minutes and a 52k pool gets the full schedule
     n = pl.scan_parquet(run.file("records.parquet")).select(pl.len()).collect().item()
-    steps = int(min(400, max(150, n // 10)))
+    steps = int(min(1000, max(150, n // 10)))
     path = str(ensure_default_proxy(run.file("records.parquet"), seed=recipe.seed, steps=steps))
     run.set("proxy_model", path)
     return path
