@@ -130,7 +130,8 @@ def _report_overhead(res: dict, args: argparse.Namespace) -> None:
     print(f"\nrows: {args.rows or 'all'}; recipe: {args.recipe}; tasks per run: {n_tasks}\n")
     print("| path | seconds (imports excluded) | process wall s |\n|---|---|---|")
     print(f"| run_direct (no Prefect) | {d['seconds']:.1f} | {d['process_s']:.1f} |")
-    print(f"| run_flow, thread runner (incl. API server start {fixed:.1f} s) | {f['seconds']:.1f} | "
+    runner = os.environ.get("CURATE_TASK_RUNNER", "thread")
+    print(f"| run_flow, {runner} runner (incl. API server start {fixed:.1f} s) | {f['seconds']:.1f} | "
           f"{f['process_s']:.1f} |")
     print(f"| run_flow re-run, every task cached (incl. server {c['server_s']:.1f} s) | {c['seconds']:.1f} | "
           f"{c['process_s']:.1f} |")
