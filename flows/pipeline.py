@@ -512,13 +512,12 @@ def ensure_api() -> str:
     is exported to Dask/Ray workers, which would otherwise each start their own server on the same SQLite file.
     """
     global _OWN_SERVER
-    url = os.environ.get("PREFECT_API_URL")
-    if url:
-        return url
     from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value():
-        return str(PREFECT_API_URL.value())
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if url:
+        _check_reachable(str(url))
+        return str(url)
     cleanup_orphaned_servers()
     import psutil
     from prefect.server.api.server import SubprocessASGIServer
@@ -536,6 +535,17 @@ def ensure_api() -> str:
     _OWN_SERVER = srv
     os.environ["PREFECT_API_URL"] = srv.api_url  # inherited by worker processes spawned from here on
     return srv.api_url
+
+
+def _check_reachable(url: str) -> None:
+    """A configured server that does not answer is a user problem: one clear line, not a retry storm."""
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as e:
+        raise ValueError(f"PREFECT_API_URL={url} does not answer ({type(e).__name__}); start that server "
+                         "(prefect server start) or unset PREFECT_API_URL to run offline") from None
 
 
 def run_flow(recipe: Recipe) -> Run:
