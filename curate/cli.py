@@ -110,7 +110,7 @@ def select(
     budget: int = typer.Option(None, "--budget", "-n", help="Rows to select."),
     fraction: float = typer.Option(None, "--fraction", help="Fraction of the pool to select."),
     budget_tokens: int = typer.Option(None, "--budget-tokens", help="Token budget for the subset."),
-    strategy: str = typer.Option(None, "--strategy", help="kmq | deita | fusion | threshold | random"),
+    strategy: str = typer.Option(None, "--strategy", help="kmq | iterative | deita | fusion | threshold | random"),
     scorers: str = typer.Option(None, "--scorers", help="Comma-separated scorers (e.g. heuristics,ifd)."),
     model: str = typer.Option(None, "--model", help="Causal LM for model scorers: 'proxy' or a name/path."),
     embed_model: str = typer.Option(None, "--embed-model", help="minilm-static | minilm | a name/path."),

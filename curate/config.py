@@ -60,7 +60,7 @@ class ScoreConfig(_Section):
 
 
 class SelectConfig(_Section):
-    strategy: Literal["kmq", "deita", "fusion", "threshold", "random"] = "kmq"
+    strategy: Literal["kmq", "iterative", "deita", "fusion", "threshold", "random"] = "kmq"
     budget: int | None = None  # rows
     fraction: float | None = None
     budget_tokens: int | None = None
@@ -69,6 +69,11 @@ class SelectConfig(_Section):
     fusion: dict[str, float] = Field(default_factory=dict)  # column -> signed weight (negative = lower is better)
     thresholds: list[str] = Field(default_factory=list)  # e.g. ["heur_flags < 1", "ifd < 1"]
     tau: float = 0.9  # deita redundancy threshold
+    # iterative (Diversify-and-Conquer): rounds, softmax temperature over per-cluster feedback, and the probe
+    # rows per cluster on which the proxy fine-tuned after each round measures its loss
+    rounds: int = Field(default=3, ge=1)
+    feedback_temperature: float = Field(default=1.0, gt=0)
+    probe_per_cluster: int = Field(default=8, ge=1)
     proportional: bool = True
     cluster_min: int = 0
     cluster_max: int | None = None

@@ -59,14 +59,30 @@ def token_counts(messages: pl.Series, tokenizer: str) -> np.ndarray:
     return out
 
 
-def _strategy(recipe: Recipe, pool: pl.DataFrame) -> Any:
+def _strategy(recipe: Recipe, pool: pl.DataFrame, run: Run | None = None, thresholds: Any = ()) -> Any:
     from curate.select import make_strategy
 
     cfg = recipe.select
     quality = _quality_column(pool, cfg.score)
+    split = "proportional" if cfg.proportional else "uniform"
     if cfg.strategy == "kmq":
-        return make_strategy("kmq", score_col=quality,
-                             split="proportional" if cfg.proportional else "uniform")
+        return make_strategy("kmq", score_col=quality, split=split)
+    if cfg.strategy == "iterative":
+        if run is None:
+            raise ValueError("the iterative strategy needs a run folder (its feedback fine-tunes the scoring LM)")
+        from curate.lm.proxy import loss_feedback
+        from curate.scoring import resolve_model
+        from curate.select import apply_thresholds, as_thresholds
+
+        # probe only rows the strategy may choose from, so every cluster fed back is one it can draw on
+        eligible = pool.filter(apply_thresholds(pool, as_thresholds(thresholds))["passed"]) if thresholds else pool
+        history: list[dict[str, Any]] = []
+        fn = loss_feedback(resolve_model(run, recipe), eligible, probe_per_cluster=cfg.probe_per_cluster,
+                           seed=recipe.seed, max_length=recipe.score.max_length, history=history)
+        strategy = make_strategy("iterative", rounds=cfg.rounds, temperature=cfg.feedback_temperature,
+                                 split=split, score_col=quality, feedback_fn=fn)
+        strategy.feedback_history = history
+        return strategy
     if cfg.strategy == "deita":
         if quality is None:
             raise ValueError("the deita strategy needs a score column: add a scorer or set select.score")
@@ -87,7 +103,7 @@ def select_pool(run: Run, recipe: Recipe, pool: pl.DataFrame) -> tuple[pl.DataFr
     cfg = recipe.select
     budget, pool = _budget(recipe, pool)
     thresholds = list(cfg.thresholds) or [t for col, t in DEFAULT_THRESHOLDS if col in pool.columns]
-    strategy = _strategy(recipe, pool)
+    strategy = _strategy(recipe, pool, run, thresholds)
     quotas = Quotas(source_weights=cfg.source_weights or None, cluster_min=cfg.cluster_min,
                     cluster_max=cfg.cluster_max)
     X = None
@@ -101,10 +117,14 @@ def select_pool(run: Run, recipe: Recipe, pool: pl.DataFrame) -> tuple[pl.DataFr
                        embeddings=X if cfg.strategy == "deita" else None)
     info: dict[str, Any] = {
         "budget": budget.describe(),
-        "strategy_params": {k: v for k, v in vars(strategy).items() if not k.startswith("_")},
+        "strategy_params": {k: v for k, v in vars(strategy).items()
+                            if not k.startswith("_") and k not in ("feedback_fn", "history", "feedback_history")},
         "thresholds": {str(t.column) + " " + t.op: cut for t, cut in resolve_thresholds(pool, thresholds)}
         if thresholds else {},
     }
+    if cfg.strategy == "iterative":
+        info["rounds"] = [h | {"feedback": f} for h, f in
+                          zip(strategy.history, [None, *strategy.feedback_history], strict=False)]
     if X is not None and pool.height:
         from curate.diversity import diversity_summary
 

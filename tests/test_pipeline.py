@@ -97,3 +97,20 @@ def test_token_budget_and_strategies(pool_dir, tiny_lm, tmp_path):
         "select.strategy": "deita", "select.score": "perplexity_loss", "select.budget": 50}))
     assert pl.read_parquet(r2.file("selected.parquet")).height == 50
     assert "vendi" in json.dumps(r2.manifest["diversity"])
+
+
+def test_iterative_strategy_rounds_with_proxy_feedback(pool_dir, tiny_lm, tmp_path):
+    """`select.strategy: iterative` runs D&C rounds whose feedback is the scoring LM fine-tuned on each round."""
+    r = run_direct(_recipe(pool_dir, tmp_path / "it", tiny_lm, **{
+        "select.strategy": "iterative", "select.rounds": 2, "select.probe_per_cluster": 3}))
+    assert pl.read_parquet(r.file("selected.parquet")).height == 100
+    d = pl.read_parquet(r.file("decisions.parquet"))
+    assert d.height == 253 + 152 and (d["status"] == "selected").sum() == 100
+    rounds = r.manifest["stages"]["select"]["rounds"]
+    assert [x["round"] for x in rounds] == [0, 1] and sum(x["rows"] for x in rounds) == 100
+    assert rounds[0]["feedback"] is None
+    fb = rounds[1]["feedback"]
+    assert fb["trained_rows"] == rounds[0]["rows"] and fb["probe_rows"] > 0
+    clusters = set(pl.read_parquet(r.file("clusters.parquet"))["cluster"].to_list())
+    assert {int(c) for c in fb["loss"]} <= clusters and all(v > 0 for v in fb["loss"].values())
+    assert abs(sum(rounds[1]["weights"].values()) - 1) < 1e-4  # softmax over clusters of the feedback
