@@ -185,12 +185,15 @@ def plan(
     inputs: list[str] = typer.Argument(None, help="Inputs (default: the bundled sample)."),
     config: Path = ConfigOpt,
     scorers: str = typer.Option(None, "--scorers", help="Comma-separated scorers."),
+    strategy: str = typer.Option(None, "--strategy", help="kmq | iterative | deita | fusion | threshold | random"),
+    budget: int = typer.Option(None, "--budget", help="Rows to select."),
 ) -> None:
     """Estimate rows, tokens, engine calls, time and memory per stage, without running anything."""
     from curate.plan import plan as make_plan
 
     recipe = _guard(_recipe, inputs, config, {
-        "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None})
+        "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None,
+        "select.strategy": strategy, "select.budget": budget})
     stages = _guard(make_plan, recipe)
     t = Table("stage", "rows", "engine calls", "time (2-core CPU)", "peak memory", title="plan")
     for s in stages:

@@ -29,6 +29,8 @@ CALLS_PER_ROW = {"perplexity": 1, "ifd": 2, "grape": 1, "donod": 1, "deita": 2, 
                  "instructmining": 0, "heuristics": 0}
 PROXY_PASS_RATE = 150.0
 RULE_RATE = 20_000.0
+# rows/s of one proxy fine-tune epoch (iterative selection's feedback; bench/results/subsets.md)
+FINETUNE_RATE = 60.0
 
 
 @dataclass
@@ -84,5 +86,14 @@ def plan(recipe: Recipe) -> list[StagePlan]:
         secs = calls / PROXY_PASS_RATE if calls else rows / RULE_RATE
         out.append(StagePlan(f"score:{name}", rows, calls, secs, 800.0 if calls else 300.0))
     out.append(StagePlan("select", rows, 0, rows / RATES["select"] + 2, 200 + rows * 1e-4))
+    sel = recipe.select
+    if sel.strategy == "iterative" and sel.rounds > 1:
+        # after each round but the last: fine-tune the scoring LM on the rows so far, then score the probe
+        budget = sel.budget or math.ceil(rows * (sel.fraction or 0.1))
+        k = recipe.cluster.k or max(1, round(math.sqrt(rows)))
+        trained = sum(budget * r // sel.rounds for r in range(1, sel.rounds))
+        probe = min(rows, k * sel.probe_per_cluster) * (sel.rounds - 1)
+        out.append(StagePlan("select:feedback", trained, probe,
+                             trained / FINETUNE_RATE + probe / PROXY_PASS_RATE, 1000.0))
     out.append(StagePlan("(tokens, estimated)", tokens, 0, 0.0, 0.0))
     return out
