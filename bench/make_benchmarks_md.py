@@ -3,7 +3,8 @@
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ["sample", "ingest", "embed", "kmeans", "semdedup", "engines", "scorers", "quality", "select", "subsets", "report", "flow"]
+ORDER = ["sample", "ingest", "embed", "kmeans", "semdedup", "engines", "scorers", "quality", "select", "subsets",
+         "report", "flow"]
 HEAD = """# Benchmarks
 
 Every number below was measured by the script named with it, on this project's machine kind: 2 x86_64
