@@ -17,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from curate.io.formats import to_messages
 from curate.lm.base import LMConfig, load_engine
@@ -29,6 +30,12 @@ from scorers import Scorer, ScorerError, ScorerParams, get_scorer
 ALPACA = "/work/shared/data/alpaca-52k/alpaca_data.jsonl"
 ROOT = Path(__file__).resolve().parent.parent
 N = 24
+
+
+def same_scores(got: pl.DataFrame, want: pl.DataFrame) -> None:
+    """Equal ids, flags and counts; floats to 1e-6 relative: a different batch (other padding) sums in another
+    order, which moves IFD by ~1e-9 (measured with transformers 5.24), so exact equality is the wrong test."""
+    assert_frame_equal(got, want, check_exact=False, rel_tol=1e-6, abs_tol=1e-9)
 
 
 def alpaca_pool(n: int) -> pl.DataFrame:
@@ -84,7 +91,7 @@ def test_rerun_is_served_from_the_store(engine, pool, reference, tmp_path):
     first = score_pool(pool, get_scorer("ifd"), engine=counting, store=store, batch_size=10)
     assert (first.n_computed, first.n_cached) == (N, 0)
     assert counting.calls == 3 and counting.sequences == 2 * N  # 3 batches, 2 passes per row
-    assert first.df.equals(reference)
+    same_scores(first.df, reference)
     counting.calls = counting.sequences = 0
     again = score_pool(pool, get_scorer("ifd"), engine=counting, store=store, batch_size=10)
     assert counting.calls == 0 and (again.n_computed, again.n_cached) == (0, N)
@@ -128,8 +135,7 @@ def test_two_processes_scoring_into_one_store(tiny, engine, reference, tmp_path)
     assert len(parts) >= N // 3 and not list(store.folder(key).glob(".*.tmp"))
     for part in parts:  # no part is corrupt
         pl.read_parquet(part)
-    got = store.get(key, reference["id"].to_list())
-    assert got.equals(reference)
+    same_scores(store.get(key, reference["id"].to_list()), reference)
 
 
 KILLED_RUN = textwrap.dedent("""
@@ -176,11 +182,11 @@ def test_killed_run_keeps_every_finished_batch(tiny, engine, pool, reference, tm
     kept = store.ids(key)
     assert len(kept) >= 2 * finished_batches and len(kept) < N
     kept_ids = [i for i in pool["id"].to_list() if i in kept]
-    assert store.get(key, kept_ids).equals(reference.filter(pl.col("id").is_in(kept_ids)))
+    same_scores(store.get(key, kept_ids), reference.filter(pl.col("id").is_in(kept_ids)))
     counting = CountingEngine(engine)
     resumed = score_pool(pool, get_scorer("ifd"), engine=counting, store=store)
     assert resumed.n_cached == len(kept) and counting.sequences == 2 * (N - len(kept))
-    assert resumed.df.equals(reference)
+    same_scores(resumed.df, reference)
 
 
 # -- the store and runner on their own ----------------------------------------------------------------------
