@@ -22,7 +22,10 @@ Real pool, real pipeline, a proxy fine-tune per subset, loss on reference answer
    loss (nats/token) is measured on LIMA's 1,000 training answers (reference set) and on the Alpaca held-out
    rows. Seeds change the subset draw (where the arm is random) and the fine-tune's data order.
 
-    .venv/bin/python bench/bench_subsets.py [--budget 3000] [--seeds 3] [--out bench/out/subsets]
+    .venv/bin/python bench/bench_subsets.py [--budget 3000] [--seeds 3] [--match-tokens] [--out bench/out/subsets]
+
+--match-tokens adds a second run of every arm under a token budget equal to what a random subset of --budget
+rows holds, so arms that favour long rows (IFD-first ones do) train on no more tokens than random.
 
 Writes bench/results/subsets.md and bench/out/subsets/results.json. The pool run, the base model and each
 fine-tune's numbers are cached in --out, so a re-run only computes what is missing.
@@ -95,13 +98,18 @@ def pool_run(out: Path, pool_file: Path, budget: int) -> tuple[Run, dict]:
     return Run(run_dir), overrides
 
 
-def subset_ids(run: Run, base: dict, arm: str, budget: int, seed: int, candidates: pl.DataFrame) -> tuple[list, dict]:
+def subset_ids(run: Run, base: dict, arm: str, spec: tuple[str, int], seed: int,
+               candidates: pl.DataFrame) -> tuple[list, dict]:
+    """spec: ("budget", rows) or ("tokens", n_tokens), the product's `select.budget` / `select.budget_tokens`."""
     t0 = time.perf_counter()
+    kind, n = spec
     if ARMS[arm] is None:
-        dec = select(candidates, RandomSubset(), Budget(rows=budget), seed=seed)
+        dec = select(candidates, RandomSubset(), Budget(rows=n) if kind == "budget" else Budget(tokens=n), seed=seed)
         info: dict = {}
     else:
-        recipe = load_recipe(None, {**base, **ARMS[arm], "seed": seed})
+        budget = {"select.budget": n} if kind == "budget" else {"select.budget_tokens": n}
+        base = {k: v for k, v in base.items() if k != "select.budget"}
+        recipe = load_recipe(None, {**base, **ARMS[arm], **budget, "seed": seed})
         dec, info = select_pool(run, recipe, candidates)
     ids = dec.filter(pl.col("selected"))["id"].to_list()
     return ids, {"select_seconds": round(time.perf_counter() - t0, 1), **{
@@ -143,13 +151,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--pool-rows", type=int, default=None, help="smaller pool, for a quick check of the script")
+    ap.add_argument("--match-tokens", action="store_true",
+                    help="also run every arm under a token budget equal to a random subset's tokens")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "subsets")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "subsets.md")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("CURATE_CACHE_DIR", str(args.out / "cache"))
-    started = time.strftime("%Y-%m-%d %H:%M")
-    load0 = os.getloadavg()[0]
 
     files = split(args.out, pool_rows=args.pool_rows)
     refs = {"lima": LIMA, "alpaca_heldout": files["heldout"]}
@@ -167,92 +175,113 @@ def main() -> None:
 
     cache_file = args.out / "results.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    key_base = f"budget={args.budget}"
+    specs = [("budget", args.budget)]
+    if args.match_tokens:  # the tokens a random subset of --budget rows holds on average: length held equal
+        specs.append(("tokens", round(int(candidates["n_tokens"].sum()) * args.budget / candidates.height)))
     if "base" not in cache:
         cache["base"] = {f"loss_{k}": eval_proxy(str(base_dir), str(p)) for k, p in refs.items()}
-    for arm in args.arms.split(","):
-        for seed in range(args.seeds):
-            key = f"{key_base}|{arm}|{seed}"
-            if key in cache:
-                continue
-            print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}", flush=True)
-            ids, info = subset_ids(run, base_overrides, arm, args.budget, seed, candidates)
-            res = {"arm": arm, "seed": seed, **measure(ids, candidates, X, seed), **info}
-            res.update(finetune_eval(str(base_dir), [{"messages": messages[i]} for i in ids], seed, refs))
-            cache[key] = res
-            cache_file.write_text(json.dumps(cache, indent=1, default=str) + "\n")
-            print(json.dumps({k: v for k, v in res.items() if k != "rounds"}, default=str), flush=True)
+    for spec in specs:
+        for arm in args.arms.split(","):
+            for seed in range(args.seeds):
+                key = f"{spec[0]}={spec[1]}|{arm}|{seed}"
+                if key in cache:
+                    continue
+                print(f"[{time.strftime('%H:%M:%S')}] {spec[0]}={spec[1]} {arm} seed {seed}", flush=True)
+                res = run_arm(run, base_overrides, arm, spec, seed, candidates, X, messages, str(base_dir), refs)
+                cache[key] = res
+                cache_file.write_text(json.dumps(cache, indent=1, default=str) + "\n")
+                print(json.dumps({k: v for k, v in res.items() if k != "rounds"}, default=str), flush=True)
     cache_file.write_text(json.dumps(cache, indent=1, default=str) + "\n")
-    write_md(args, run, cache, key_base, base_meta, started, load0)
+    write_md(args, run, cache, specs, base_meta)
 
 
-def write_md(args, run: Run, cache: dict, key_base: str, base_meta: dict, started: str, load0: float) -> None:
-    m = run.manifest
-    st = m["stages"]
+def run_arm(run: Run, base_overrides: dict, arm: str, spec: tuple[str, int], seed: int, candidates: pl.DataFrame,
+            X: np.ndarray, messages: dict, base_model: str, refs: dict[str, Path]) -> dict:
+    ids, info = subset_ids(run, base_overrides, arm, spec, seed, candidates)
+    res = {"arm": arm, "seed": seed, **measure(ids, candidates, X, seed), **info}
+    res.update(finetune_eval(base_model, [{"messages": messages[i]} for i in ids], seed, refs))
+    res["at"] = time.strftime("%Y-%m-%d %H:%M")
+    return res
+
+
+def write_md(args, run: Run, cache: dict, specs: list[tuple[str, int]], base_meta: dict) -> None:
+    st = run.manifest["stages"]
     pool_secs = (args.out / "pool-run-seconds.txt").read_text().strip() if (
         args.out / "pool-run-seconds.txt").exists() else "?"
-    by_arm: dict[str, list[dict]] = {}
-    for k, v in cache.items():
-        if k.startswith(key_base + "|"):
-            by_arm.setdefault(v["arm"], []).append(v)
-    rnd = by_arm.get("random", [])
+    stamps = sorted(v["at"] for k, v in cache.items() if k != "base" and "at" in v)
+    cmd = f".venv/bin/python bench/bench_subsets.py --budget {args.budget} --seeds {args.seeds}"
     lines = [
         "# Subsets vs random: diversity and proxy fine-tune loss on a real pool (`bench/bench_subsets.py`)",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU. Run started {started} "
-        f"(load average {load0:.2f}); finished {time.strftime('%Y-%m-%d %H:%M')} "
-        f"(load average {os.getloadavg()[0]:.2f}). Command:",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; the arms ran "
+        f"{stamps[0] if stamps else '?'} to {stamps[-1][-5:] if stamps else '?'} (times per arm and seed in "
+        "bench/out/subsets/results.json). Command:",
         "",
-        f"    .venv/bin/python bench/bench_subsets.py --budget {args.budget} --seeds {args.seeds}",
+        f"    {cmd}{' --match-tokens' if args.match_tokens else ''}",
         "",
         "Setup (see the script's docstring): Alpaca-52k split once into 20,000 rows that pre-train the base "
         f"model, 1,000 held-out rows and a {st['ingest']['rows_in']:,}-row pool. The pool went through the "
-        "default pipeline "
-        f"(`run_direct`, {pool_secs} s on this machine): {st['ingest']['rows_out']} records after exact dedup, "
-        f"{st['semdedup']['rows_out'] if 'semdedup' in st else '?'} after SemDeDup, "
-        f"{st['cluster'].get('k', '?')} clusters, heuristics + IFD from the pool-trained proxy. "
-        f"Every arm picks {args.budget} rows from those candidates. Base model for the fine-tunes: a "
-        f"{base_meta['params']:,}-parameter LLaMA proxy trained {base_meta['train']['steps']} steps on the "
-        f"20,000 base rows; fine-tune: 1 epoch, lr 1e-3, batch 16, max length 512 (the `curate proxy finetune` "
-        f"defaults). Loss = mean response loss in nats/token (lower is better) on LIMA's 1,000 training "
-        f"answers and on the 1,000 Alpaca held-out rows. Base model before any fine-tune: LIMA "
+        f"default pipeline (`run_direct`, {pool_secs} s on this machine): {st['ingest']['rows_out']:,} records "
+        f"after exact dedup, {st['semdedup']['rows_out']:,} after SemDeDup, "
+        f"{st['cluster'].get('k', '?')} clusters, heuristics + IFD from the pool-trained proxy. Base model for "
+        f"the fine-tunes: a {base_meta['params']:,}-parameter LLaMA proxy trained {base_meta['train']['steps']} "
+        "steps on the 20,000 base rows; fine-tune: 1 epoch, lr 1e-3, batch 16, max length 512 (the "
+        "`curate proxy finetune` defaults). Loss = mean response loss in nats/token (lower is better) on LIMA's "
+        "1,000 training answers and on the 1,000 Alpaca held-out rows. Base model before any fine-tune: LIMA "
         f"{cache['base']['loss_lima']:.3f}, Alpaca held-out {cache['base']['loss_alpaca_heldout']:.3f}.",
         "",
         f"Seeds: {args.seeds} per arm (mean ± sample std). top-IFD and deita choose the same rows for every seed, "
-        "so their spread is the fine-tune's own noise; random, kMQ and iterative also redraw the subset.",
-        "",
-        "| arm | cluster coverage | Vendi | mean NN cos | mean IFD | mean tokens | LIMA loss | Δ vs random | "
-        "Alpaca held-out loss | Δ vs random |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "so their loss spread is the fine-tune's own noise (their Vendi spread is the 2,000-row sample's); "
+        "random, kMQ and iterative also redraw the subset.",
     ]
-    for arm in ARMS:
-        rs = by_arm.get(arm)
-        if not rs:
+    for kind, n in specs:
+        key_base = f"{kind}={n}"
+        by_arm: dict[str, list[dict]] = {}
+        for k, v in cache.items():
+            if k.startswith(key_base + "|"):
+                by_arm.setdefault(v["arm"], []).append(v)
+        if not by_arm:
             continue
+        rnd = by_arm.get("random", [])
+        title = (f"{n:,} rows per arm (`--budget {n}`)" if kind == "budget" else
+                 f"{n:,} tokens per arm (`--budget-tokens {n}`: what a random {args.budget:,}-row subset holds, "
+                 "so every arm trains on about as many tokens)")
+        lines += ["", f"## {title}", "",
+                  "| arm | rows | cluster coverage | Vendi | mean NN cos | mean IFD | mean tokens | LIMA loss | "
+                  "Δ vs random | Alpaca held-out loss | Δ vs random |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for arm in ARMS:
+            rs = by_arm.get(arm)
+            if not rs:
+                continue
 
-        def col(name: str, d: int = 3, rs=rs) -> str:
-            vals = [r[name] for r in rs if r.get(name) is not None]
-            return fmt(vals, d) if vals else ""
+            def col(name: str, d: int = 3, rs=rs) -> str:
+                vals = [r[name] for r in rs if r.get(name) is not None]
+                return fmt(vals, d) if vals else ""
 
-        def delta(name: str, rs=rs, arm=arm) -> str:
-            if not rnd or arm == "random":
-                return ""
-            return f"{statistics.mean(r[name] for r in rs) - statistics.mean(r[name] for r in rnd):+.3f}"
+            def delta(name: str, rs=rs, arm=arm, rnd=rnd) -> str:
+                if not rnd or arm == "random":
+                    return ""
+                return f"{statistics.mean(r[name] for r in rs) - statistics.mean(r[name] for r in rnd):+.3f}"
 
-        lines.append(f"| {arm} | {col('cluster_coverage')} | {col('vendi', 1)} | {col('nn_similarity')} | "
-                     f"{col('mean_ifd')} | {col('mean_tokens', 0)} | {col('loss_lima')} | {delta('loss_lima')} | "
-                     f"{col('loss_alpaca_heldout')} | {delta('loss_alpaca_heldout')} |")
-    it = by_arm.get("iterative")
-    if it and it[0].get("rounds"):
-        lines += ["", "Iterative rounds (seed 0): rows added per round and the seconds each feedback took "
-                  "(fine-tune on the rows so far + loss on the per-cluster probe):", ""]
-        for r in it[0]["rounds"]:
-            fb = r.get("feedback") or {}
-            lines.append(f"- round {r['round']}: {r['rows']} rows"
-                         + (f"; feedback from {fb['trained_rows']} rows, {fb['probe_rows']} probe rows, "
-                            f"{fb['seconds']} s, cluster loss {min(fb['loss'].values()):.2f}–"
-                            f"{max(fb['loss'].values()):.2f} nats" if fb else ""))
-    lines += ["", "Timings per arm and seed (select, fine-tune + 2 evals) are in bench/out/subsets/results.json.", ""]
+            lines.append(f"| {arm} | {col('rows', 0)} | {col('cluster_coverage')} | {col('vendi', 1)} | "
+                         f"{col('nn_similarity')} | {col('mean_ifd')} | {col('mean_tokens', 0)} | {col('loss_lima')} | "
+                         f"{delta('loss_lima')} | {col('loss_alpaca_heldout')} | {delta('loss_alpaca_heldout')} |")
+        if len(rnd) > 1:
+            sd = {k: statistics.stdev(r[k] for r in rnd) for k in ("loss_lima", "loss_alpaca_heldout")}
+            lines += ["", f"Seed spread of the random arm (sample std over {len(rnd)} draws + fine-tunes): LIMA "
+                      f"{sd['loss_lima']:.3f}, Alpaca held-out {sd['loss_alpaca_heldout']:.3f} nats/token. A Δ "
+                      "smaller than about twice that is not a difference this benchmark can see."]
+        it = by_arm.get("iterative")
+        if it and it[0].get("rounds"):
+            lines += ["", "Iterative rounds (seed 0): what each round added, and what its feedback cost (fine-tune "
+                      "on the rows so far + loss on the per-cluster probe):", ""]
+            for r in it[0]["rounds"]:
+                fb = r.get("feedback") or {}
+                lines.append(f"- round {r['round']}: {r['rows']} rows"
+                             + (f"; feedback from {fb['trained_rows']} rows, {fb['probe_rows']} probe rows, "
+                                f"{fb['seconds']} s, cluster loss {min(fb['loss'].values()):.2f}–"
+                                f"{max(fb['loss'].values()):.2f} nats" if fb else ""))
     args.results.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
