@@ -15,6 +15,16 @@ No GPU was lent to the session that wrote these numbers, so there are no GPU row
 """
 
 
+def demote(text: str) -> str:
+    """Every heading one level down; lines inside ``` fences (shell comments) are left alone."""
+    out, fenced = [], False
+    for line in text.split("\n"):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        out.append("#" + line if line.startswith("#") and not fenced else line)
+    return "\n".join(out)
+
+
 def main() -> None:
     parts = [HEAD]
     files = {p.stem: p for p in sorted((HERE / "results").glob("*.md")) if not p.stem.endswith("-readme")}
@@ -24,7 +34,7 @@ def main() -> None:
             if not text.startswith("#"):
                 text = f"# {name}\n\n{text}"
             # each results file is a document of its own: demote its headings one level under this page
-            parts.append("\n".join("#" + line if line.startswith("#") else line for line in text.split("\n")))
+            parts.append(demote(text))
     (HERE.parent / "BENCHMARKS.md").write_text("\n\n".join(parts) + "\n")
 
 
