@@ -53,11 +53,13 @@ import polars as pl  # noqa: E402
 
 from curate.config import load_recipe  # noqa: E402
 from curate.diversity import cluster_coverage, mean_nn_similarity, vendi_score  # noqa: E402
+from curate.lm.base import LMConfig  # noqa: E402
+from curate.lm.hf import HFEngine  # noqa: E402
 from curate.lm.proxy import eval_proxy, finetune_proxy, train_proxy  # noqa: E402
-from curate.pipeline import pool, pool_vectors, records, run_direct  # noqa: E402
+from curate.pipeline import pool, run_direct  # noqa: E402
 from curate.run import Run  # noqa: E402
 from curate.select import Budget, RandomSubset, select  # noqa: E402
-from curate.selection import select_pool  # noqa: E402
+from curate.selection import pool_embeddings, select_pool  # noqa: E402
 
 SHARED = Path(os.environ.get("CURATE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 ALPACA = SHARED / "alpaca-52k" / "alpaca_data.jsonl"
@@ -71,7 +73,6 @@ ARMS = {  # name -> recipe overrides for select_pool (None: plain random over al
     "deita": {"select.strategy": "deita"},
     "iterative": {"select.strategy": "iterative", "select.rounds": 3},
 }
-DETERMINISTIC = {"top-IFD", "deita"}  # the subset does not depend on the seed (only the fine-tune does)
 
 
 def split(out: Path, seed: int = 0, pool_rows: int | None = None) -> dict[str, Path]:
@@ -134,7 +135,8 @@ def finetune_eval(base_model: str, convs: list[dict], seed: int, refs: dict[str,
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="curate-bench-ft-") as tmp:
         tuned = finetune_proxy(base_model, convs, Path(tmp) / "ft", seed=seed)
-        out = {f"loss_{k}": eval_proxy(tuned, str(p)) for k, p in refs.items()}
+        engine = HFEngine(LMConfig(tuned, max_length=512))  # one load for every reference set
+        out = {f"loss_{k}": eval_proxy(tuned, str(p), engine=engine) for k, p in refs.items()}
     out["finetune_eval_seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -168,9 +170,7 @@ def main() -> None:
     base_meta = json.loads((base_dir / "curate_proxy.json").read_text())
 
     candidates = pool(run)
-    pos = candidates.select("id").join(records(run, ["id"]).with_row_index("_p"), on="id", how="left",
-                                       maintain_order="left")["_p"].to_numpy()
-    X = pool_vectors(run, load_recipe(None, base_overrides))[pos].astype(np.float32)
+    X = pool_embeddings(run, load_recipe(None, base_overrides), candidates).astype(np.float32)
     messages = dict(zip(candidates["id"].to_list(), candidates["messages"].to_list(), strict=True))
 
     cache_file = args.out / "results.json"

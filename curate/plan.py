@@ -13,6 +13,7 @@ from pathlib import Path
 
 from curate.config import Recipe
 from curate.io.readers import detect_container, expand_inputs
+from curate.selection import DEFAULT_FRACTION
 
 # rows/s on 2 CPU cores (see BENCHMARKS.md); keyed by stage or model
 RATES = {
@@ -29,8 +30,9 @@ CALLS_PER_ROW = {"perplexity": 1, "ifd": 2, "grape": 1, "donod": 1, "deita": 2, 
                  "instructmining": 0, "heuristics": 0}
 PROXY_PASS_RATE = 150.0
 RULE_RATE = 20_000.0
-# rows/s of one proxy fine-tune epoch (iterative selection's feedback; bench/results/subsets.md)
-FINETUNE_RATE = 60.0
+# rows/s of one proxy fine-tune epoch: iterative feedback on 1000 vs 2000 rows took 21.1 vs 38.6 s, i.e. ~57 rows/s
+# (bench/results/subsets.md, 3,000-row budget)
+FINETUNE_RATE = 57.0
 
 
 @dataclass
@@ -72,12 +74,12 @@ def plan(recipe: Recipe) -> list[StagePlan]:
         nbytes += b
     tokens = nbytes // 4
     dim = 384  # MiniLM and the static model distilled from it (PCA to 384)
+    k = recipe.cluster.k or max(1, round(math.sqrt(rows)))
     out = [StagePlan("ingest+dedup", rows, 0, rows / RATES["ingest"], 400.0)]
     if recipe.embed.enabled:
         rate = RATES.get(f"embed:{recipe.embed.model}", RATES["embed:other"])
         emb_mb = rows * dim * 4 / 2**20
         out.append(StagePlan("embed", rows, 0, rows / rate, 600 + emb_mb))
-        k = recipe.cluster.k or max(1, round(math.sqrt(rows)))
         out.append(StagePlan("cluster", rows, 0, rows / RATES["cluster"] * max(1, k / 300), 300 + 2 * emb_mb))
         if recipe.semdedup.enabled:
             out.append(StagePlan("semdedup", rows, 0, rows / RATES["semdedup"], 300 + 2 * emb_mb))
@@ -89,8 +91,7 @@ def plan(recipe: Recipe) -> list[StagePlan]:
     sel = recipe.select
     if sel.strategy == "iterative" and sel.rounds > 1:
         # after each round but the last: fine-tune the scoring LM on the rows so far, then score the probe
-        budget = sel.budget or math.ceil(rows * (sel.fraction or 0.1))
-        k = recipe.cluster.k or max(1, round(math.sqrt(rows)))
+        budget = sel.budget or math.ceil(rows * (sel.fraction or DEFAULT_FRACTION))
         trained = sum(budget * r // sel.rounds for r in range(1, sel.rounds))
         probe = min(rows, k * sel.probe_per_cluster) * (sel.rounds - 1)
         out.append(StagePlan("select:feedback", trained, probe,

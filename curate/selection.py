@@ -76,13 +76,10 @@ def _strategy(recipe: Recipe, pool: pl.DataFrame, run: Run | None = None, thresh
 
         # probe only rows the strategy may choose from, so every cluster fed back is one it can draw on
         eligible = pool.filter(apply_thresholds(pool, as_thresholds(thresholds))["passed"]) if thresholds else pool
-        history: list[dict[str, Any]] = []
         fn = loss_feedback(resolve_model(run, recipe), eligible, probe_per_cluster=cfg.probe_per_cluster,
-                           seed=recipe.seed, max_length=recipe.score.max_length, history=history)
-        strategy = make_strategy("iterative", rounds=cfg.rounds, temperature=cfg.feedback_temperature,
-                                 split=split, score_col=quality, feedback_fn=fn)
-        strategy.feedback_history = history
-        return strategy
+                           seed=recipe.seed, max_length=recipe.score.max_length)
+        return make_strategy("iterative", rounds=cfg.rounds, temperature=cfg.feedback_temperature,
+                             split=split, score_col=quality, feedback_fn=fn)
     if cfg.strategy == "deita":
         if quality is None:
             raise ValueError("the deita strategy needs a score column: add a scorer or set select.score")
@@ -96,6 +93,15 @@ def _strategy(recipe: Recipe, pool: pl.DataFrame, run: Run | None = None, thresh
     return make_strategy("random")
 
 
+def pool_embeddings(run: Run, recipe: Recipe, pool: pl.DataFrame) -> np.ndarray:
+    """The clustering view's embeddings of `pool`'s rows, in `pool` order (rows of records.parquet)."""
+    from curate.pipeline import pool_vectors, records
+
+    ids = records(run, ["id"]).with_row_index("_p")
+    pos = pool.select("id").join(ids, on="id", how="left", maintain_order="left")["_p"].to_numpy()
+    return pool_vectors(run, recipe)[pos]
+
+
 def select_pool(run: Run, recipe: Recipe, pool: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Decisions for every pool row plus what the manifest should record about the choice."""
     from curate.select import Quotas, resolve_thresholds, select
@@ -106,25 +112,19 @@ def select_pool(run: Run, recipe: Recipe, pool: pl.DataFrame) -> tuple[pl.DataFr
     strategy = _strategy(recipe, pool, run, thresholds)
     quotas = Quotas(source_weights=cfg.source_weights or None, cluster_min=cfg.cluster_min,
                     cluster_max=cfg.cluster_max)
-    X = None
-    if recipe.embed.enabled and pool.height:
-        from curate.pipeline import pool_vectors, records
-
-        ids = records(run, ["id"]).with_row_index("_p")
-        pos = pool.select("id").join(ids, on="id", how="left", maintain_order="left")["_p"].to_numpy()
-        X = pool_vectors(run, recipe)[pos]
+    X = pool_embeddings(run, recipe, pool) if recipe.embed.enabled and pool.height else None
     decisions = select(pool, strategy, budget, quotas=quotas, thresholds=thresholds, seed=recipe.seed,
                        embeddings=X if cfg.strategy == "deita" else None)
     info: dict[str, Any] = {
         "budget": budget.describe(),
         "strategy_params": {k: v for k, v in vars(strategy).items()
-                            if not k.startswith("_") and k not in ("feedback_fn", "history", "feedback_history")},
+                            if not k.startswith("_") and k not in ("feedback_fn", "history")},
         "thresholds": {str(t.column) + " " + t.op: cut for t, cut in resolve_thresholds(pool, thresholds)}
         if thresholds else {},
     }
     if cfg.strategy == "iterative":
         info["rounds"] = [h | {"feedback": f} for h, f in
-                          zip(strategy.history, [None, *strategy.feedback_history], strict=False)]
+                          zip(strategy.history, [None, *strategy.feedback_fn.history], strict=True)]
     if X is not None and pool.height:
         from curate.diversity import diversity_summary
 

@@ -99,11 +99,10 @@ def test_loss_feedback_drops_for_the_cluster_trained_on(proxy, rows):
     convs = load_conversations(rows[1650:1780]) + load_conversations(gsm)
     pool = pl.DataFrame({"id": [f"r{i}" for i in range(len(convs))], "cluster": [0] * 130 + [1] * 130,
                          "messages": convs})
-    history: list[dict] = []
-    fn = loss_feedback(proxy, pool, probe_per_cluster=130, seed=0, epochs=2, lr=3e-3, batch_size=8,
-                       history=history)  # the probe is every row; rows trained on leave it
+    fn = loss_feedback(proxy, pool, probe_per_cluster=130, seed=0, epochs=2, lr=3e-3,
+                       batch_size=8)  # the probe is every row; rows trained on leave it
     on_alpaca = dict(fn([f"r{i}" for i in range(100)]).iter_rows())
     on_gsm = dict(fn([f"r{i}" for i in range(130, 230)]).iter_rows())
     assert set(on_alpaca) == set(on_gsm) == {0, 1}
     assert on_alpaca[0] < on_gsm[0] - 0.05 and on_gsm[1] < on_alpaca[1] - 0.05, (on_alpaca, on_gsm)
-    assert [(h["trained_rows"], h["probe_rows"]) for h in history] == [(100, 160), (100, 160)]
+    assert [(h["trained_rows"], h["probe_rows"]) for h in fn.history] == [(100, 160), (100, 160)]

@@ -291,10 +291,23 @@ def eval_proxy(model_dir: str | Path, records: str | Path | Sequence[Any], *, ma
     from curate.lm.hf import HFEngine
 
     eng = engine or HFEngine(LMConfig(str(model_dir), max_length=max_length))
-    prompts, responses = _turns(load_conversations(records))
-    lps = eng.response_logprobs(prompts, responses)
-    total = sum(float(-x.sum()) for x in lps)
-    return total / max(1, sum(len(x) for x in lps))
+    nll, toks = response_losses(eng, load_conversations(records))
+    return float(nll.sum()) / max(1.0, float(toks.sum()))
+
+
+def response_losses(engine: Any, convs: Sequence[list[Message]]) -> tuple[np.ndarray, np.ndarray]:
+    """Summed response NLL (nats) and response token count per conversation, over all its assistant turns."""
+    prompts, responses, owner = [], [], []
+    for i, msgs in enumerate(convs):
+        p, r = _turns([msgs])
+        prompts += p
+        responses += r
+        owner += [i] * len(r)
+    nll, toks = np.zeros(len(convs)), np.zeros(len(convs))
+    for i, lp in zip(owner, engine.response_logprobs(prompts, responses) if prompts else [], strict=True):
+        nll[i] += float(-lp.sum())
+        toks[i] += len(lp)
+    return nll, toks
 
 
 def loss_feedback(
@@ -307,7 +320,6 @@ def loss_feedback(
     epochs: float = 1.0,
     lr: float = 1e-3,
     batch_size: int = 16,
-    history: list[dict[str, Any]] | None = None,
 ) -> Any:
     """Diversify-and-Conquer's iterative feedback with a proxy fine-tune in place of the paper's reward model.
 
@@ -315,8 +327,9 @@ def loss_feedback(
     `base_dir` on the rows selected so far, then measures the tuned model's mean response loss (nats/token) on a
     fixed probe of up to `probe_per_cluster` rows per cluster, leaving out probe rows that are selected by then.
     A cluster the model still fits badly (high loss) gets a larger share of the next round, as a large
-    reward(gold) - reward(generation) gap does in the paper. `pool` needs `id`, `cluster` and `messages`;
-    `history`, if given, receives one dict per call (rows trained on, per-cluster loss, seconds).
+    reward(gold) - reward(generation) gap does in the paper. `pool` needs `id`, `cluster` and `messages`.
+    The function's `history` attribute gets one dict per call (rows trained on, probe rows, per-cluster loss,
+    seconds), for the manifest.
     """
     import tempfile
 
@@ -343,28 +356,17 @@ def loss_feedback(
         with tempfile.TemporaryDirectory(prefix="curate-feedback-") as tmp:
             tuned = finetune_proxy(base_dir, train, Path(tmp) / "ft", epochs=epochs, lr=lr,
                                    batch_size=batch_size, max_length=max_length, seed=seed)
-            eng = HFEngine(LMConfig(tuned, max_length=max_length))
-            prompts, responses, owner = [], [], []
-            for i, msgs in enumerate(left["messages"].to_list()):
-                p, r = _turns([msgs])
-                prompts += p
-                responses += r
-                owner += [i] * len(r)
-            lps = eng.response_logprobs(prompts, responses) if prompts else []
-        nll = np.zeros(left.height)
-        toks = np.zeros(left.height)
-        for i, lp in zip(owner, lps, strict=True):
-            nll[i] += float(-lp.sum())
-            toks[i] += len(lp)
+            nll, toks = response_losses(HFEngine(LMConfig(tuned, max_length=max_length)),
+                                        left["messages"].to_list())
         rows = left.select("cluster").with_columns(nll=nll, toks=toks).filter(pl.col("toks") > 0)
-        out = (rows.group_by("cluster").agg(feedback=pl.col("nll").sum() / pl.col("toks").sum()).sort("cluster"))
-        if history is not None:
-            history.append({"trained_rows": len(train), "probe_rows": rows.height,
-                            "loss": dict(zip(out["cluster"].to_list(), out["feedback"].round(4).to_list(),
-                                             strict=True)),
-                            "seconds": round(time.perf_counter() - t0, 1)})
+        out = rows.group_by("cluster").agg(feedback=pl.col("nll").sum() / pl.col("toks").sum()).sort("cluster")
+        feedback.history.append({
+            "trained_rows": len(train), "probe_rows": rows.height,
+            "loss": dict(zip(out["cluster"].to_list(), out["feedback"].round(4).to_list(), strict=True)),
+            "seconds": round(time.perf_counter() - t0, 1)})
         return out
 
+    feedback.history = []
     return feedback
 
 
