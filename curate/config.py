@@ -7,7 +7,7 @@ same in the YAML file, the CLI (`--budget` -> select.budget) and the Prefect flo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -57,6 +57,10 @@ class ScoreConfig(_Section):
     max_length: int = 512
     batch_size: int = 512
     shards: int = 4  # scoring is split in this many shard tasks (resume granularity)
+    # sample-then-distill (curate.distill): the LM scores `sample` rows (int) or a fraction of the pool (float),
+    # or as many as fit in `minutes`; a cheap model predicts the rest. None and None: score every row.
+    sample: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = None
+    minutes: float | None = Field(default=None, gt=0)
 
 
 class SelectConfig(_Section):
