@@ -176,17 +176,22 @@ def score(work: Path, rec: pl.DataFrame, rows: int, minutes: float, batch: int) 
         el = time.perf_counter() - t0
         if n_new:
             log(f"scored {start + len(chunk)}/{len(order)} rows ({done_now} now, {done_now / el:.2f} rows/s)")
+            (work / "score_info.json").write_text(json.dumps(_info(path, origin, done_now, el), indent=2))
         if el > minutes * 60:
             log(f"stopping after {el / 60:.1f} min (--minutes)")
             break
     el = time.perf_counter() - t0
-    info = {"model": path, "model_origin": origin, "dtype": "bfloat16", "max_length": 512,
-            "rows_scored_now": done_now, "seconds": round(el, 1),
-            "rows_per_s": round(done_now / el, 3) if done_now else None, "load": os.getloadavg()}
+    info = _info(path, origin, done_now, el)
     prev = json.loads((work / "score_info.json").read_text()) if (work / "score_info.json").exists() else {}
     if done_now or not prev:
         (work / "score_info.json").write_text(json.dumps(info, indent=2))
     return info if done_now or not prev else prev
+
+
+def _info(path: str, origin: str, done: int, seconds: float) -> dict:
+    return {"model": path, "model_origin": origin, "dtype": "bfloat16", "max_length": 512,
+            "rows_scored_now": done, "seconds": round(seconds, 1),
+            "rows_per_s": round(done / seconds, 3) if done else None, "load": os.getloadavg()}
 
 
 def computed_scores(work: Path, rec: pl.DataFrame, rows: int) -> pl.DataFrame:
@@ -285,7 +290,8 @@ def write_md(path: Path, rows: list[dict], info: dict, n_scored: int, n_eval: in
         f"Scoring model: {info.get('model_origin')} ({info.get('dtype')}, max_length {info.get('max_length')}), "
         f"curate's HF engine, scorers `ifd` and `perplexity` (defaults; one shared conditioned pass). "
         f"Rows scored: {n_scored} (a uniform random draw of the pool, fixed hash order); last scoring session "
-        f"{info.get('rows_per_s')} rows/s at load {', '.join(f'{x:.1f}' for x in info.get('load', []))}.",
+        f"{info.get('rows_per_s')} rows/s at load {', '.join(f'{x:.1f}' for x in info.get('load', []))}. "
+        f"{info.get('note', '')}",
         f"Evaluation: {n_eval} scored rows held out (never sampled); each sample is drawn from the other scored "
         "rows with `choose_sample` (cluster-stratified, k-means k=sqrt(n) on the user-view embeddings of the "
         "whole pool). `distill` fits Ridge and HistGradientBoosting per column on the sample, keeps the one with "

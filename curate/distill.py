@@ -24,8 +24,10 @@ API (pure functions; the pipeline stage wires them to the run folder and the sto
 - `features`: the "user" view embedding (what clustering uses) and the "instruction_response" view (what
   SemDeDup uses), both read from the embedding store, so in a pipeline run they cost nothing; log lengths;
   heuristic flags (computed here if not given: they are cheap rules).
-- `distill`: per numeric column, Ridge and HistGradientBoosting are fitted on (1 - holdout) of the computed rows,
-  the one with the higher Spearman on the held-out rest wins and is refitted on all computed rows. Positive
+- `distill`: per numeric column, Ridge (all features), HistGradientBoosting (32 PCA directions per view + the
+  scalar features) and Ridge on the scalar features alone (lengths, flags: small samples overfit 768 embedding
+  dimensions) are fitted on (1 - holdout) of the computed rows; the one with the higher Spearman on the held-out
+  rest wins and is refitted on all computed rows. Positive
   columns are modelled in log space. Boolean columns with a rule (`DERIVED`, e.g. `ifd_gt1 = ifd > 1`) are
   recomputed from the predicted parent so they stay consistent; other booleans are classified; text columns
   (`*_error`) stay null for predicted rows. Computed values are never changed. The output has one row per
@@ -337,8 +339,8 @@ def _regressor(kind: str, seed: int) -> Any:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    if kind == "ridge":
-        return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 4, 11)))
+    if kind in ("ridge", "ridge_scalar"):
+        return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 4, 11), gcv_mode="svd"))
     return HistGradientBoostingRegressor(max_iter=150, learning_rate=0.1, max_leaf_nodes=15,
                                          l2_regularization=1.0, early_stopping=False, random_state=seed)
 
@@ -444,7 +446,7 @@ def distill(
     seed: int = 0,
     *,
     holdout: float = HOLDOUT,
-    models: Sequence[str] = ("ridge", "hgb"),
+    models: Sequence[str] = ("ridge", "hgb", "ridge_scalar"),
     threads: int | None = 1,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Every score column for every id of all_ids: computed values kept, the rest predicted.
@@ -484,6 +486,9 @@ def _distill(feats: Features, computed: pl.DataFrame, all_ids: Sequence[str] | p
     views: dict[str, tuple[np.ndarray, np.ndarray]] = {"ridge": (X_comp, X_rest)}
     if any(m != "ridge" for m in models) and comp.height > 1:
         views["hgb"] = _tree_view(feats, X_comp, X_rest, seed)
+    if "ridge_scalar" in models:  # lengths and flags only: what a small sample can fit without overfitting
+        scalar = [j for j, name in enumerate(feats.names) if not name.startswith("emb_")] or [0]
+        views["ridge_scalar"] = (X_comp[:, scalar], X_rest[:, scalar])
     views = {m: views.get(m, views["ridge"]) for m in models} or views
     predicted: dict[str, np.ndarray] = {}
     report: dict[str, Any] = {}

