@@ -86,7 +86,8 @@ class RunContext:
 
     def engine(self) -> Any:
         """One engine per (model, engine kind, settings) per process."""
-        from curate.lm.base import LMConfig, load_engine
+        from curate.lm import load_engine
+        from curate.lm.base import LMConfig
 
         cfg = self.recipe.score
         model = self.model()

@@ -168,14 +168,14 @@ def stage_model(ctx: RunContext) -> dict[str, Any]:
 
 def stage_score(ctx: RunContext, scorer_name: str, shard: Shard | None = None) -> dict[str, Any]:
     """Score records (or one shard) with one scorer into the score store; only unscored ids are computed."""
-    from curate.scoring import score_records
+    from curate.scoring.recipe import score_records
 
     return score_records(ctx, scorer_name, _slice(ctx.records(), shard))
 
 
 def stage_collect_scores(ctx: RunContext) -> dict[str, Any]:
     """Gather every scorer's columns from the store into scores.parquet (id + one column per score)."""
-    from curate.scoring import collect_scores
+    from curate.scoring.recipe import collect_scores
 
     t0 = time.perf_counter()
     ids = ctx.records(["id"])
@@ -224,7 +224,7 @@ def build_decisions(run: Run, pool_decisions: pl.DataFrame) -> pl.DataFrame:
 
 def stage_select(ctx: RunContext) -> dict[str, Any]:
     """Choose the subset -> selected.parquet + decisions.parquet (one row per input row)."""
-    from curate.selection import select_pool
+    from curate.select.recipe import select_pool
 
     t0 = time.perf_counter()
     run, recipe = ctx.run, ctx.recipe
@@ -268,7 +268,7 @@ def stage_report(ctx: RunContext) -> dict[str, Any]:
 
 def build_pipeline(recipe: Recipe) -> list[Stage]:
     """The stages this recipe runs, in order. Every executor runs exactly this list."""
-    from curate.scoring import make_scorer, ordered, uses_engine
+    from curate.scoring.recipe import make_scorer, ordered, uses_engine
 
     S = Stage
     stages = [S("ingest", stage_ingest, reads=("@inputs",),
@@ -299,12 +299,12 @@ def build_pipeline(recipe: Recipe) -> list[Stage]:
         reads += ["@embeddings"] * bool(scorer.needs.embeddings) + [f"@scores:{d}" for d in scorer.needs.scores]
         stages.append(S(f"score:{name}", stage_score, reads=tuple(reads), writes=(f"@scores:{name}",),
                         sections=("score", f"score.params.{name}") + ("embed",) * bool(scorer.needs.embeddings),
-                        modules=(type(scorer).__module__, "curate.scoring"), sharded=True, args=(name,)))
+                        modules=(type(scorer).__module__, "curate.scoring.recipe"), sharded=True, args=(name,)))
     if names:
         stages.append(S("collect-scores", stage_collect_scores,
                         reads=("records.parquet", *(f"@scores:{n}" for n in names)), writes=("scores.parquet",),
                         sections=("score",) + tuple(f"score.params.{n}" for n in names),
-                        modules=("curate.scoring",)))
+                        modules=("curate.scoring.recipe",)))
     if late_semdedup:
         stages.append(S("semdedup", stage_semdedup, reads=semdedup.reads + ("scores.parquet",),
                         writes=semdedup.writes, sections=semdedup.sections, modules=semdedup.modules))
@@ -313,7 +313,7 @@ def build_pipeline(recipe: Recipe) -> list[Stage]:
     reads = pool_files + ("@model",) * (recipe.select.strategy == "iterative")
     stages.append(S("select", stage_select, reads=reads, writes=("selected.parquet", "decisions.parquet"),
                     sections=("select", "seed", "embed", "score.max_length"),
-                    modules=("curate.selection", "curate.select", "curate.context", "curate.diversity")))
+                    modules=("curate.select.recipe", "curate.select", "curate.context", "curate.diversity")))
     if recipe.export:
         stages.append(S("export", stage_export, reads=("selected.parquet",),
                         writes=tuple(f"selected.{f}.jsonl" for f in recipe.export), sections=("export",),

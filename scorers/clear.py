@@ -36,8 +36,8 @@ import polars as pl
 from pydantic import Field
 
 from curate.schema import conversation_text
+from curate.scoring.contract import Needs, ScoreContext, Scorer, ScorerParams, engine_of
 from scorers._judge import DATA_NOTE, expected_value, fence, parse_reflection, render_for_choice
-from scorers.base import Needs, ScoreContext, Scorer, ScorerParams, engine_of
 
 if TYPE_CHECKING:
     from curate.lm.base import Engine

@@ -25,7 +25,7 @@ import polars as pl
 import torch
 from pydantic import Field, field_validator
 
-from scorers.base import (
+from curate.scoring.contract import (
     Needs,
     ScoreContext,
     Scorer,

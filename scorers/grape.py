@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 import polars as pl
 
-from scorers.base import Needs, ScoreContext, Scorer, ScorerParams, engine_of, last_turn, token_nll
+from curate.scoring.contract import Needs, ScoreContext, Scorer, ScorerParams, engine_of, last_turn, token_nll
 
 _WS = re.compile(r"\s+")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from scorers.base import Needs, ScoreContext, Scorer, ScorerParams, engine_of, last_turn, token_nll
+from curate.scoring.contract import Needs, ScoreContext, Scorer, ScorerParams, engine_of, last_turn, token_nll
 
 
 class IFD(Scorer):

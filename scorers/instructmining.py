@@ -44,8 +44,8 @@ import polars as pl
 from pydantic import Field
 
 from curate.schema import count_tokens
+from curate.scoring.contract import Needs, ScoreContext, Scorer, ScorerError, ScorerParams
 from scorers._judge import DATA_NOTE, fence, render_for_choice
-from scorers.base import Needs, ScoreContext, Scorer, ScorerError, ScorerParams
 
 INDICATORS = ("len_in", "len_out", "mtld", "knn6", "ppl", "rew", "und", "nat", "coh")
 

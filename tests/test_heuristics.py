@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from curate.io.formats import to_messages
-from scorers import get_scorer
+from curate.scoring import get_scorer
 from scorers.heuristics import (
     FLAGS,
     flag_counts,

@@ -14,9 +14,9 @@ import orjson
 import polars as pl
 import pytest
 
-from scorers import get_scorer
+from curate.scoring import get_scorer
+from curate.scoring.contract import ScoreContext
 from scorers._judge import expected_value, fence, fence_tag, parse_reflection, unfence
-from scorers.base import ScoreContext
 from scorers.clear import (
     agreement_prompt,
     confidence,
@@ -365,8 +365,8 @@ def test_clear_correct_keeps_original(hf):
 
 
 def test_instructmining_end_to_end(hf, tmp_path):
-    from curate.score import score_pool
-    from curate.store import ScoreStore
+    from curate.scoring.runner import score_pool
+    from curate.scoring.store import ScoreStore
 
     df = _alpaca(12)
     rng = np.random.default_rng(0)

@@ -388,20 +388,3 @@ def load_tokenizer(config: LMConfig) -> Any:
         )
     except (OSError, ValueError) as e:
         raise LMError(f"cannot load the tokenizer of {config.model!r}: {e}") from None
-
-
-def load_engine(config: LMConfig, kind: str = "hf", **kw: Any) -> Engine:
-    """An engine for `config`: kind "hf" (transformers, in process) or "vllm" (OpenAI server over HTTP).
-
-    vllm kw: `urls=[...]` of running servers, or `python=` the vLLM environment's interpreter to start one
-    (plus VLLMServer options).
-    """
-    if kind == "hf":
-        from curate.lm.hf import HFEngine
-
-        return HFEngine(config, **kw)
-    if kind == "vllm":
-        from curate.lm.vllm import VLLMEngine
-
-        return VLLMEngine(config, **kw)
-    raise ValueError(f"engine kind must be 'hf' or 'vllm', got {kind!r}")

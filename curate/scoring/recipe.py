@@ -1,6 +1,6 @@
 """Pipeline glue for scoring: which scorer instance, which engine, which embeddings — from the run context.
 
-The scorers themselves (`scorers/`) and the runner (`curate.score.score_pool`) know nothing of recipes or
+The scorers themselves (`scorers/`) and the runner (`curate.scoring.runner.score_pool`) know nothing of recipes or
 run folders. What a scorer needs is read from the configured INSTANCE (its parameters may narrow it: e.g.
 InstructMining without UniEval needs no LM), never from the class.
 """
@@ -17,7 +17,7 @@ from curate.context import RunContext
 
 def make_scorer(ctx_or_params: Any, name: str) -> Any:
     """The scorer `name` built with its `score.params.<name>` (a Recipe, or a RunContext)."""
-    from scorers import get_scorer
+    from curate.scoring.registry import get_scorer
 
     recipe = getattr(ctx_or_params, "recipe", ctx_or_params)
     return get_scorer(name, **recipe.score.params.get(name, {}))
@@ -75,7 +75,7 @@ def _inputs(ctx: RunContext, name: str, df: pl.DataFrame) -> dict[str, Any]:
 
 
 def _score(ctx: RunContext, name: str, df: pl.DataFrame) -> Any:
-    from curate.score import score_pool
+    from curate.scoring.runner import score_pool
 
     kw = _inputs(ctx, name, df)
     scorer = kw.pop("scorer")

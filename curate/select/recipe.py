@@ -70,8 +70,8 @@ def _strategy(recipe: Recipe, pool: pl.DataFrame, ctx: RunContext | None = None,
     if cfg.strategy == "iterative":
         if ctx is None:
             raise ValueError("the iterative strategy needs a run folder (its feedback fine-tunes the scoring LM)")
-        from curate.lm.proxy import loss_feedback
         from curate.select import apply_thresholds, as_thresholds
+        from curate.select.iterative import loss_feedback
 
         # probe only rows the strategy may choose from, so every cluster fed back is one it can draw on
         eligible = pool.filter(apply_thresholds(pool, as_thresholds(thresholds))["passed"]) if thresholds else pool
