@@ -373,3 +373,6 @@ def test_local_prefect_and_dask_executors_give_identical_outputs(prefect_api, tm
                 assert pl.read_parquet(outs["local"] / "semdedup.parquet").height > 0  # the rule had work to do
             for executor in ("threads", "dask"):
                 _same_output(outs["local"], outs[executor])
+    # Prefect persisted no task results: nothing under the cache is a pickle that a cache hit would load
+    results = Path(session_cache) / "prefect" / "results"
+    assert not (results.exists() and any(results.iterdir())), list(results.iterdir())
