@@ -470,15 +470,15 @@ def test_report_content(run_dir):
     assert re.search(r'class="verdict (less|more|similar)"><b>Diversity:</b> The subset is '
                      r'(less|more|about as) diverse', sec["summary"])
     # clusters: a label per cluster, example rows of the largest ones
-    assert "Example rows of the 12 largest clusters" in sec["clusters"] and "top terms" in sec["clusters"]
-    assert sec["clusters"].count('class="ex"') >= 24
+    assert "Example rows of the 8 largest clusters" in sec["clusters"] and "top terms" in sec["clusters"]
+    assert sec["clusters"].count('class="ex"') >= 16
     assert sec["map"].count('class="maplab"') == 10 and 'class="sel"' in sec["map"]
     # extremes: the best lexical_diversity row's text is shown (escaped, as the page shows it)
     top = pool.sort(["lexical_diversity", "id"], descending=[True, False]).row(0, named=True)
     rec = pl.read_parquet(run_dir / "records.parquet", columns=["id", "instruction"])
     ins = rec.filter(pl.col("id") == top["id"])["instruction"].item()
     from curate.report.text import clip
-    assert esc(clip(ins, 220)) in sec["extremes"]
+    assert esc(clip(ins, 220, tail=220 // 3)) in sec["extremes"]
     assert sec["extremes"].count("<details") == 2  # lexical_diversity, log_response_chars (heur_flags skipped)
     # flags: per-flag counts equal the decisions', with examples
     for f in ("length_ratio", "placeholder_response", "empty_response"):

@@ -287,8 +287,9 @@ def scatter(x: np.ndarray, y: np.ndarray, sel: np.ndarray, groups: np.ndarray | 
     """The 2-D map: pool dots faint, subset dots solid with a dark rim; each colour layer is one path of
     zero-length round-capped strokes (20k points stay ~0.3 MB).
 
-    groups: per point, an index into PALETTE (its cluster's colour) or -1 for grey; without it the pool is
-    grey and the subset blue. labels: (group, text) drawn at the median position of that group's points.
+    groups: per point, its cluster's size rank (colour PALETTE[rank % 20]) or -1 for grey; without it the pool
+    is grey and the subset blue. labels: (group, text) at the median position of that group's points, moved
+    down when it would overlap a label already placed.
     """
     if not len(x):
         return ""
@@ -309,25 +310,34 @@ def scatter(x: np.ndarray, y: np.ndarray, sel: np.ndarray, groups: np.ndarray | 
                            f'stroke-linecap="round" stroke-opacity="{op}" fill="none"/>')
     else:
         groups = np.asarray(groups)
-        colour = {g: PALETTE[g] if g >= 0 else POOL for g in np.unique(groups).tolist()}
-        for g, c in colour.items():
-            mask = ~sel & (groups == g)
+        colour: dict[str, np.ndarray] = {}  # one path per colour, not per cluster
+        for g in np.unique(groups).tolist():
+            c = PALETTE[g % len(PALETTE)] if g >= 0 else POOL
+            colour[c] = colour[c] | (groups == g) if c in colour else groups == g
+        for c, members in colour.items():
+            mask = ~sel & members
             if mask.any():
-                out.append(f'<path d="{dots(mask)}" stroke="{c}" stroke-width="3" stroke-linecap="round" '
-                           f'stroke-opacity="0.35" fill="none"/>')
+                out.append(f'<path d="{dots(mask)}" stroke="{c}" stroke-width="3.5" stroke-linecap="round" '
+                           f'stroke-opacity="0.45" fill="none"/>')
         if sel.any():  # the rim: one dark layer under the coloured subset dots
             out.append(f'<path class="sel" d="{dots(sel)}" stroke="#0f172a" stroke-width="6" '
                        f'stroke-linecap="round" fill="none"/>')
-        for g, c in colour.items():
-            mask = sel & (groups == g)
+        for c, members in colour.items():
+            mask = sel & members
             if mask.any():
                 out.append(f'<path d="{dots(mask)}" stroke="{c}" stroke-width="4" stroke-linecap="round" '
                            f'fill="none"/>')
+        placed: list[tuple[float, float, float]] = []  # (left, right, baseline) of labels drawn
         for g, text in labels:
             mask = groups == g
             if mask.any():
                 lx, ly = float(np.median(px[mask])), float(np.median(py[mask]))
                 anchor = "end" if lx > size * 0.75 else "start" if lx < size * 0.25 else "middle"
+                w = 6.2 * len(text)
+                left = lx - (w if anchor == "end" else w / 2 if anchor == "middle" else 0)
+                while any(left < r and left + w > a and abs(ly - b) < 13 for a, r, b in placed):
+                    ly += 13
+                placed.append((left, left + w, ly))
                 out.append(f'<text x="{lx:.1f}" y="{ly:.1f}" class="maplab" text-anchor="{anchor}">'
                            f'{esc(text)}</text>')
     return _svg(size, size, f'<rect width="{size}" height="{size}" class="frame"/>' + "".join(out), "2-D map")

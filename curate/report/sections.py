@@ -35,7 +35,7 @@ from curate.report.load import RunData, flag_columns, score_columns, texts
 from curate.report.text import cluster_terms, example
 
 #: clusters shown with example rows (the largest ones), and labelled on the map
-EXAMPLE_CLUSTERS = 12
+EXAMPLE_CLUSTERS = 8
 MAP_LABELS = 10
 #: rows per cluster whose instructions label it (fewer per cluster when there are many clusters)
 LABEL_ROWS = 20_000
@@ -305,19 +305,19 @@ def sec_map(d: RunData, labels: dict[Any, list[str]], max_points: int, seed: int
     x, y = m["x"].cast(pl.Float64).to_numpy(), m["y"].cast(pl.Float64).to_numpy()
     if not has_pool or "cluster" not in d.pool.columns:
         return legend([("pool", POOL), ("subset", SUBSET)]) + note + scatter(x, y, sel)
-    # colours by cluster size rank: the 20 largest clusters get distinct colours, the rest are grey
+    # colours by cluster size rank: the 20 largest clusters get distinct colours, smaller ones reuse them
     sizes = (d.pool.filter(pl.col("cluster").is_not_null() & (pl.col("cluster") != -1))
              .group_by("cluster").len().sort(["len", "cluster"], descending=[True, False]))
-    rank = {c: i for i, c in enumerate(sizes["cluster"].to_list()[: len(PALETTE)])}
+    rank = {c: i for i, c in enumerate(sizes["cluster"].to_list())}
     cl = m.join(d.pool.select("id", "cluster").unique("id"), on="id", how="left")["cluster"].to_list()
-    groups = np.array([rank.get(c, -1) for c in cl], dtype=np.int64)
+    groups = np.array([rank[c] if c in rank else -1 for c in cl], dtype=np.int64)
     marks = [(i, f"{c}: {_label(labels, c)}") for c, i in rank.items() if i < MAP_LABELS]
-    items = [(f"{c}: {_label(labels, c)}", PALETTE[i]) for c, i in rank.items()]
-    if sizes.height > len(PALETTE):
-        items.append((f"{sizes.height - len(PALETTE):,} smaller clusters", POOL))
-    key = ("<p><small>Faint dots: pool rows; solid dots with a dark rim: the subset. Colour: cluster (the "
-           f"{min(len(PALETTE), sizes.height)} largest; labels at the median position of the "
-           f"{min(MAP_LABELS, sizes.height)} largest).</small></p>")
+    items = [(f"{c}: {_label(labels, c)}", PALETTE[i]) for c, i in rank.items() if i < len(PALETTE)]
+    more = (f" Colours repeat for the {sizes.height - len(PALETTE):,} smaller clusters."
+            if sizes.height > len(PALETTE) else "")
+    key = ("<p><small>Faint dots: pool rows; solid dots with a dark rim: the subset. Colour: cluster (legend: the "
+           f"{min(len(PALETTE), sizes.height)} largest); the {min(MAP_LABELS, sizes.height)} largest are labelled "
+           f"at the median position of their rows.{more}</small></p>")
     return note + key + scatter(x, y, sel, groups, marks) + legend(items)
 
 
@@ -356,6 +356,8 @@ def sec_extremes(d: RunData, n: int = 3) -> str:
         return missing("No pool data with row ids.")
     cols = [c for c in score_columns(d.pool, d.scores) if c != "heur_flags"]
     if not cols:
+        if flag_columns(d.pool):
+            return missing("Only the heuristics scorer ran: its flags are under Heuristic flags.")
         return missing("No score columns (the run was not scored).")
     picks: dict[str, tuple[pl.DataFrame, pl.DataFrame]] = {}
     for c in cols:
@@ -446,7 +448,8 @@ def sec_duplicates(d: RunData, n: int = 4) -> str:
             kept_at = _where({"source": r["k_source"], "row": r["k_row"]}, names) if r["k_source"] else "–"
             row = [_where(r, names), kept_at]
             if has_sim:
-                row.append(r["similarity"])
+                sim = r["similarity"]
+                row.append(Raw(f"{sim:.4f}") if sim is not None else None)
             if status == "semantic_duplicate":
                 row += [Raw(example(txt.get(r["id"]), 160)), Raw(example(txt.get(r["duplicate_of"]), 160))]
             else:

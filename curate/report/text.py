@@ -51,13 +51,20 @@ def cluster_terms(docs: Mapping[Any, Sequence[str]], n_terms: int = 3) -> dict[A
     return out
 
 
-def clip(text: str | None, n: int) -> str:
-    """`text` cut to n characters on a word boundary, with an ellipsis when cut."""
+def clip(text: str | None, n: int, *, tail: int = 0) -> str:
+    """`text` (whitespace folded) cut to about n characters on word boundaries, with an ellipsis where cut;
+    with `tail`, its last `tail` characters are kept too (prompts often put what differs at the end: a
+    shared tool preamble then the question, an instruction then its input)."""
     t = " ".join((text or "").split())
     if len(t) <= n:
         return t
-    cut = t[:n].rsplit(" ", 1)[0] if " " in t[: n] else t[:n]
-    return cut + " …"
+    head = n - tail if tail else n
+    cut = t[:head].rsplit(" ", 1)[0] if " " in t[:head] else t[:head]
+    if not tail:
+        return cut + " …"
+    end = t[-tail:]
+    end = end.split(" ", 1)[1] if " " in end else end
+    return f"{cut} … {end}"
 
 
 def example(t: Mapping[str, str] | None, n: int = 220) -> str:
@@ -67,5 +74,5 @@ def example(t: Mapping[str, str] | None, n: int = 220) -> str:
         return '<span class="ex muted">(text not available)</span>'
     ins, resp = t.get("instruction") or "", t.get("response") or ""
     full = f"{ins[:2000]}\n---\n{resp[:2000]}"
-    return (f'<div class="ex" title="{esc(full)}"><b>Q</b> {esc(clip(ins, n))}<br>'
+    return (f'<div class="ex" title="{esc(full)}"><b>Q</b> {esc(clip(ins, n, tail=n // 3))}<br>'
             f'<b>A</b> {esc(clip(resp, n // 2))}</div>')
