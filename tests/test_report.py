@@ -527,6 +527,48 @@ def test_eval_section_is_tolerant(run_dir, tmp_path, ev, n_rows):
         assert "Evaluation:</b> " + esc(ev["verdict"]) in page  # the verdict is in the summary too
 
 
+#: the shape `curate eval` writes today (helper "eval"): per reference set, loss per arm and paired differences
+EVAL_REFS = {
+    "verdict": "no different",
+    "verdict_line": "selected vs random at equal tokens: no different — no different on lima (loss -0.0110 "
+                    "[-0.0300, +0.0080])",
+    "student": "smollm2-135m",
+    "references": {
+        "lima": {"rows": 50, "tokens": 9000, "source": "data/lima.jsonl",
+                 "loss": {"selected": {"mean": 2.301, "ci": [2.28, 2.32], "seeds": [2.3, 2.302]},
+                          "random_tokens": {"mean": 2.312, "ci": [2.29, 2.33], "seeds": [2.31, 2.314]},
+                          "base": {"mean": 2.9, "ci": [2.85, 2.95], "seeds": [2.9]}},
+                 "diff": {"selected - random_tokens": {"mean": -0.011, "ci": [-0.03, 0.008],
+                                                       "verdict": "no different"}}},
+        "gsm8k": {"rows": 40, "tokens": 5000, "source": "data/gsm8k.jsonl",
+                  "loss": {"selected": {"mean": 1.5, "ci": [1.4, 1.6]},
+                           "random_tokens": {"mean": 1.7, "ci": [1.6, 1.8]}},
+                  "diff": {"selected - random_tokens": {"mean": -0.2, "ci": [-0.3, -0.1], "verdict": "better"}},
+                  "accuracy": {"rows": 40, "arms": {"selected": {"mean": 0.1, "ci": [0.05, 0.15]},
+                                                   "random_tokens": {"mean": 0.075, "ci": [0.03, 0.12]}},
+                               "diff": {}}},
+    },
+    "arms": {"selected-seed0": {"seconds": 12.5, "train_tokens": 30000}, "base-seed0": {"seconds": 3.0}},
+}
+
+
+def test_eval_section_reads_curate_eval_output(run_dir, tmp_path):
+    from curate.report.sections import eval_diffs, eval_metrics
+
+    shutil.copy(run_dir / "decisions.parquet", tmp_path / "decisions.parquet")
+    (tmp_path / "eval.json").write_text(json.dumps(EVAL_REFS))
+    metrics = eval_metrics(EVAL_REFS)
+    assert list(metrics) == ["lima loss", "gsm8k loss", "gsm8k accuracy"]  # per-unit bookkeeping is not a metric
+    assert metrics["lima loss"][0] == ("selected", 2.301, 2.28, 2.32)
+    assert [r[-1] for r in eval_diffs(EVAL_REFS)] == ["no different", "better"]
+    page = write_report(tmp_path).read_text()
+    section = page.split('<section id="eval">')[1].split("</section>")[0]
+    assert section.count('aria-label="means with confidence intervals"') == 3
+    assert "lima loss (lower is better)" in section and "gsm8k accuracy (higher is better)" in section
+    assert "Paired differences" in section and "<td>better</td>" in section
+    assert "Evaluation:</b> selected vs random at equal tokens: no different" in page  # the line, not the word
+
+
 def test_eval_json_broken(run_dir, tmp_path):
     shutil.copy(run_dir / "decisions.parquet", tmp_path / "decisions.parquet")
     (tmp_path / "eval.json").write_text("{not json")

@@ -363,7 +363,9 @@ def intervals(rows: Sequence[tuple[str, float, float | None, float | None]], *, 
     out = _axes(lab_w, top, lab_w + pw, h - bottom, xt, [], sx, lambda v: 0.0)
     for i, (name, m, lo, hi) in enumerate(rows):
         y = top + row_h * i + row_h / 2
-        color = PALETTE[i % len(PALETTE)]
+        low = name.lower()
+        color = (SUBSET if "select" in low or "subset" in low else RANDOM if "random" in low
+                 else "#64748b" if low in ("base", "pool") else PALETTE[(i + 2) % len(PALETTE)])
         tip = f"{name}: {fmt(m)}" + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else "")
         out.append(f'<g><title>{esc(tip)}</title><text x="{lab_w - 6}" y="{y + 4:.1f}" class="lab" '
                    f'text-anchor="end">{esc(name[:32])}</text>')

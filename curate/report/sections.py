@@ -568,9 +568,22 @@ def _stat(v: Any) -> tuple[float, float | None, float | None] | None:
 
 def eval_metrics(ev: dict[str, Any]) -> dict[str, list[tuple[str, float, float | None, float | None]]]:
     """{metric: [(arm, mean, lo, hi), ...]} from an eval.json, whichever of the shapes it takes:
-    {"metric", "arms": {arm: {mean, ci}}}, arms as a list of {name, mean, ci_low, ci_high}, arms holding one
-    entry per metric ({arm: {metric: {mean, ci}}}), or {"metrics": {metric: <any of those>}}."""
+    {"references": {set: {"loss": {arm: {mean, ci}}, "accuracy": {"arms": {...}}}}} (what `curate eval`
+    writes), {"metric", "arms": {arm: {mean, ci}}}, arms as a list of {name, mean, ci_low, ci_high}, arms
+    holding one entry per metric ({arm: {metric: {mean, ci}}}), or {"metrics": {metric: <any of those>}}."""
     out: dict[str, list] = {}
+    refs = ev.get("references")
+    if isinstance(refs, dict) and any(isinstance(v, dict) and ("loss" in v or "accuracy" in v)
+                                      for v in refs.values()):
+        for name, e in refs.items():
+            if not isinstance(e, dict):
+                continue
+            for what, arms in (("loss", e.get("loss")), ("accuracy", (e.get("accuracy") or {}).get("arms"))):
+                if isinstance(arms, dict):
+                    rows = [(str(a), *st) for a, v in arms.items() if (st := _stat(v)) is not None]
+                    if rows:
+                        out[f"{name} {what}"] = rows
+        return out
     if isinstance(ev.get("metrics"), dict) and not any(k in ev for k in ("arms", "results")):
         for name, block in ev["metrics"].items():
             if isinstance(block, dict):
@@ -590,16 +603,31 @@ def eval_metrics(ev: dict[str, Any]) -> dict[str, list[tuple[str, float, float |
             out.setdefault(metric, []).append((str(arm), *st))
         elif isinstance(v, dict):
             for m, mv in v.items():
-                st = _stat(mv)
+                st = _stat(mv) if isinstance(mv, dict) else None  # bare numbers there are bookkeeping (seconds)
                 if st is not None:
                     out.setdefault(str(m), []).append((str(arm), *st))
     return out
 
 
+def eval_diffs(ev: dict[str, Any]) -> list[list[Any]]:
+    """Rows (set, measure, comparison, mean, CI low, CI high, verdict) of the paired differences, if given."""
+    rows = []
+    refs = ev.get("references")
+    for name, e in (refs.items() if isinstance(refs, dict) else []):
+        if not isinstance(e, dict):
+            continue
+        for what, diffs in (("loss", e.get("diff")), ("accuracy", (e.get("accuracy") or {}).get("diff"))):
+            for pair, v in (diffs.items() if isinstance(diffs, dict) else []):
+                st = _stat(v)
+                if st is not None:
+                    rows.append([name, what, pair, st[0], st[1], st[2], str(v.get("verdict", ""))])
+    return rows
+
+
 def _eval_verdict(ev: dict[str, Any] | None) -> str | None:
     if not ev:
         return None
-    v = ev.get("verdict")
+    v = ev.get("verdict_line") or ev.get("verdict")
     if isinstance(v, dict):
         v = v.get("text") or v.get("summary") or "; ".join(f"{k}: {x}" for k, x in v.items())
     if isinstance(v, list):
@@ -621,11 +649,17 @@ def sec_eval(d: RunData) -> str:
         parts.append(missing("eval.json holds no arms with a mean this report can read."))
     for m, rows in metrics.items():
         better = ev.get("higher_is_better")
+        if better is None and m.endswith((" loss", " accuracy")):
+            better = m.endswith(" accuracy")
         hint = "" if better is None else " (higher is better)" if better else " (lower is better)"
         parts.append(f"<figure><figcaption>{esc(m)}{esc(hint)}: mean and confidence interval per arm"
                      f"</figcaption>{intervals(rows)}</figure>")
         parts.append(table(["arm", "mean", "CI low", "CI high"], [[a, mu, lo, hi] for a, mu, lo, hi in rows]))
-    for key in ("n", "n_bootstrap", "ci_level", "method", "benchmark", "model"):
+    diffs = eval_diffs(ev)
+    if diffs:
+        parts.append("<h3>Paired differences</h3>" + table(
+            ["reference set", "measure", "comparison", "difference", "CI low", "CI high", "verdict"], diffs))
+    for key in ("student", "n", "n_bootstrap", "ci_level", "method", "benchmark", "model"):
         if key in ev and not isinstance(ev[key], (dict, list)):
             parts.append(f"<p><small>{esc(key)}: {esc(ev[key])}</small></p>")
     parts.append(f"<details><summary>eval.json</summary><pre>{esc(json.dumps(ev, indent=2, default=str))}</pre>"
