@@ -40,6 +40,7 @@ MAP_LABELS = 10
 #: rows per cluster whose instructions label it (fewer per cluster when there are many clusters)
 LABEL_ROWS = 20_000
 
+
 def section(title: str, body: str, sid: str) -> str:
     return f'<section id="{sid}"><h2>{esc(title)}</h2>{body}</section>'
 
@@ -362,8 +363,9 @@ def sec_extremes(d: RunData, n: int = 3) -> str:
     picks: dict[str, tuple[pl.DataFrame, pl.DataFrame]] = {}
     for c in cols:
         v = d.pool.filter(pl.col(c).is_not_null() & pl.col(c).cast(pl.Float64).is_finite())
-        if v.height:
-            picks[c] = (v.sort([c, "id"], descending=[True, False]).head(n), v.sort([c, "id"]).head(n))
+        if v.height:  # top_k/bottom_k: O(n), not a sort of the pool per column; ties go to the smaller id
+            top = v.top_k(n, by=[c, "id"], reverse=[False, True]).sort([c, "id"], descending=[True, False])
+            picks[c] = (top, v.bottom_k(n, by=[c, "id"]).sort([c, "id"]))
     ids = [i for top, bot in picks.values() for f in (top, bot) for i in f["id"].to_list()]
     txt = texts(d, ids)
     names = short_names([str(s) for s in d.pool["source"].unique().to_list()]) if "source" in d.pool.columns else {}
