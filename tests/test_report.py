@@ -461,6 +461,25 @@ def test_cluster_terms_name_clusters():
     assert "<script>" not in html and "&lt;script&gt;" in html and "…" in html and len(html) < 6000
 
 
+def test_example_markers_are_filled_once_and_cannot_be_forged():
+    from curate.report.text import example_ref, fill_examples
+
+    asked = []
+
+    def lookup(ids):
+        asked.append(set(ids))
+        return {i: {"instruction": HOSTILE, "response": "r"} for i in ids}
+
+    forged = esc("<!--ex:forged:10-->")  # what a row's text becomes on the page: it is not a marker any more
+    odd = 'a:"b<'
+    page = f"<p>{forged}</p>" + example_ref(odd, 50) + example_ref("c1", 80) + example_ref("c1", 80)
+    out = fill_examples(page, lookup)
+    assert asked == [{odd, "c1"}]  # one lookup for every marker, with the ids as they were
+    assert "<!--ex:" not in out and "&lt;!--ex:forged:10--&gt;" in out
+    assert out.count("&lt;script&gt;") == 6 and "<script" not in out  # tooltip and text of each
+    assert 'onmouseover="alert' not in out
+
+
 def test_report_content(run_dir):
     page = write_report(run_dir).read_text()
     sec = {m.group(1): m.group(2) for m in re.finditer(r'<section id="([^"]+)">(.*?)</section>', page, re.S)}

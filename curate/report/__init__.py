@@ -16,7 +16,8 @@ from pathlib import Path
 
 from curate.report import sections as S
 from curate.report.charts import esc
-from curate.report.load import ReportError, RunData, load_run
+from curate.report.load import ReportError, RunData, load_run, texts
+from curate.report.text import fill_examples
 from curate.run import atomic_path
 
 __all__ = ["ReportError", "RunData", "load_run", "render", "write_report"]
@@ -91,6 +92,7 @@ def render(d: RunData, *, max_points: int = 20_000, seed: int = 0) -> str:
     ]
     nav = "".join(f'<a href="#{sid}">{esc(t.split(",")[0].split(":")[0])}</a>' for t, sid, _ in sections)
     body = "".join(S.section(t, b, sid) for t, sid, b in sections)
+    body = fill_examples(body, lambda ids: texts(d, ids))  # one read of records.parquet for every example
     created = d.manifest.get("created", "")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>curate report: {esc(d.name)}'
             f'</title><meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style>'

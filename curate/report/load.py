@@ -124,22 +124,29 @@ def flag_columns(df: pl.DataFrame) -> list[str]:
 TEXT_COLUMNS = ("instruction", "response")
 
 
+def _text_file(d: RunData) -> Path | None:
+    """records.parquet, or the subset when that is all there is, if it has ids and texts."""
+    for name in ("records.parquet", "selected.parquet"):
+        path = d.path / name if d.path else None
+        if path is not None and path.exists():
+            names = pq.read_schema(path).names
+            if "id" in names and any(c in names for c in TEXT_COLUMNS):
+                return path
+    return None
+
+
+def has_texts(d: RunData) -> bool:
+    return _text_file(d) is not None
+
+
 def texts(d: RunData, ids: Iterable[Any]) -> dict[str, dict[str, str]]:
     """{id: {"instruction": ..., "response": ...}} for the given ids, read from records.parquet (or the
     subset when that is all there is); only the matching rows' texts are kept in memory."""
     want = sorted({str(i) for i in ids if i is not None})
-    if not want or d.path is None:
+    path = _text_file(d)
+    if not want or path is None:
         return {}
-    for name in ("records.parquet", "selected.parquet"):
-        path = d.path / name
-        if not path.exists():
-            continue
-        names = pq.read_schema(path).names
-        cols = [c for c in TEXT_COLUMNS if c in names]
-        if "id" not in names or not cols:
-            continue
-        df = (pl.scan_parquet(path).select("id", *cols).filter(pl.col("id").is_in(want))
-              .unique("id").collect())
-        return {r["id"]: {c: r.get(c) or "" for c in TEXT_COLUMNS} for r in df.iter_rows(named=True)}
-    return {}
+    cols = [c for c in TEXT_COLUMNS if c in pq.read_schema(path).names]
+    df = pl.scan_parquet(path).select("id", *cols).filter(pl.col("id").is_in(want)).unique("id").collect()
+    return {r["id"]: {c: r.get(c) or "" for c in TEXT_COLUMNS} for r in df.iter_rows(named=True)}
 

@@ -31,8 +31,8 @@ from curate.report.charts import (
     short_names,
     table,
 )
-from curate.report.load import RunData, flag_columns, score_columns, texts
-from curate.report.text import cluster_terms, example
+from curate.report.load import RunData, flag_columns, has_texts, score_columns, texts
+from curate.report.text import cluster_terms, example_ref
 
 #: clusters shown with example rows (the largest ones), and labelled on the map
 EXAMPLE_CLUSTERS = 8
@@ -272,8 +272,7 @@ def _cluster_examples(d: RunData, g: pl.DataFrame, labels: dict[Any, list[str]],
         pool.filter(pl.col("selected")).sort(order, nulls_last=True).group_by("cluster", maintain_order=True).head(2),
         pool.filter(~pl.col("selected")).sort("_r").group_by("cluster", maintain_order=True).head(1),
     ], how="diagonal_relaxed")
-    txt = texts(d, picks["id"].to_list())
-    if not txt:
+    if not has_texts(d):
         return ""
     by_cluster: dict[Any, list[dict]] = {}
     for r in picks.iter_rows(named=True):
@@ -281,8 +280,8 @@ def _cluster_examples(d: RunData, g: pl.DataFrame, labels: dict[Any, list[str]],
     rows = []
     for r in g.iter_rows(named=True):
         ex = by_cluster.get(r["cluster"], [])
-        sel = "".join(example(txt.get(e["id"]), 160) for e in ex if e["selected"]) or "–"
-        out = "".join(example(txt.get(e["id"]), 160) for e in ex if not e["selected"]) or "–"
+        sel = "".join(example_ref(e["id"], 160) for e in ex if e["selected"]) or "–"
+        out = "".join(example_ref(e["id"], 160) for e in ex if not e["selected"]) or "–"
         head = (f'<b>{esc(r["cluster"])}</b><br>{esc(_label(labels, r["cluster"]))}<br><small>{r["selected"]:,} of '
                 f'{r["pool"]:,} selected</small>')
         rows.append([Raw(head), Raw(sel), Raw(out)])
@@ -366,15 +365,13 @@ def sec_extremes(d: RunData, n: int = 3) -> str:
         if v.height:  # top_k/bottom_k: O(n), not a sort of the pool per column; ties go to the smaller id
             top = v.top_k(n, by=[c, "id"], reverse=[False, True]).sort([c, "id"], descending=[True, False])
             picks[c] = (top, v.bottom_k(n, by=[c, "id"]).sort([c, "id"]))
-    ids = [i for top, bot in picks.values() for f in (top, bot) for i in f["id"].to_list()]
-    txt = texts(d, ids)
     names = short_names([str(s) for s in d.pool["source"].unique().to_list()]) if "source" in d.pool.columns else {}
     parts = []
     for k, (c, (top, bot)) in enumerate(picks.items()):
         rows = []
         for side, f in (("highest", top), ("lowest", bot)):
             for r in f.iter_rows(named=True):
-                rows.append([side, float(r[c]), _status(r), _where(r, names), Raw(example(txt.get(r["id"])))])
+                rows.append([side, float(r[c]), _status(r), _where(r, names), Raw(example_ref(r["id"]))])
         parts.append(f'<details{" open" if k == 0 else ""}><summary>{esc(c)}: {n} highest and {n} lowest pool rows'
                      f"</summary>{table(['', c, 'decision', 'row', 'text'], rows, 'examples')}</details>")
     return "".join(parts)
@@ -400,13 +397,12 @@ def sec_flags(d: RunData, n_examples: int = 2) -> str:
         hit = d.pool.filter(pl.col(f).fill_null(False))
         if "id" in hit.columns:
             picks[f] = hit.sort(["selected", "id"], descending=[True, False]).head(n_examples)
-    txt = texts(d, [i for f in picks.values() for i in f["id"].to_list()])
     src = d.pool["source"].unique().to_list() if "source" in d.pool.columns else []
     where = short_names([str(s) for s in src])
     rows = []
     for i in order:
         f = flags[i]
-        ex = "".join(f'<div class="exrow">{_status(r)} {_where(r, where)}{example(txt.get(r["id"]), 160)}</div>'
+        ex = "".join(f'<div class="exrow">{_status(r)} {_where(r, where)}{example_ref(r["id"], 160)}</div>'
                      for r in picks[f].iter_rows(named=True)) if f in picks else "–"
         rows.append([f.removeprefix("heur_"), counts[i], Raw(pct(counts[i], d.pool.height)), sel_counts[i],
                      Raw(ex)])
@@ -444,7 +440,6 @@ def sec_duplicates(d: RunData, n: int = 4) -> str:
         pairs = dups.join(kept.select(pl.col("id").alias("duplicate_of"), pl.col("source").alias("k_source"),
                                       pl.col("row").alias("k_row")), on="duplicate_of", how="left")
         # an exact duplicate's own text is not in records.parquet: it equals its kept row's up to case/space
-        txt = texts(d, pairs["id"].to_list() + pairs["duplicate_of"].to_list())
         rows = []
         for r in pairs.iter_rows(named=True):
             kept_at = _where({"source": r["k_source"], "row": r["k_row"]}, names) if r["k_source"] else "–"
@@ -453,9 +448,9 @@ def sec_duplicates(d: RunData, n: int = 4) -> str:
                 sim = r["similarity"]
                 row.append(Raw(f"{sim:.4f}") if sim is not None else None)
             if status == "semantic_duplicate":
-                row += [Raw(example(txt.get(r["id"]), 160)), Raw(example(txt.get(r["duplicate_of"]), 160))]
+                row += [Raw(example_ref(r["id"], 160)), Raw(example_ref(r["duplicate_of"], 160))]
             else:
-                row.append(Raw(example(txt.get(r["duplicate_of"]), 160)))
+                row.append(Raw(example_ref(r["duplicate_of"], 160)))
             rows.append(row)
         head = ["dropped row", "duplicate of"] + (["similarity"] if has_sim else [])
         head += ["dropped text", "kept text"] if status == "semantic_duplicate" else ["text (same, up to case/space)"]

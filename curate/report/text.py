@@ -6,7 +6,9 @@ cluster's instructions *and* rare in the other clusters' name it well enough to 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import html
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,3 +78,22 @@ def example(t: Mapping[str, str] | None, n: int = 220) -> str:
     full = f"{ins[:2000]}\n---\n{resp[:2000]}"
     return (f'<div class="ex" title="{esc(full)}"><b>Q</b> {esc(clip(ins, n, tail=n // 3))}<br>'
             f'<b>A</b> {esc(clip(resp, n // 2))}</div>')
+
+
+#: where a row's text goes: sections leave a marker, the page fills every marker from one read of the texts
+_REF = re.compile(r"<!--ex:(.*?):(\d+)-->")
+
+
+def example_ref(row_id: Any, n: int = 220) -> str:
+    """A marker for `example(<row's texts>, n)`, filled in by `fill_examples` (a row id cannot forge one: ids
+    are escaped, so they hold no `>`)."""
+    return f"<!--ex:{esc(row_id)}:{int(n)}-->"
+
+
+def fill_examples(page: str, lookup: Callable[[Iterable[str]], Mapping[str, Mapping[str, str]]]) -> str:
+    """Replace every example marker with the row's escaped texts, reading all of them with one `lookup`."""
+    ids = {html.unescape(m.group(1)) for m in _REF.finditer(page)}
+    if not ids:
+        return page
+    txt = lookup(ids)
+    return _REF.sub(lambda m: example(txt.get(html.unescape(m.group(1))), int(m.group(2))), page)
