@@ -216,7 +216,10 @@ def diversity_verdict(summary: dict[str, Any]) -> tuple[str, str]:
                  "within": "about as diverse as random (no difference beyond the spread of the random draws)"}
     if vendi is not None:
         kind = kind_of[vendi[0]]
-        sentence = f"The subset is {head_word[vendi[0]]}: Vendi score {vendi[1]} ({draws})"
+        head = head_word[vendi[0]]
+        if vendi[0] == "within" and summary["subset"]["vendi"] < summary["random"]["vendi"]:
+            head = "no more diverse than random (slightly below it, within the spread of the random draws)"
+        sentence = f"The subset is {head}: Vendi score {vendi[1]} ({draws})"
         if cov is not None:
             contrast = (vendi[0] == "below" and cov[0] == "above") or (vendi[0] == "above" and cov[0] == "below")
             what = {"below": "covers fewer clusters", "above": "covers more clusters",
