@@ -116,7 +116,11 @@ def main() -> None:
     for run in args.run:
         r = time_report(Path(run))
         n = pl.scan_parquet(Path(run) / "decisions.parquet").select(pl.len()).collect().item()
-        rows.append(f"| real run `{run}` | {n:,} input rows, {r['clusters']} clusters labelled | {r['write']:.1f} s "
+        cfg = json.loads((Path(run) / "manifest.json").read_text()).get("config", {})
+        how = (f"{cfg.get('select', {}).get('strategy')} budget {cfg.get('select', {}).get('budget')}, scorers "
+               f"{','.join(cfg.get('score', {}).get('scorers', []))}, inputs {len(cfg.get('inputs') or [])} files")
+        rows.append(f"| real run `{run}` ({how}) | {n:,} input rows, {r['clusters']} clusters labelled | "
+                    f"{r['write']:.1f} s "
                     f"(load {r['load']:.2f} s, cluster labels {r['labels']:.2f} s) | report.html {r['mb']:.2f} MB |")
         print(rows[-1])
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,10 +154,11 @@ def main() -> None:
         f"every column, texts included, in memory; the report reads texts only for the rows it shows and a "
         f"sample per cluster for the labels, never `messages`); {_rss():.0f} MB after the diversity step "
         "(the matrix alone is 307 MB at 200k x 384).", "",
-        "Cost model: the report's work is a few group-bys over the pool, one scan of records.parquet's text "
-        "columns per section that shows rows (filtered to the ids it needs), and c-TF-IDF over at most 20,000 "
-        "sampled instructions. Vendi = one d x d (or m x m) eigendecomposition of a sample of m <= 2,000 rows; "
-        "mean nearest-neighbour similarity = m sampled queries against the whole set (m x n x d flops).", ""])
+        "Cost model: the report's work is a few group-bys over the pool, two filtered scans of "
+        "records.parquet's text columns (the label sample, then every example row on the page at once), and "
+        "c-TF-IDF over at most 20,000 sampled instructions. Vendi = one d x d (or m x m) eigendecomposition "
+        "of a sample of m <= 2,000 rows; mean nearest-neighbour similarity = m sampled queries against the "
+        "whole set (m x n x d flops).", ""])
     Path(args.out).write_text(md)
     print(f"wrote {args.out}")
 

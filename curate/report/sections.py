@@ -309,7 +309,8 @@ def sec_map(d: RunData, labels: dict[Any, list[str]], max_points: int, seed: int
     sizes = (d.pool.filter(pl.col("cluster").is_not_null() & (pl.col("cluster") != -1))
              .group_by("cluster").len().sort(["len", "cluster"], descending=[True, False]))
     rank = {c: i for i, c in enumerate(sizes["cluster"].to_list())}
-    cl = m.join(d.pool.select("id", "cluster").unique("id"), on="id", how="left")["cluster"].to_list()
+    shown = d.pool.select("id", "cluster").filter(pl.col("id").is_in(m["id"].implode())).unique("id")
+    cl = m.join(shown, on="id", how="left", maintain_order="left")["cluster"].to_list()
     groups = np.array([rank[c] if c in rank else -1 for c in cl], dtype=np.int64)
     marks = [(i, f"{c}: {_label(labels, c)}") for c, i in rank.items() if i < MAP_LABELS]
     items = [(f"{c}: {_label(labels, c)}", PALETTE[i]) for c, i in rank.items() if i < len(PALETTE)]
