@@ -425,6 +425,9 @@ def test_tick_labels_differ_in_narrow_ranges():
     svg = histogram(v, v[::5], "ratio")
     xt = re.findall(r'text-anchor="middle">([^<]+)</text>', svg)[:-1]  # the last one is the axis title
     assert len(xt) >= 3 and len(set(xt)) == len(xt), xt
+    # small integers (a flag count): one bin per value, ticks on the values only
+    svg = histogram(np.array([0, 0, 0, 1, 1, 2.0]), np.array([0, 1.0]), "flags")
+    assert re.findall(r'text-anchor="middle">([^<]+)</text>', svg)[:-1] == ["0", "1", "2"]
 
 
 def test_diversity_verdict():
@@ -500,7 +503,7 @@ def test_report_content(run_dir):
     ins = rec.filter(pl.col("id") == top["id"])["instruction"].item()
     from curate.report.text import clip
     assert esc(clip(ins, 220, tail=220 // 3)) in sec["extremes"]
-    assert sec["extremes"].count("<details") == 2  # lexical_diversity, log_response_chars (heur_flags skipped)
+    assert sec["extremes"].count("<details") == 3  # lexical_diversity, log_response_chars, n_tokens (not heur_flags)
     # flags: per-flag counts equal the decisions', with examples
     for f in ("length_ratio", "placeholder_response", "empty_response"):
         n = int(pool[f"heur_{f}"].sum())

@@ -243,8 +243,10 @@ def histogram(pool: np.ndarray, sub: np.ndarray, name: str, width: int = 430) ->
     if not len(ref):
         return ""
     distinct = np.unique(ref)
+    xt: list[float] | None = None
     if len(distinct) <= 30 and np.all(distinct == np.round(distinct)):
         edges = np.arange(distinct.min() - 0.5, distinct.max() + 1.5)  # one bin per integer value
+        xt = [t for t in nice_ticks(float(distinct.min()), float(distinct.max()), 5) if t == int(t)]
     else:
         lo, hi = np.quantile(ref, [0.005, 0.995])
         if hi <= lo:
@@ -266,7 +268,7 @@ def histogram(pool: np.ndarray, sub: np.ndarray, name: str, width: int = 430) ->
     def sy(v: float) -> float:
         return top + ph - v * ph / ymax
     pct_label = tick_formatter([100 * t for t in yt])
-    out = _axes(left, top, left + pw, top + ph, nice_ticks(edges[0], edges[-1], 5), yt, sx, sy,
+    out = _axes(left, top, left + pw, top + ph, xt or nice_ticks(edges[0], edges[-1], 5), yt, sx, sy,
                 lambda t: pct_label(100 * t) + "%")
     for vals, color, style in ((hp, POOL, f'fill="{POOL}" fill-opacity="0.8"'),
                                (hs, SUBSET, f'fill="{SUBSET}" fill-opacity="0.15" stroke="{SUBSET}" '

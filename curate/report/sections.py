@@ -356,9 +356,8 @@ def sec_extremes(d: RunData, n: int = 3) -> str:
     if d.pool is None or "id" not in d.pool.columns:
         return missing("No pool data with row ids.")
     cols = [c for c in score_columns(d.pool, d.scores) if c != "heur_flags"]
+    cols += ["n_tokens"] if "n_tokens" in d.pool.columns else []  # the shortest rows are often the junk
     if not cols:
-        if flag_columns(d.pool):
-            return missing("Only the heuristics scorer ran: its flags are under Heuristic flags.")
         return missing("No score columns (the run was not scored).")
     picks: dict[str, tuple[pl.DataFrame, pl.DataFrame]] = {}
     for c in cols:
