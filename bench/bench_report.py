@@ -117,8 +117,9 @@ def main() -> None:
         r = time_report(Path(run))
         n = pl.scan_parquet(Path(run) / "decisions.parquet").select(pl.len()).collect().item()
         cfg = json.loads((Path(run) / "manifest.json").read_text()).get("config", {})
+        inputs = " ".join(Path(str(p)).name for p in cfg.get("inputs") or [])
         how = (f"{cfg.get('select', {}).get('strategy')} budget {cfg.get('select', {}).get('budget')}, scorers "
-               f"{','.join(cfg.get('score', {}).get('scorers', []))}, inputs {len(cfg.get('inputs') or [])} files")
+               f"{','.join(cfg.get('score', {}).get('scorers', []))}, inputs {inputs}")
         rows.append(f"| real run `{run}` ({how}) | {n:,} input rows, {r['clusters']} clusters labelled | "
                     f"{r['write']:.1f} s "
                     f"(load {r['load']:.2f} s, cluster labels {r['labels']:.2f} s) | report.html {r['mb']:.2f} MB |")

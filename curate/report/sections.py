@@ -413,11 +413,11 @@ def sec_flags(d: RunData, n_examples: int = 2) -> str:
 def sec_duplicates(d: RunData, n: int = 4) -> str:
     """Exact and semantic duplicate pairs: the dropped row next to the row it duplicates (with similarity)."""
     dec = d.decisions
-    if dec is None or "status" not in dec.columns:
-        return missing("No decisions.parquet: duplicates are not known.")
+    if dec is None or not {"status", "id", "source", "row"} <= set(dec.columns):
+        return missing("No decisions.parquet with status, id, source and row: duplicates are not known.")
     parts = []
     kept = dec.filter(~pl.col("status").is_in(["duplicate", "rejected"]) & pl.col("id").is_not_null())
-    names = short_names([str(s) for s in dec["source"].unique().to_list()]) if "source" in dec.columns else {}
+    names = short_names([str(s) for s in dec["source"].unique().to_list()])
     for status, title in (("duplicate", "Exact duplicates"), ("semantic_duplicate", "Semantic duplicates")):
         dups = dec.filter(pl.col("status") == status)
         parts.append(f"<h3>{title}: {dups.height:,} rows</h3>")
