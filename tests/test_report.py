@@ -617,6 +617,8 @@ def test_report_degrades(run_dir, tmp_path, keep):
     assert page.count("<section") == N_SECTIONS and 'class="missing"' in page
     if keep == ("selected.parquet",):
         assert 'class="k">pool rows<' not in page and "Only selected.parquet is present" in page
+    if keep == ("decisions.parquet",):  # no manifest diversity: coverage vs random draws from the decisions
+        assert re.search(r"<b>Diversity:</b> The subset is [^<]*covers[^<]*clusters \(\d+% vs \d+%", page)
     if "decisions-bare" in keep:
         assert "the run was not clustered" in page and "the run was not scored" in page
         assert "malformed_json" in page  # rejects still come from the decisions
