@@ -6,7 +6,10 @@ drawn from per-cluster topic words) stands in for a real one: the report reads c
 coordinates, and the texts of the few rows it shows plus a sample per cluster for the c-TF-IDF labels.
 diversity_summary runs on random 384-d vectors (the MiniLM width) with a 10% subset.
 
-    .venv/bin/python bench/bench_report.py [--rows 1000000] [--div-rows 200000]
+    .venv/bin/python bench/bench_report.py [--rows 1000000] [--div-rows 200000] [--run RUN ...] [--baseline REV]
+
+--run adds real run folders; --baseline (default b514c28, the last single-module report) times the report as it
+was at that git revision on the same runs, in the same process, so machine load affects both alike.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -100,11 +105,27 @@ def time_report(run: Path) -> dict:
     return {"load": t_load, "labels": t_labels, "write": t_all, "mb": size / 1e6, "clusters": len(labels)}
 
 
+def _old_report(rev: str, folder: Path):
+    """curate/report.py as it was at git revision `rev` (a single module then), imported under another name."""
+    import importlib.util
+
+    src = subprocess.run(["git", "show", f"{rev}:curate/report.py"], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    path = folder / "report_baseline.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("report_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["report_baseline"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--div-rows", type=int, default=200_000)
     ap.add_argument("--run", action="append", default=[], help="a real run folder to report on as well")
+    ap.add_argument("--baseline", default="b514c28", help="git revision of the report to compare with ('' = none)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "report.md"))
     args = ap.parse_args()
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -113,7 +134,14 @@ def main() -> None:
 
     rows = [f"| import scikit-learn's text module (once per process, before the first report) | | "
             f"{time.perf_counter() - t0:.1f} s | |"]
+    base_dir = Path(tempfile.mkdtemp(prefix="bench-report-"))
+    old = _old_report(args.baseline, base_dir) if args.baseline else None
     for run in args.run:
+        if old is not None:
+            t0 = time.perf_counter()
+            size = old.write_report(run, base_dir / "old.html").stat().st_size / 1e6
+            rows.append(f"| baseline: `write_report` at `{args.baseline}`, real run `{run}` | | "
+                        f"{time.perf_counter() - t0:.1f} s | report.html {size:.2f} MB |")
         r = time_report(Path(run))
         n = pl.scan_parquet(Path(run) / "decisions.parquet").select(pl.len()).collect().item()
         cfg = json.loads((Path(run) / "manifest.json").read_text()).get("config", {})
@@ -128,6 +156,13 @@ def main() -> None:
         t0 = time.perf_counter()
         run = synth_run(Path(tmp), args.rows)
         print(f"synthetic run with {args.rows:,} pool rows written in {time.perf_counter() - t0:.1f} s")
+        if old is not None:  # the same run through the report as it was at a git revision: same load, same data
+            t0 = time.perf_counter()
+            size = old.write_report(run, run / "report.old.html").stat().st_size / 1e6
+            rows.append(f"| baseline: `write_report` at `{args.baseline}` (before example rows, labels, flags, "
+                        f"duplicates), same synthetic run | {args.rows:,} pool rows | "
+                        f"{time.perf_counter() - t0:.1f} s | report.html {size:.2f} MB |")
+            print(rows[-1])
         r = time_report(run)
         rows.append(f"| `write_report`, synthetic run | {args.rows:,} pool rows, 2,000 clusters (Zipf sizes), "
                     f"4 scores, 3 flags, 2% semantic duplicates, texts, a map of every row | {r['write']:.1f} s "
@@ -161,6 +196,7 @@ def main() -> None:
         "of a sample of m <= 2,000 rows; mean nearest-neighbour similarity = m sampled queries against the "
         "whole set (m x n x d flops).", ""])
     Path(args.out).write_text(md)
+    shutil.rmtree(base_dir, ignore_errors=True)
     print(f"wrote {args.out}")
 
 
