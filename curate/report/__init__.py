@@ -7,6 +7,10 @@ Every section reads only the files it needs and says so when they are missing, s
 
 Layout: `load` reads the run folder, `text` labels clusters and shortens example rows, `charts` draws,
 `sections` turns the run into HTML sections, this module assembles the page.
+
+Hook for the evaluation: a RUN/eval.json (as `curate eval` writes it) is shown in the Evaluation section and its
+verdict line in the summary; `sections.eval_metrics` reads the shapes it accepts (per-arm means with CIs, per
+reference set or per metric) and anything else is shown as JSON, so the schema may still change.
 """
 
 from __future__ import annotations
