@@ -204,7 +204,9 @@ def _dedup_cluster(x: np.ndarray, order: np.ndarray, thr: float,
         alive = best <= thr
         inner = v @ v.T
         inner[np.tri(m, dtype=bool)] = -np.inf  # only earlier rows (i < j) count
-        for j in np.flatnonzero(alive & (inner > thr).any(axis=0)):
+        # every row with an earlier in-block neighbour above thr: a row already dropped by an earlier block may
+        # still have its MOST similar kept row here
+        for j in np.flatnonzero((inner > thr).any(axis=0)):
             earlier = np.flatnonzero(alive[:j] & (inner[:j, j] > thr))
             if earlier.size:
                 i = earlier[inner[earlier, j].argmax()]
