@@ -48,7 +48,7 @@ def test_ray_local_cluster_matches_thread_runner(prefect_api, tmp_path, monkeypa
         monkeypatch.setenv("CURATE_RAY_ADDRESS", ctx.address_info["address"])
         run = run_flow(recipe.model_copy(update={"out": str(tmp_path / "ray-run")}))
         parts = list((tmp_path / "cache-ray").glob("embeddings/*/user/part-*.npy"))  # the sharded view
-        parts += list((tmp_path / "cache-ray").glob("scores/heur/*/part-*.parquet"))
+        parts += list((tmp_path / "cache-ray").glob("scores/heuristics/*/part-*.parquet"))
         pids = {int(p.name.split("-")[2]) for p in parts}
         # the shard tasks ran in Ray worker processes (alive while the cluster is), not in this driver
         assert pids and os.getpid() not in pids, pids
@@ -56,7 +56,7 @@ def test_ray_local_cluster_matches_thread_runner(prefect_api, tmp_path, monkeypa
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
-    assert run.manifest["flow"]["cached"] == 0
+    assert run.manifest["executor"]["cached"] == 0
     _same_output(tmp_path / "threads", tmp_path / "ray-run")
     for name in ("clusters.parquet", "scores.parquet"):
         assert_frame_equal(pl.read_parquet(tmp_path / "threads" / name),
