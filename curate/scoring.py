@@ -25,13 +25,41 @@ def canonical(name: str) -> str:
 
 
 def resolve_model(run: Run, recipe: Recipe) -> str:
+    """`score.model` as a name/path an engine loads, with what pins it and the dtype used in the manifest.
+
+    Packaged names (`smollm2-135m`) become a local folder converted once (`curate.lm.models`); the
+    manifest's `score_model` records the package, GGUF sha256 and the dtype choice (`score.dtype: auto`).
+    """
+    from curate.lm.models import model_pin
+
+    path = _resolve_model(run, recipe)
+    info = {"name": recipe.score.model, "path": path, "pin": model_pin(recipe.score.model),
+            "dtype": _dtype_choice(recipe)}
+    if run.manifest.get("score_model") != info:
+        run.set("score_model", info)
+    return path
+
+
+def _dtype_choice(recipe: Recipe) -> dict[str, Any]:
+    """score.dtype made concrete (`auto`: measured once per machine); vLLM servers given by URL keep theirs."""
+    cfg = recipe.score
+    if cfg.engine == "vllm" and cfg.vllm_urls:
+        return {"requested": cfg.dtype, "dtype": cfg.dtype, "note": "the vLLM servers' own"}
+    from curate.lm.hf import dtype_choice
+
+    return dtype_choice(cfg.dtype)
+
+
+def _resolve_model(run: Run, recipe: Recipe) -> str:
     """`score.model`, with "proxy" resolved to a small LM trained on this pool (trained once, then pinned).
 
     The proxy used by a run folder is recorded in its manifest and reused on later runs over the same
     folder, so an incremental run (new rows added) keeps its model and rescoring stays incremental.
     """
     if recipe.score.model != "proxy":
-        return recipe.score.model
+        from curate.lm.models import model_path
+
+        return model_path(recipe.score.model)
     pinned = run.manifest.get("proxy_model")
     if pinned and Path(pinned).exists():
         return pinned
@@ -54,9 +82,10 @@ def engine_for(run: Run, recipe: Recipe) -> Any:
 
     cfg = recipe.score
     model = resolve_model(run, recipe)
-    key = (model, cfg.engine, cfg.max_length, tuple(cfg.vllm_urls))
+    dtype = _dtype_choice(recipe)["dtype"]
+    key = (model, cfg.engine, cfg.max_length, tuple(cfg.vllm_urls), dtype)
     if key not in _ENGINES:
-        config = LMConfig(model=model, max_length=cfg.max_length)
+        config = LMConfig(model=model, max_length=cfg.max_length, dtype=dtype)
         kw: dict[str, Any] = {}
         if cfg.engine == "vllm":
             kw = {"urls": cfg.vllm_urls} if cfg.vllm_urls else {"python": cfg.vllm_python}
