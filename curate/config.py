@@ -55,6 +55,8 @@ class ScoreConfig(_Section):
     vllm_urls: list[str] = Field(default_factory=list)  # running vLLM servers; empty = start one locally
     vllm_python: str = ".venv-vllm/bin/python"
     max_length: int = 512
+    # auto: bfloat16 on CUDA and on CPUs measured to run bf16 matmuls faster than float32; float32 otherwise
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = 512
     shards: int = 4  # scoring is split in this many shard tasks (resume granularity)
 
