@@ -42,8 +42,8 @@ from curate.io.formats import to_messages  # noqa: E402
 from curate.lm import LMConfig, load_engine  # noqa: E402
 from curate.lm.models import model_path, model_pin  # noqa: E402
 from curate.schema import make_record  # noqa: E402
-from scorers import get_scorer  # noqa: E402
-from scorers.base import ScoreContext, last_turn  # noqa: E402
+from curate.scoring import get_scorer  # noqa: E402
+from curate.scoring.contract import ScoreContext, last_turn  # noqa: E402
 
 ALPACA = Path("/work/shared/data/alpaca-52k/alpaca_data.jsonl")
 THREADS = 2
