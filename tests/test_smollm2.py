@@ -26,9 +26,9 @@ from curate.lm.hf import DTYPES, dtype_choice
 from curate.lm.models import PACKAGED, gguf_path, model_path, model_pin
 from curate.run import Run, cache_dir
 from curate.schema import make_record
+from curate.scoring import get_scorer
 from curate.scoring.runner import score_pool
 from curate.scoring.store import ScoreStore
-from scorers import get_scorer
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "smollm2-135m"
