@@ -20,6 +20,7 @@ class _Section(BaseModel):
 class IngestConfig(_Section):
     format: str = "auto"  # instruction format (auto-detected per row) or one of curate.io.formats.FORMAT_NAMES
     container: str | None = None  # file container override (jsonl, json, parquet, csv, tsv, hf_disk, hf_hub)
+    split: str | None = None  # one split of DatasetDict folders / dict-of-splits JSON (default: every split)
 
 
 class EmbedConfig(_Section):

@@ -40,7 +40,8 @@ def stage_ingest(run: Run, recipe: Recipe) -> dict[str, Any]:
     """Inputs -> records.parquet (+ rejects, duplicates); per-file counts in the manifest."""
     from curate.ingest import dedup, ingest
 
-    counts = ingest(run, recipe.inputs, fmt=recipe.ingest.format, container=recipe.ingest.container)
+    counts = ingest(run, recipe.inputs, fmt=recipe.ingest.format, container=recipe.ingest.container,
+                    split=recipe.ingest.split)
     kept, dups = dedup(run)
     return {"rows": sum(c.rows for c in counts.values()), "records": kept, "duplicates": dups}
 

@@ -1,0 +1,250 @@
+"""Hardening: inputs that must not hang, vanish or change; recipes checked before work and unable to run code;
+one error boundary for every command. Real files, real subprocesses where permissions need another user."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import ROOT
+
+from curate.ingest import dedup, ingest
+from curate.io.readers import MAX_RECORD_BYTES, InputError, expand_inputs
+from curate.run import Run, sha256_file
+
+ROW = {"instruction": "Name a colour.", "output": "Blue."}
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _ingest(tmp_path: Path, *inputs, **kw) -> tuple[Run, dict]:
+    run = Run(tmp_path / "run")
+    counts = ingest(run, [str(p) for p in inputs], **kw)
+    dedup(run, require_records=False)
+    return run, counts
+
+
+def _conserved(run: Run) -> tuple[int, int, int, int]:
+    rows = sum(e["rows"] for e in run.manifest["inputs"].values())
+    kept = pl.read_parquet(run.file("records.parquet")).height
+    rej = pl.read_parquet(run.file("rejects.parquet")).height
+    dup = pl.read_parquet(run.file("duplicates.parquet")).height
+    assert rows == kept + rej + dup, (rows, kept, rej, dup)
+    return rows, kept, rej, dup
+
+
+def _in_thread(fn, timeout: float = 30.0):
+    """Run fn in a daemon thread; fail (instead of hanging the suite) if it does not return in time."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{fn} still running after {timeout} s: it hangs"
+    return box
+
+
+def _drop_dac_caps() -> None:
+    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so
+    even root obeys file modes (chmod 000 means unreadable)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+
+
+def _run_unprivileged(args: list[str], home: Path) -> subprocess.CompletedProcess:
+    """`python -m curate.cli ARGS` in a process for which chmod 000 means unreadable, also when we are root."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CURATE_CACHE_DIR": str(home / "cache"), "CURATE_PROGRESS": "0"}
+    return subprocess.run([sys.executable, "-m", "curate.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=home, timeout=300, preexec_fn=_drop_dac_caps if os.geteuid() == 0 else None)
+
+
+# ---------------------------------------------------------------------------------------------- 1. readers
+
+
+def test_fifo_and_device_are_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    for src, what in ((fifo, "FIFO"), (Path("/dev/zero"), "character device")):
+        box = _in_thread(lambda s=src: _ingest(tmp_path / f"run-{s.name}", s))
+        err = box.get("error")
+        assert isinstance(err, InputError), box
+        assert str(src) in str(err) and what in str(err)
+        # the input hash (flows: input_fingerprints) must refuse it too, not read forever
+        box = _in_thread(lambda s=src: sha256_file(s))
+        assert isinstance(box.get("error"), ValueError) and str(src) in str(box["error"])
+    # inside a folder, a FIFO with a data extension is refused as well (it would block the walk's reader)
+    d = tmp_path / "pool"
+    d.mkdir()
+    _jsonl(d / "a.jsonl", [ROW])
+    os.mkfifo(d / "b.jsonl")
+    with pytest.raises(InputError, match="b.jsonl: a FIFO"):
+        expand_inputs([str(d)])
+
+
+def test_unreadable_file_and_subfolder_are_errors_not_skipped(tmp_path):
+    home = tmp_path
+    pool = home / "pool"
+    (pool / "secret").mkdir(parents=True)
+    _jsonl(pool / "a.jsonl", [ROW] * 10)
+    _jsonl(pool / "secret" / "b.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(10)])
+    (pool / "secret").chmod(0o000)
+    p = _run_unprivileged(["ingest", str(pool), "--out", str(home / "run")], home)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "secret" in p.stderr and "permission denied" in p.stderr and "Traceback" not in p.stderr + p.stdout
+    (pool / "secret").chmod(0o755)
+    (pool / "secret" / "b.jsonl").chmod(0o000)
+    p = _run_unprivileged(["ingest", str(pool), "--out", str(home / "run")], home)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "b.jsonl: permission denied" in p.stderr and "Traceback" not in p.stderr + p.stdout
+
+
+def test_integers_beyond_64_bits_stay_exact(tmp_path):
+    big, neg = "123456789012345678901234567890", "-98765432109876543210"
+    (tmp_path / "a.jsonl").write_text(f'{{"instruction": "Big?", "output": {big}}}\n'
+                                      f'{{"instruction": "Small?", "output": {neg}}}\n'
+                                      '{"instruction": "u64?", "output": 18446744073709551615}\n')
+    (tmp_path / "b.json").write_text(f'[{{"instruction": "Big in an array?", "output": {big}}}]')
+    run, _ = _ingest(tmp_path, tmp_path / "a.jsonl", tmp_path / "b.json")
+    got = pl.read_parquet(run.file("records_all.parquet")).sort("source", "row")["response"].to_list()
+    assert got == [big, neg, "18446744073709551615", big]
+
+
+def test_dict_of_splits_json_is_read_as_splits(tmp_path):
+    data = {"train": [{"instruction": f"t{i}", "output": "x"} for i in range(3)],
+            "test": [{"instruction": f"e{i}", "output": "y"} for i in range(2)]}
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(data))
+    run, counts = _ingest(tmp_path, f)
+    assert {p: c.records for p, c in counts.items()} == {f"{f}#train": 3, f"{f}#test": 2}
+    assert _conserved(run) == (5, 5, 0, 0)
+    run, counts = _ingest(tmp_path / "one", f, split="test")
+    assert {p: c.records for p, c in counts.items()} == {f"{f}#test": 2}
+    with pytest.raises(InputError, match="no split 'dev'"):
+        _ingest(tmp_path / "none", f, split="dev")
+    # a single wrapper list is still the rows, and a one-row ShareGPT object is one row (not its turns)
+    (tmp_path / "w.json").write_text(json.dumps({"version": 2, "data": data["train"]}))
+    conv = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+    (tmp_path / "c.json").write_text(json.dumps(conv))
+    _, counts = _ingest(tmp_path / "w", tmp_path / "w.json", tmp_path / "c.json")
+    assert [(c.rows, c.records) for c in counts.values()] == [(3, 3), (1, 1)]
+
+
+def test_datasetdict_folder_is_one_source_per_split(tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"Q{i}", "response": f"A{i}"} for i in range(7)]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:5]),
+                               "test": datasets.Dataset.from_list(rows[5:])})
+    pool = tmp_path / "pool"
+    dd.save_to_disk(str(pool / "hf"))
+    _jsonl(pool / "extra.jsonl", [ROW])
+    run, counts = _ingest(tmp_path, pool / "hf")
+    assert {Path(p).name: (c.rows, c.records) for p, c in counts.items()} == {"train": (5, 5), "test": (2, 2)}
+    _, counts = _ingest(tmp_path / "s", pool / "hf", split="test")
+    assert {Path(p).name: c.records for p, c in counts.items()} == {"test": 2}
+    # a folder holding a DatasetDict: its metadata files are not rows
+    run, counts = _ingest(tmp_path / "f", pool)
+    assert _conserved(run) == (8, 8, 0, 0)
+    assert sorted(Path(p).name for p in counts) == ["extra.jsonl", "test", "train"]
+
+
+def test_corrupt_gzip_is_one_error_naming_the_file(tmp_path):
+    payload = "".join(json.dumps({"instruction": f"q{i}", "output": "a" * 50}) + "\n" for i in range(3000))
+    good = gzip.compress(payload.encode())
+    seen = set()
+    for i, at in enumerate(range(200, len(good) - 20, max(1, len(good) // 15))):
+        bad = bytearray(good)
+        bad[at] ^= 0xFF
+        f = tmp_path / f"c{i}.jsonl.gz"
+        f.write_bytes(bytes(bad))
+        try:
+            _ingest(tmp_path / f"r{i}", f)
+            seen.add("ok")
+        except InputError as e:
+            assert f.name in str(e) and "gzip" in str(e), e
+            seen.add("error")
+    assert "error" in seen
+    (tmp_path / "t.csv.gz").write_bytes(gzip.compress(b"instruction,output\na,b\n" * 1000)[:-30])
+    with pytest.raises(InputError, match=r"t\.csv\.gz: corrupt or truncated gzip"):
+        _ingest(tmp_path / "t", tmp_path / "t.csv.gz")
+
+
+def test_csv_record_over_the_limit_is_rejected_and_the_next_row_kept(tmp_path):
+    big_field = ("line of text\n" * (MAX_RECORD_BYTES // 12)).replace('"', "")
+    f = tmp_path / "m.csv"
+    f.write_text('instruction,output\n"first","ok"\n"huge","' + big_field + '"\n"after","fine"\n')
+    run, counts = _ingest(tmp_path, f)
+    rej = pl.read_parquet(run.file("rejects.parquet"))
+    assert rej["reason"].to_list() == ["too_large"] and rej["row"].to_list() == [3]
+    recs = pl.read_parquet(run.file("records.parquet"))
+    assert recs["instruction"].to_list() == ["first", "after"]
+    assert recs["row"].to_list()[1] == 3 + big_field.count("\n") + 1  # line numbers stay right after the skip
+
+
+_MEM_SCRIPT = r"""
+import gzip, json, resource, sys
+from pathlib import Path
+import polars, pyarrow.parquet  # noqa: F401  (imports count in the baseline, not in the delta)
+from curate.ingest import dedup, ingest
+from curate.run import Run
+d = Path(sys.argv[1]); n = int(sys.argv[2])
+files = []
+def zeros(fh, prefix, suffix, n):
+    fh.write(prefix)
+    block = b"0" * (1 << 20)
+    for _ in range(n >> 20):
+        fh.write(block)
+    fh.write(suffix)
+good = json.dumps({"instruction": "ok", "output": "fine"}).encode()
+with gzip.open(d / "z.jsonl.gz", "wb", compresslevel=1) as fh:
+    zeros(fh, b'{"instruction": "x", "output": "', b'"}\n' + good + b"\n", n)
+with gzip.open(d / "nl.jsonl.gz", "wb", compresslevel=1) as fh:   # no newline at all: zeros only
+    zeros(fh, b"", b"", n)
+with gzip.open(d / "z.csv.gz", "wb", compresslevel=1) as fh:
+    zeros(fh, b'instruction,output\nx,"', b'"\nok,fine\n', n)
+with gzip.open(d / "z.json.gz", "wb", compresslevel=1) as fh:
+    zeros(fh, b'[{"instruction": "x", "output": "', b'"}, ' + good + b"]", n)
+with gzip.open(d / "o.json.gz", "wb", compresslevel=1) as fh:     # one huge object
+    zeros(fh, b'{"instruction": "x", "output": "', b'"}', n)
+(d / "warm.jsonl").write_text(good.decode() + "\n")  # a first ingest loads lazy imports and thread pools
+warm = Run(d / "warm")
+ingest(warm, [str(d / "warm.jsonl")])
+dedup(warm)
+base = int(next(x for x in open("/proc/self/status") if x.startswith("VmRSS")).split()[1])  # kB, now
+run = Run(d / "run")
+counts = ingest(run, [str(d / f) for f in ("z.jsonl.gz", "nl.jsonl.gz", "z.csv.gz", "z.json.gz", "o.json.gz")])
+dedup(run, require_records=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"delta_mb": (peak - base) / 1024,
+                  "counts": {Path(p).name: [c.rows, c.records, dict(c.rejected)] for p, c in counts.items()}}))
+"""
+
+
+def test_row_limit_is_applied_while_reading_with_bounded_memory(tmp_path):
+    """A 64 MB row in each container (gzip, so the files are small): rejected, and RSS grows far less than it."""
+    n = 64 << 20
+    p = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(tmp_path), str(n)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    big = {"too_large": 1}
+    assert out["counts"] == {"z.jsonl.gz": [2, 1, big], "nl.jsonl.gz": [1, 0, big], "z.csv.gz": [2, 1, big],
+                             "z.json.gz": [2, 1, big], "o.json.gz": [1, 0, big]}
+    assert out["delta_mb"] < 40, out  # one 64 MB row held whole would exceed this on its own
