@@ -59,7 +59,7 @@ def engine_for(run: Run, recipe: Recipe) -> Any:
         config = LMConfig(model=model, max_length=cfg.max_length)
         kw: dict[str, Any] = {}
         if cfg.engine == "vllm":
-            kw = {"urls": cfg.vllm_urls} if cfg.vllm_urls else {"python": cfg.vllm_python}
+            kw = {"urls": cfg.vllm_urls} if cfg.vllm_urls else {}  # interpreter: CURATE_VLLM_PYTHON / --vllm-python
         _ENGINES[key] = load_engine(config, kind=cfg.engine, **kw)
     return _ENGINES[key]
 

@@ -360,7 +360,7 @@ def curate_flow(recipe_json: dict) -> dict:
 
     score_futs: dict[str, PrefectFuture] = {}
     skey = {"records": rec, "model": model, "code": C("score"),
-            **_sections(rj, "score", drop=("scorers", "shards", "vllm_urls", "vllm_python", "batch_size")),
+            **_sections(rj, "score", drop=("scorers", "shards", "vllm_urls", "batch_size")),
             **_sections(rj, "embed", drop=("enabled", "batch_size"))}
     urls = recipe.score.vllm_urls if recipe.score.engine == "vllm" else []
 

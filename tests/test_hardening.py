@@ -4,6 +4,7 @@ one error boundary for every command. Real files, real subprocesses where permis
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -248,3 +249,201 @@ def test_row_limit_is_applied_while_reading_with_bounded_memory(tmp_path):
     assert out["counts"] == {"z.jsonl.gz": [2, 1, big], "nl.jsonl.gz": [1, 0, big], "z.csv.gz": [2, 1, big],
                              "z.json.gz": [2, 1, big], "o.json.gz": [1, 0, big]}
     assert out["delta_mb"] < 40, out  # one 64 MB row held whole would exceed this on its own
+
+
+# ---------------------------------------------------------------------------------------------- 2. recipes
+
+
+def _cli(*args: str, env: dict | None = None):
+    """`curate ARGS` in this process (typer's CliRunner): exit code and everything it printed."""
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    return res.exit_code, res.output
+
+
+def _one_clear_line(code: int, output: str, *fragments: str, alone: bool = True) -> None:
+    """Exit 2, no traceback, and the error is one line (the only line, unless `alone` is False)."""
+    assert code == 2, output
+    assert "Traceback" not in output, output
+    lines = [x for x in output.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error:")]
+    assert len(errors) == 1 and (len(lines) == 1 or not alone) and lines[-1] == errors[0], output
+    lines = errors
+    for f in fragments:
+        assert f in lines[0], (f, output)
+
+
+BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+
+
+def test_billion_laughs_and_recursive_recipes_fail_fast(tmp_path):
+    from curate.config import RecipeError, load_recipe
+
+    (tmp_path / "laughs.yaml").write_text(BILLION_LAUGHS)
+    with pytest.raises(RecipeError, match=r"laughs\.yaml: expands to more than .* YAML aliases"):
+        load_recipe(tmp_path / "laughs.yaml")
+    (tmp_path / "loop.yaml").write_text("a: &a [1, *a]\n")
+    with pytest.raises(RecipeError, match="loop.yaml"):
+        load_recipe(tmp_path / "loop.yaml")
+    (tmp_path / "ok.yaml").write_text("semdedup: {view: &v user}\nembed: {view: *v}\n")  # ordinary anchors work
+    assert load_recipe(tmp_path / "ok.yaml").embed.view == "user"
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--budget", "0"], ["select.budget", "greater than or equal to 1"]),
+    (["--fraction", "1.5"], ["select.fraction"]),
+    (["--format", "nosuch"], ["ingest.format", "'nosuch'"]),
+    (["--scorers", "heuristic"], ["unknown scorer 'heuristic'", "heuristics"]),
+    (["--seed", str(2**70)], ["seed"]),
+    (["--strategy", "fusion"], ["select.fusion"]),
+    (["--strategy", "nosuch"], ["select.strategy"]),
+])
+def test_options_are_checked_before_any_work(tmp_path, args, fragments):
+    src = _jsonl(tmp_path / "a.jsonl", [ROW])
+    code, output = _cli("select", src, "--out", tmp_path / "run", "--no-prefect", *args)
+    _one_clear_line(code, output, *fragments)
+    assert not (tmp_path / "run" / "records_all.parquet").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("recipe, fragments", [
+    ({"name": "../.."}, ["name", "not a plain folder name"]),
+    ({"select": {"thresholds": ["nosuch_col < 3"]}}, ["select.thresholds", "'nosuch_col'"]),
+    ({"select": {"thresholds": ["heur_flags <<< 3"]}}, ["select.thresholds", "cannot read threshold"]),
+    ({"select": {"strategy": "fusion", "fusion": {"deita_score": 1}}}, ["select.fusion", "'deita_score'"]),
+    ({"score": {"scorers": ["heuristics"], "params": {"heuristics": {"nosuch": 1}}}}, ["score.scorers"]),
+    ({"semdedup": {"keep": "score"}}, ["semdedup.keep_score"]),
+    ({"ingest": {"container": "zip"}}, ["ingest.container", "'zip'"]),
+    ({"bogus": 1}, ["bogus"]),
+])
+def test_recipe_is_validated_as_a_whole_before_work(tmp_path, recipe, fragments):
+    import yaml
+
+    src = _jsonl(tmp_path / "a.jsonl", [ROW])
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(recipe))
+    code, output = _cli("select", src, "--config", cfg, "--out", tmp_path / "run", "--no-prefect")
+    _one_clear_line(code, output, *fragments)
+    assert not (tmp_path / "run" / "records_all.parquet").exists()
+
+
+def test_a_recipe_cannot_start_a_program(tmp_path):
+    """score.vllm_python once named an interpreter curate would start: a recipe from someone else could run
+    anything. It is refused; the interpreter comes from --vllm-python / CURATE_VLLM_PYTHON only."""
+    from pydantic import BaseModel
+
+    from curate.config import Recipe, RecipeError, load_recipe
+
+    marker = tmp_path / "ran"
+    prog = tmp_path / "evil.sh"
+    prog.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    prog.chmod(0o755)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"score:\n  engine: vllm\n  model: {tmp_path}\n  scorers: [perplexity]\n  vllm_python: {prog}\n")
+    with pytest.raises(RecipeError, match="cannot name a program to run"):
+        load_recipe(cfg)
+    code, output = _cli("select", _jsonl(tmp_path / "a.jsonl", [ROW]), "--config", cfg, "--out", tmp_path / "run",
+                        "--no-prefect")
+    _one_clear_line(code, output, "score.vllm_python")
+    assert not marker.exists()
+
+    def program_fields(model, path=""):
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from program_fields(ann, f"{path}{name}.")
+            elif any(w in name for w in ("python", "program", "command", "exec", "binary")):
+                yield f"{path}{name}"
+
+    assert list(program_fields(Recipe)) == []
+
+
+# ---------------------------------------------------------------------------------------------- 3. CLI boundary
+
+
+def test_cli_user_errors_are_one_line_exit_2(tmp_path):
+    src = _jsonl(tmp_path / "a.jsonl", [ROW, {"instruction": "Two?", "output": "2"}])
+    fifo = tmp_path / "p.jsonl"
+    os.mkfifo(fifo)
+    _one_clear_line(*_cli("ingest", fifo, "--out", tmp_path / "r0"), "p.jsonl", "FIFO")
+    (tmp_path / "file").write_text("x")
+    _one_clear_line(*_cli("ingest", src, "--out", tmp_path / "file"), "file", "is a file")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    _one_clear_line(*_cli("ingest", src, "--out", bad), "manifest.json", "corrupt")
+    _one_clear_line(*_cli("inspect", bad), "manifest.json", "corrupt")
+    gz = tmp_path / "c.jsonl.gz"
+    data = bytearray(gzip.compress((json.dumps(ROW) + "\n").encode() * 500))
+    data[len(data) // 2] ^= 0xFF
+    gz.write_bytes(bytes(data))
+    _one_clear_line(*_cli("ingest", gz, "--out", tmp_path / "r1"), "c.jsonl.gz", "gzip")
+    _one_clear_line(*_cli("ingest", src, "--out", tmp_path / "r2", "--format", "nosuch"), "ingest.format")
+
+
+def test_cli_run_folder_problems(tmp_path):
+    src = _jsonl(tmp_path / "a.jsonl", [ROW, {"instruction": "Two?", "output": "2"}])
+    run = tmp_path / "run"
+    code, output = _cli("ingest", src, "--out", run)
+    assert code == 0, output
+    # export --dest <folder>: the file goes inside the folder
+    shutil.copy(run / "records.parquet", run / "selected.parquet")
+    dest = tmp_path / "exports"
+    dest.mkdir()
+    code, output = _cli("export", run, "--dest", dest)
+    assert code == 0 and (dest / "selected.sharegpt.jsonl").read_text().count("\n") == 2, output
+    # inspect of a run with a damaged Parquet file names the file
+    data = (run / "rejects.parquet").read_bytes()
+    (run / "rejects.parquet").write_bytes(data[: len(data) // 2])
+    _one_clear_line(*_cli("inspect", run), "rejects.parquet", "corrupt Parquet", alone=False)
+
+
+def test_cli_unwritable_out_and_cache(tmp_path):
+    src = _jsonl(tmp_path / "a.jsonl", [ROW])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    p = _run_unprivileged(["ingest", str(src), "--out", str(ro / "run")], tmp_path)
+    _one_clear_line(p.returncode, p.stderr + p.stdout, str(ro / "run"), "ermission denied")
+    env_cache = str(ro / "cache")
+    p = subprocess.run([sys.executable, "-m", "curate.cli", "ingest", str(src), "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "CURATE_CACHE_DIR": env_cache},
+                       preexec_fn=_drop_dac_caps if os.geteuid() == 0 else None)
+    _one_clear_line(p.returncode, p.stderr + p.stdout, "cache folder", env_cache)
+
+
+def test_cli_bug_is_a_short_message_and_a_log_file(tmp_path, monkeypatch):
+    import typer
+
+    from curate.cli import _guard
+
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(typer.Exit) as e:
+        _guard(lambda: {}["missing"])  # a real KeyError, as a bug would raise
+    assert e.value.exit_code == 1
+    logs = list((tmp_path / "cache" / "logs").glob("curate-error-*.log"))
+    assert len(logs) == 1 and "Traceback" in logs[0].read_text() and "KeyError" in logs[0].read_text()
+
+
+def test_empty_pool_writes_decisions_then_exits_nonzero(tmp_path):
+    src = _jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": ""}, {"instruction": "", "output": "y"}])
+    (tmp_path / "b.jsonl").write_text("{broken\n")
+    code, output = _cli("select", src, tmp_path / "b.jsonl", "--out", tmp_path / "run", "--no-prefect")
+    _one_clear_line(code, output, "no rows to select", "all 3 rows", "decisions.parquet")
+    d = pl.read_parquet(tmp_path / "run" / "decisions.parquet")
+    assert d.height == 3 and set(d["status"]) == {"rejected"}
+    assert sorted(d["reason"]) == ["rejected:empty_instruction", "rejected:empty_response", "rejected:malformed_json"]
+
+
+def test_default_select_user_error_prints_no_prefect_traceback(tmp_path):
+    """The Prefect flow path: a user error raised inside a task is one line on the terminal, exit 2."""
+    src = _jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": ""}])
+    p = subprocess.run([sys.executable, "-m", "curate.cli", "select", str(src), "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    _one_clear_line(p.returncode, p.stderr + p.stdout, "no rows to select")
+    assert (tmp_path / "run" / "decisions.parquet").exists()
