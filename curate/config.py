@@ -241,6 +241,15 @@ def validate_recipe(recipe: Recipe, *, outputs: bool = True) -> None:
 
     if recipe.inputs:
         expand_inputs(recipe.inputs, recipe.ingest.split)
+    from curate.embed import EmbedError, check_safe_weights
+
+    for field, model in (("embed.model", recipe.embed.enabled and recipe.embed.model),
+                         ("score.model", recipe.score.model)):
+        if model and Path(model).is_dir():  # safetensors only, said before any work
+            try:
+                check_safe_weights(model, field)
+            except EmbedError as e:
+                raise RecipeError(str(e)) from None
     columns = _check_scorers(recipe)
     _check_columns(recipe, columns)
     if outputs:

@@ -87,17 +87,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def remove_stale_tmp(folder: str | Path, older_than_s: float = 0.0) -> int:
+def remove_stale_tmp(folder: str | Path, older_than_s: float = 0.0, pattern: str = ".*.tmp") -> int:
     """Delete `.*.tmp` files that atomic_path left behind when a process was killed; returns how many.
 
     A run folder is used by one run at a time, so its temp files are all stale when a run starts
     (older_than_s=0); a shared store passes an age, so a concurrent writer's live temp file is kept.
+    `pattern` may reach into sub-folders (`*/*/.*.tmp`).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     now, n = time.time(), 0
-    for f in folder.glob(".*.tmp"):
+    for f in folder.glob(pattern):
         try:
             if f.is_file() and now - f.stat().st_mtime >= older_than_s:
                 f.unlink()
