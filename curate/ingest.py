@@ -158,9 +158,10 @@ def _empty_pool(run: Run) -> None:
     path = write_parquet(decisions.to_arrow(), run.file("decisions.parquet"))
     reasons = dict(decisions.group_by("reason").len().sort("len", descending=True).iter_rows())
     run.set("totals", {"input_rows": decisions.height, "selected": 0, "reasons": reasons})
-    files = len(run.manifest.get("inputs", {}))
+    inputs = list(run.manifest.get("inputs", {}))
+    where = ", ".join(inputs) if len(inputs) <= 3 else f"{len(inputs)} sources"
     if decisions.height == 0:
-        raise EmptyPoolError(f"no rows to select: the {files} input source(s) hold no rows")
+        raise EmptyPoolError(f"no rows to select: {where} hold(s) no rows")
     top = ", ".join(f"{k.removeprefix('rejected:')} {v}" for k, v in list(reasons.items())[:3])
-    raise EmptyPoolError(f"no rows to select: all {decisions.height} rows read from {files} source(s) were "
-                         f"rejected ({top}); each row's reason is in {path}")
+    raise EmptyPoolError(f"no rows to select: all {decisions.height} rows read from {where} were rejected ({top}); "
+                         f"each row's reason is in {path}")

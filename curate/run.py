@@ -11,6 +11,7 @@ Stores that outlive a run (embeddings, scores, proxy models) live in the cache f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -108,14 +109,20 @@ def remove_stale_tmp(folder: str | Path, older_than_s: float = 0.0, pattern: str
     return n
 
 
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
+    out = [("python", platform.python_version())]
     for name in _TRACKED_PACKAGES:
         try:
-            out[name] = metadata.version(name)
+            out.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return tuple(out)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape results (read once per process: ~50 ms of metadata parsing)."""
+    return dict(_versions())
 
 
 class Run:

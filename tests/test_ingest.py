@@ -150,7 +150,7 @@ def test_parquet_hf_disk_and_explicit_format(tmp_path):
     assert (rows_, kept, rej, dup) == (12, 5, 2, 5)
     run2 = Run(tmp_path / "x" / "run")  # explicit wrong format: every row rejected as missing_field
     ingest(run2, [str(tmp_path / "p.parquet")], fmt="alpaca")
-    with pytest.raises(EmptyPoolError, match="all 6 rows .* were rejected"):
+    with pytest.raises(EmptyPoolError, match=r"all 6 rows read from .*p\.parquet were rejected"):
         dedup(run2)
     assert set(_rejects(run2).values()) == {"missing_field"}
     assert pl.read_parquet(run2.file("decisions.parquet"))["status"].to_list() == ["rejected"] * 6

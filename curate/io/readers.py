@@ -273,6 +273,8 @@ def iter_rows(path: str, container: str | None = None, split: str | None = None)
     except (zlib.error, gzip.BadGzipFile, EOFError) as e:
         what = "corrupt or truncated gzip stream" if gz else "truncated file"
         raise InputError(f"{path}: {what} ({type(e).__name__}: {e})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (OSError, MemoryError) as e:
         raise InputError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
@@ -672,9 +674,21 @@ def _parquet(path: str) -> Iterator[RawRow]:
             return
         except Exception as e:  # noqa: BLE001
             raise InputError(f"{path}: corrupt Parquet data after row {i} ({type(e).__name__}: {e})") from None
-        for item in b.to_pylist():
-            raw = _dumps(item)
-            yield RawRow(i, _too_large(len(raw)) if len(raw) > MAX_RECORD_BYTES else item, _preview(raw))
+        try:
+            items = b.to_pylist()
+        except (UnicodeDecodeError, ValueError):  # damaged string data: find the rows, keep the others
+            items = []
+            for j in range(b.num_rows):
+                try:
+                    items.append(b.slice(j, 1).to_pylist()[0])
+                except (UnicodeDecodeError, ValueError) as e:
+                    items.append(RowError("undecodable_bytes", f"column data is not valid ({e})"))
+        for item in items:
+            if isinstance(item, RowError):
+                yield RawRow(i, item, "")
+            else:
+                raw = _dumps(item)
+                yield RawRow(i, _too_large(len(raw)) if len(raw) > MAX_RECORD_BYTES else item, _preview(raw))
             i += 1
 
 
