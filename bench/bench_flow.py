@@ -27,7 +27,7 @@ ALPACA = ROOT.parent / "shared" / "data" / "alpaca-52k" / "alpaca_data.jsonl"
 
 RECIPES = {
     # everything but the LM: what Prefect's overhead should be compared with when scoring is cheap
-    "light": {"score": {"scorers": ["heur"]}},
+    "light": {"score": {"scorers": ["heuristics"]}},
     "default": {},
 }
 

@@ -176,7 +176,7 @@ def kto_pool() -> tuple[pl.DataFrame, np.ndarray, int]:
 
 
 SCORERS: list[tuple[str, str, dict]] = [  # (label, scorer name, params)
-    ("heur", "heur", {}),
+    ("heuristics", "heuristics", {}),
     ("perplexity", "perplexity", {}),
     ("ifd", "ifd", {}),
     ("grape", "grape", {}),

@@ -120,6 +120,6 @@ class RunContext:
             config = LMConfig(model=model, max_length=cfg.max_length, dtype=dtype)
             kw: dict[str, Any] = {}
             if cfg.engine == "vllm":
-                kw = {"urls": cfg.vllm_urls} if cfg.vllm_urls else {"python": cfg.vllm_python}
+                kw = {"urls": cfg.vllm_urls} if cfg.vllm_urls else {}  # interpreter: CURATE_VLLM_PYTHON / --vllm-python
             _ENGINES[key] = load_engine(config, kind=cfg.engine, **kw)
         return _ENGINES[key]

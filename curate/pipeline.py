@@ -39,7 +39,7 @@ Shard = tuple[int, int]
 
 #: recipe fields that never change a stage's output (speed, placement): left out of every cache key
 NOT_IN_KEY = frozenset({"embed.enabled", "embed.batch_size", "score.batch_size", "score.shards", "score.scorers",
-                        "score.params", "score.vllm_urls", "score.vllm_python"})
+                        "score.params", "score.vllm_urls"})
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def stage_ingest(ctx: RunContext) -> dict[str, Any]:
     from curate.ingest import dedup, ingest
 
     r = ctx.recipe
-    counts = ingest(ctx.run, r.inputs, fmt=r.ingest.format, container=r.ingest.container)
+    counts = ingest(ctx.run, r.inputs, fmt=r.ingest.format, container=r.ingest.container, split=r.ingest.split)
     kept, dups = dedup(ctx.run)
     return {"rows": sum(c.rows for c in counts.values()), "records": kept, "duplicates": dups}
 

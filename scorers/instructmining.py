@@ -380,9 +380,13 @@ class InstructMining(Scorer):
         if self._unieval is None:
             from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+            from curate.embed import allow_unsafe_weights, check_safe_weights
+
             try:
+                check_safe_weights(self.params.unieval_model, "UniEval model")
                 tok = AutoTokenizer.from_pretrained(self.params.unieval_model)
-                model = AutoModelForSeq2SeqLM.from_pretrained(self.params.unieval_model).eval()
+                model = AutoModelForSeq2SeqLM.from_pretrained(
+                    self.params.unieval_model, use_safetensors=not allow_unsafe_weights()).eval()
             except (OSError, ValueError) as e:
                 raise ScorerError(f"instructmining: cannot load UniEval model {self.params.unieval_model!r}: "
                                   f"{e}") from None
