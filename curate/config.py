@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -88,6 +88,10 @@ class ScoreConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(default=512, ge=1)
     shards: int = Field(default=4, ge=1)  # scoring is split in this many shard tasks (resume granularity)
+    # sample-then-distill (curate.distill): the LM scores `sample` rows (int) or a fraction of the pool (float),
+    # or as many as fit in `minutes`; a cheap model predicts the rest. None and None: score every row.
+    sample: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = None
+    minutes: float | None = Field(default=None, gt=0)
 
 
 class SelectConfig(_Section):
