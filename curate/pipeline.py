@@ -166,11 +166,39 @@ def stage_model(ctx: RunContext) -> dict[str, Any]:
     return {"model": model, "fingerprint": model}
 
 
-def stage_score(ctx: RunContext, scorer_name: str, shard: Shard | None = None) -> dict[str, Any]:
-    """Score records (or one shard) with one scorer into the score store; only unscored ids are computed."""
-    from curate.scoring.recipe import score_records
+def stage_sample(ctx: RunContext) -> dict[str, Any]:
+    """Which rows the LM scores: the whole pool, or (score.sample / score.minutes on a large pool) a sample
+    stratified by cluster -> score_sample.parquet. The rest is predicted after scoring (curate.distill)."""
+    from curate.distill import choose_sample, sample_size
+    from curate.plan import gpu_available, lm_rows_per_second
 
-    return score_records(ctx, scorer_name, _slice(ctx.records(), shard))
+    cfg, run = ctx.recipe.score, ctx.run
+    recs = ctx.records(["id"])
+    clusters = None
+    if run.file("clusters.parquet").exists():
+        clusters = recs.join(pl.read_parquet(run.file("clusters.parquet")), on="id", how="left")["cluster"]
+        clusters = clusters.fill_null(-1).to_numpy()
+    n = sample_size(recs.height, sample=cfg.sample, minutes=cfg.minutes, engine_is_gpu=gpu_available(),
+                    rows_per_second=lm_rows_per_second(ctx.recipe) if cfg.minutes else None)
+    ids = recs["id"].to_list() if n >= recs.height else choose_sample(recs["id"], clusters, n, ctx.recipe.seed)
+    write_parquet(pl.DataFrame({"id": ids}, schema={"id": pl.String}).to_arrow(), run.file("score_sample.parquet"))
+    run.set("score_sample", {"pool": recs.height, "sample": len(ids), "sample_option": cfg.sample,
+                             "minutes": cfg.minutes, "stratified_by": "cluster" if clusters is not None else None})
+    return {"sample": len(ids), "pool": recs.height}
+
+
+def stage_score(ctx: RunContext, scorer_name: str, shard: Shard | None = None) -> dict[str, Any]:
+    """Score records (or one shard) with one scorer into the score store; only unscored ids are computed.
+
+    An LM scorer with a sample scores the sample's share of the shard (shard bounds are over records)."""
+    from curate.scoring.recipe import score_records, scored_rows
+
+    recs = ctx.records()
+    rows = scored_rows(ctx, scorer_name, recs)
+    if shard is not None and rows.height != recs.height:
+        m, n = rows.height, max(recs.height, 1)
+        shard = (shard[0] * m // n, shard[1] * m // n)
+    return score_records(ctx, scorer_name, _slice(rows, shard))
 
 
 def stage_collect_scores(ctx: RunContext) -> dict[str, Any]:
@@ -268,7 +296,7 @@ def stage_report(ctx: RunContext) -> dict[str, Any]:
 
 def build_pipeline(recipe: Recipe) -> list[Stage]:
     """The stages this recipe runs, in order. Every executor runs exactly this list."""
-    from curate.scoring.recipe import make_scorer, ordered, uses_engine
+    from curate.scoring.recipe import make_scorer, ordered, sampled, uses_engine
 
     S = Stage
     stages = [S("ingest", stage_ingest, reads=("@inputs",),
@@ -290,21 +318,27 @@ def build_pipeline(recipe: Recipe) -> list[Stage]:
     if embedded and not late_semdedup:
         stages.append(semdedup)
     names = ordered(recipe, recipe.score.scorers)
+    lm = sampled(recipe)
+    if lm:
+        stages.append(S("sample", stage_sample, reads=("records.parquet", "clusters.parquet"),
+                        writes=("score_sample.parquet",), sections=("score.sample", "score.minutes", "score.model",
+                                                                    "seed"),
+                        modules=("curate.distill", "curate.plan")))
     if names and uses_engine(recipe):
         stages.append(S("model", stage_model, reads=("records.parquet",), writes=("@model",),
                         sections=("score.model", "seed"), modules=("curate.context",), cached=False))
     for name in names:
         scorer = make_scorer(recipe, name)
-        reads = ["records.parquet"] + ["@model"] * bool(scorer.needs.engine)
+        reads = ["records.parquet"] + ["@model"] * bool(scorer.needs.engine) + ["score_sample.parquet"] * (name in lm)
         reads += ["@embeddings"] * bool(scorer.needs.embeddings) + [f"@scores:{d}" for d in scorer.needs.scores]
         stages.append(S(f"score:{name}", stage_score, reads=tuple(reads), writes=(f"@scores:{name}",),
                         sections=("score", f"score.params.{name}") + ("embed",) * bool(scorer.needs.embeddings),
                         modules=(type(scorer).__module__, "curate.scoring.recipe"), sharded=True, args=(name,)))
     if names:
         stages.append(S("collect-scores", stage_collect_scores,
-                        reads=("records.parquet", *(f"@scores:{n}" for n in names)), writes=("scores.parquet",),
-                        sections=("score",) + tuple(f"score.params.{n}" for n in names),
-                        modules=("curate.scoring.recipe",)))
+                        reads=("records.parquet", "score_sample.parquet", *(f"@scores:{n}" for n in names)),
+                        writes=("scores.parquet",), sections=("score", "embed", "seed")
+                        + tuple(f"score.params.{n}" for n in names), modules=("curate.scoring.recipe",)))
     if late_semdedup:
         stages.append(S("semdedup", stage_semdedup, reads=semdedup.reads + ("scores.parquet",),
                         writes=semdedup.writes, sections=semdedup.sections, modules=semdedup.modules))

@@ -42,7 +42,8 @@ def test_dependencies_follow_reads_and_writes():
                                                "select.strategy": "iterative"}))
     deps = dependencies(stages)
     assert deps["score:heuristics"] == ["ingest"]  # runs beside the embedding shards
-    assert deps["score:ifd"] == ["ingest", "model"]
+    assert deps["score:ifd"] == ["ingest", "model", "sample"]
+    assert deps["sample"] == ["cluster", "ingest"]
     assert set(deps["select"]) >= {"ingest", "embed", "cluster", "semdedup", "collect-scores", "model"}
     assert deps["cluster"] == ["embed", "ingest"]
 
