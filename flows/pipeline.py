@@ -1,6 +1,6 @@
 """The curate pipeline as one Prefect flow: the same stage list as `curate.pipeline.run_local`, as tasks.
 
-Why this shape (measured in shared/PREFECT-NOTES.md):
+Why this shape (Prefect measured on this kind of machine: start-up, pins, per-task cost):
 - One generic task runs any stage through `curate.pipeline.run_stage`, which owns caching (JSON results keyed
   by the stage's declared inputs, recipe sections and code), so the flow and the local executor give the same
   outputs and share a cache. Prefect persists no results (no pickles to tamper with); a cache hit shows as a

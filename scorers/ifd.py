@@ -1,6 +1,6 @@
 """Instruction-Following Difficulty: how much the instruction helps the model predict the answer.
 
-Two published definitions from the same two passes (METHODS.md §6), kept as separate columns because they
+Two published definitions from the same two passes (docs/methods.md §6), kept as separate columns because they
 rank differently:
 - `ifd`     Cherry LLM (tianyi-lab/Cherry_LLM data_by_IFD.py): mean answer-token loss given the prompt /
             mean answer-token loss after the unconditioned prefix, a ratio of losses.

@@ -1,7 +1,7 @@
 """The LM interface every model-based scorer uses, and the prompt/response encoding both engines share.
 
 Why the encoding lives here: the response-token span is the main reproducibility hazard for IFD, GRAPE and
-DONOD (METHODS.md §9). Both engines get their token ids from `Encoder.encode`, so the transformers and vLLM
+DONOD (docs/methods.md §9). Both engines get their token ids from `Encoder.encode`, so the transformers and vLLM
 engines score exactly the same ids, and a tokeniser never sees prompt and response as one string (a BPE merge
 across the boundary cannot shift the span).
 
@@ -300,7 +300,7 @@ def weights_fingerprint(path: str | Path) -> str:
 
 
 class Engine(ABC):
-    """A causal LM behind one small interface (METHODS.md §9): logprobs, generation, choice probabilities."""
+    """A causal LM behind one small interface (docs/methods.md §9): logprobs, generation, choice probabilities."""
 
     config: LMConfig
     encoder: Encoder
