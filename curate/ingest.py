@@ -152,7 +152,7 @@ def dedup(run: Run, *, require_records: bool = True) -> tuple[int, int]:
 
 def _empty_pool(run: Run) -> None:
     """Write the decision log of a run whose pool is empty (every row rejected), then raise EmptyPoolError."""
-    from curate.pipeline import build_decisions
+    from curate.decisions import build_decisions
 
     none = pl.DataFrame(schema={"id": pl.String, "selected": pl.Boolean, "reason": pl.String,
                                 "rank_in_cluster": pl.Int32})

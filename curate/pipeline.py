@@ -32,8 +32,9 @@ import polars as pl
 
 from curate.config import Recipe
 from curate.context import RunContext
+from curate.decisions import build_decisions
 from curate.fingerprint import code_fingerprint
-from curate.run import ConservationError, Run, atomic_path, cache_dir, sha256_file, write_parquet
+from curate.run import Run, atomic_path, cache_dir, sha256_file, write_parquet
 
 Shard = tuple[int, int]
 
@@ -212,42 +213,6 @@ def stage_collect_scores(ctx: RunContext) -> dict[str, Any]:
     ctx.run.stage("score", rows_in=ids.height, rows_out=ids.height, seconds=time.perf_counter() - t0,
                   scorers=ctx.recipe.score.scorers, columns=table.columns[1:])
     return {"columns": table.columns[1:]}
-
-
-def build_decisions(run: Run, pool_decisions: pl.DataFrame) -> pl.DataFrame:
-    """One row per INPUT row with its final status and reason; raises ConservationError if any is missing.
-
-    pool_decisions: id, selected, reason, rank_in_cluster (one row per pool row).
-    """
-    rej = pl.read_parquet(run.file("rejects.parquet"), columns=["source", "row", "reason"]).select(
-        "source", "row", pl.lit(None, pl.String).alias("id"), pl.lit("rejected").alias("status"),
-        ("rejected:" + pl.col("reason")).alias("reason"))
-    dups = pl.read_parquet(run.file("duplicates.parquet")).select(
-        "source", "row", "id", pl.lit("duplicate").alias("status"), pl.lit("duplicate").alias("reason"),
-        pl.col("duplicate_of"))
-    recs = pl.read_parquet(run.file("records.parquet"), columns=["source", "row", "id"])
-    sem = (pl.read_parquet(run.file("semdedup.parquet")) if run.file("semdedup.parquet").exists()
-           else pl.DataFrame(schema={"id": pl.String, "duplicate_of": pl.String, "similarity": pl.Float32}))
-    sem_rows = recs.join(sem, on="id", how="inner").select(
-        "source", "row", "id", pl.lit("semantic_duplicate").alias("status"),
-        pl.lit("semantic_duplicate").alias("reason"), "duplicate_of", "similarity")
-    pd_ = pool_decisions.select("id", "selected", "reason", "rank_in_cluster")
-    pool_rows = recs.join(pd_, on="id", how="inner").select(
-        "source", "row", "id",
-        pl.when(pl.col("selected")).then(pl.lit("selected")).otherwise(pl.lit("not_selected")).alias("status"),
-        "reason", "rank_in_cluster")
-    out = pl.concat([rej, dups, sem_rows, pool_rows], how="diagonal_relaxed")
-    for name in ("clusters.parquet", "scores.parquet"):
-        if run.file(name).exists():
-            extra = pl.read_parquet(run.file(name))
-            out = out.join(extra.select("id", "cluster") if name == "clusters.parquet" else extra, on="id",
-                           how="left")
-    n_in = sum(v["rows"] for v in run.manifest.get("inputs", {}).values())
-    if out.height != n_in:
-        raise ConservationError(f"decision log has {out.height} rows but {n_in} input rows were read")
-    if out.select(pl.struct("source", "row").is_duplicated().any()).item():
-        raise ConservationError("decision log has more than one final reason for some input row")
-    return out.sort("source", "row")
 
 
 def stage_select(ctx: RunContext) -> dict[str, Any]:
@@ -450,7 +415,14 @@ def run_stage(stage: Stage, run_dir: str, recipe: Recipe, key: str, shard: Shard
             return {**res, "cached": True}
     t0 = time.perf_counter()
     run = Run(run_dir, autosave=False)
-    info = stage(RunContext(run, recipe), shard) or {}
+    try:
+        info = stage(RunContext(run, recipe), shard) or {}
+    except BaseException:
+        if run.updates:  # what the stage recorded before it failed (counts that did not add up, totals) is kept
+            on_disk = Run(run_dir, autosave=False)
+            on_disk.merge(run.updates)
+            on_disk.save()
+        raise
     outputs = {n: sha256_file(run.file(n)) for n in stage.files() if run.file(n).exists()}
     res = {"key": k, "stage": stage.name, "shard": list(shard) if shard else None, "info": info,
            "outputs": outputs, "manifest": run.updates, "seconds": round(time.perf_counter() - t0, 3)}

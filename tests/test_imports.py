@@ -14,7 +14,6 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from conftest import ROOT
 
 PACKAGES = ("curate", "scorers", "flows")
@@ -194,7 +193,6 @@ def test_checker_finds_function_level_and_relative_cycles(tmp_path):
 # ---------------------------------------------------------------------------------------------- the project
 
 
-@pytest.mark.xfail(strict=False, reason="cycles being removed in #12")
 def test_no_import_cycles():
     edges = [e for e in import_edges(module_files(ROOT)) if not e.type_only]
     assert len(edges) > 50  # the checker sees the project (a wrong root would pass vacuously)
@@ -203,7 +201,6 @@ def test_no_import_cycles():
         f"{', '.join(g)}\n  e.g. {describe(c)}" for g, c in cycles)
 
 
-@pytest.mark.xfail(strict=False, reason="core still imports scorers/flows; being removed in #12")
 def test_core_never_imports_scorers_or_flows():
     """`curate` is the core: only its CLI, at the top, may import the packages built on it."""
     modules = module_files(ROOT)
