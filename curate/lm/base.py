@@ -190,7 +190,9 @@ class Encoder:
             # the chat header is what the template emits after BOS; BOS itself only if the template starts with it
             rendered = self._apply([{"role": "user", "content": "x"}], False)
             bos_text = self.tok.bos_token or ""
-            ids = (self.bos if bos_text and rendered.startswith(bos_text) else []) + self._text_ids(text)
+            # ... and not when the header itself starts with it (ChatML models whose BOS is <|im_start|>: SmolLM2)
+            add_bos = bool(bos_text) and rendered.startswith(bos_text) and not text.startswith(bos_text)
+            ids = (self.bos if add_bos else []) + self._text_ids(text)
         else:
             ids = self.bos + self._text_ids(text)
         if not ids:
