@@ -685,6 +685,8 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
             return c
     rows = plan.pool.sort("tokens").slice(plan.pool.height // 2 - cfg.batch_size, 2 * cfg.batch_size)
     convs = [_plain(m) for m in rows["messages"].to_list()]
+    import trl.trainer.sft_trainer  # noqa: F401  (a one-off import cost, not a per-unit one)
+
     t0 = time.perf_counter()
     model, tok, st = finetune(plan.student, convs, replace(cfg, max_steps=steps, epochs=1.0), 0, dtype=plan.dtype)
     engine = _engine(plan.student, model, tok, cfg, plan.dtype)

@@ -268,9 +268,9 @@ def test_cli_dry_run_and_errors(run_dir, tiny_lm, tmp_path):
     assert res.exit_code == 0, res.output
     assert "estimated time" in res.output and "random_tokens seed 1" in res.output
     res = runner.invoke(app, ["eval", str(tmp_path), "--student", tiny_lm, "--dry-run"])
-    assert res.exit_code == 2 and "records.parquet: missing" in res.output
+    assert res.exit_code == 2 and "records.parquet: missing" in " ".join(res.output.split())
     res = runner.invoke(app, ["eval", str(run_dir), "--student", tiny_lm, "--arms", "selected,bogus"])
-    assert res.exit_code == 2 and "unknown arm" in res.output
+    assert res.exit_code == 2 and "unknown arm" in " ".join(res.output.split())
 
 
 def test_config_is_checked():
