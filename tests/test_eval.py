@@ -278,3 +278,17 @@ def test_config_is_checked():
         EvalConfig(seeds=0)
     with pytest.raises(ValueError, match="gen_tokens"):
         replace(EvalConfig(), max_length=64, gen_tokens=64)
+
+
+def test_lora_fine_tune_merges_and_learns(plan, tiny_lm):
+    from curate.eval import _engine, finetune
+    from curate.lm.proxy import response_losses
+
+    convs = plan.references[0].convs[:8]
+    cfg = replace(plan.config, lora=True, lora_r=8, epochs=6.0, lr=2e-2)
+    model, tok, stats = finetune(tiny_lm, convs, cfg, 0, dtype="float32")
+    assert not any("lora" in n for n, _ in model.named_parameters())  # merged back into a plain model
+    tuned = response_losses(_engine(tiny_lm, model, tok, cfg, "float32"), convs)
+    base = response_losses(_engine(tiny_lm, None, None, cfg, "float32"), convs)
+    assert tuned[0].sum() / tuned[1].sum() < base[0].sum() / base[1].sum() - 0.05
+    assert stats["steps"] == 6
