@@ -273,14 +273,13 @@ def validate_recipe(recipe: Recipe, *, outputs: bool = True) -> None:
 
 def _check_scorers(recipe: Recipe) -> set[str]:
     """The columns the recipe's scorers write; RecipeError naming the scorer as the user typed it."""
-    from curate.scoring import ALIASES, ScorerError, available, canonical, get_scorer
+    from curate.scoring import ScorerError, available, get_scorer
 
-    back = {v: k for k, v in ALIASES.items()}
-    names = [back.get(n, n) for n in available()]
+    names = available()
     cols: set[str] = set()
     for name in recipe.score.scorers:
         try:
-            scorer = get_scorer(canonical(name), **recipe.score.params.get(name, {}))
+            scorer = get_scorer(name, **recipe.score.params.get(name, {}))
         except ScorerError as e:
             msg = str(e)
             if "unknown scorer" in msg:
