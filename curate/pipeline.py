@@ -163,23 +163,24 @@ def build_decisions(run: Run, pool_decisions: pl.DataFrame) -> pl.DataFrame:
 
     pool_decisions: id, selected, reason, rank_in_cluster (one row per pool row).
     """
-    rej = pl.read_parquet(run.file("rejects.parquet"), columns=["source", "row", "reason"]).select(
+    meta = ["meta"] if "meta" in pl.read_parquet_schema(run.file("records_all.parquet")) else []  # user's columns
+    rej = pl.read_parquet(run.file("rejects.parquet"), columns=["source", "row", "reason", *meta]).select(
         "source", "row", pl.lit(None, pl.String).alias("id"), pl.lit("rejected").alias("status"),
-        ("rejected:" + pl.col("reason")).alias("reason"), pl.col("reason").alias("_detail"))
+        ("rejected:" + pl.col("reason")).alias("reason"), pl.col("reason").alias("_detail"), *meta)
     dups = pl.read_parquet(run.file("duplicates.parquet")).select(
         "source", "row", "id", pl.lit("duplicate").alias("status"), pl.lit("duplicate").alias("reason"),
-        pl.col("duplicate_of"))
-    recs = records(run, ["source", "row", "id"])
+        pl.col("duplicate_of"), *meta)
+    recs = records(run, ["source", "row", "id", *meta])
     sem = (pl.read_parquet(run.file("semdedup.parquet")) if run.file("semdedup.parquet").exists()
            else pl.DataFrame(schema={"id": pl.String, "duplicate_of": pl.String, "similarity": pl.Float32}))
     sem_rows = recs.join(sem, on="id", how="inner").select(
         "source", "row", "id", pl.lit("semantic_duplicate").alias("status"),
-        pl.lit("semantic_duplicate").alias("reason"), "duplicate_of", "similarity")
+        pl.lit("semantic_duplicate").alias("reason"), "duplicate_of", "similarity", *meta)
     pd_ = pool_decisions.select("id", "selected", "reason", "rank_in_cluster")
     pool_rows = recs.join(pd_, on="id", how="inner").select(
         "source", "row", "id",
         pl.when(pl.col("selected")).then(pl.lit("selected")).otherwise(pl.lit("not_selected")).alias("status"),
-        "reason", "rank_in_cluster")
+        "reason", "rank_in_cluster", *meta)
     out = pl.concat([rej.drop("_detail"), dups, sem_rows, pool_rows], how="diagonal_relaxed")
     extra = []
     if run.file("clusters.parquet").exists():
