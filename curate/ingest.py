@@ -80,9 +80,10 @@ def ingest(
             c.records += len(recs)
             rej_w.write(rejs)
             bar.update(task, completed=c.rows, total=c.rows)
-        meta_type = unify_meta(rec_w.meta_types + rej_w.meta_types)
-        rec_w.close(meta_type)
-        rej_w.close(meta_type)
+        # records and rejects keep only their own meta fields, typed alike so decisions can join them
+        every = rec_w.meta_types + rej_w.meta_types
+        rec_w.close(unify_meta(every, only=rec_w.meta_types))
+        rej_w.close(unify_meta(every, only=rej_w.meta_types))
     rows_in = sum(c.rows for c in counts.values())
     rejected: Counter = Counter()
     for c in counts.values():

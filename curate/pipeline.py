@@ -163,10 +163,13 @@ def build_decisions(run: Run, pool_decisions: pl.DataFrame) -> pl.DataFrame:
 
     pool_decisions: id, selected, reason, rank_in_cluster (one row per pool row).
     """
-    meta = ["meta"] if "meta" in pl.read_parquet_schema(run.file("records_all.parquet")) else []  # user's columns
-    rej = pl.read_parquet(run.file("rejects.parquet"), columns=["source", "row", "reason", *meta]).select(
+    def meta_of(name: str) -> list[str]:  # the user's own columns, when the inputs had any
+        return ["meta"] if "meta" in pl.read_parquet_schema(run.file(name)) else []
+
+    meta, rej_meta = meta_of("records_all.parquet"), meta_of("rejects.parquet")
+    rej = pl.read_parquet(run.file("rejects.parquet"), columns=["source", "row", "reason", *rej_meta]).select(
         "source", "row", pl.lit(None, pl.String).alias("id"), pl.lit("rejected").alias("status"),
-        ("rejected:" + pl.col("reason")).alias("reason"), pl.col("reason").alias("_detail"), *meta)
+        ("rejected:" + pl.col("reason")).alias("reason"), pl.col("reason").alias("_detail"), *rej_meta)
     dups = pl.read_parquet(run.file("duplicates.parquet")).select(
         "source", "row", "id", pl.lit("duplicate").alias("status"), pl.lit("duplicate").alias("reason"),
         pl.col("duplicate_of"), *meta)

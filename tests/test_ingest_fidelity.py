@@ -209,3 +209,16 @@ def test_relative_source_in_run_direct(tmp_path, monkeypatch):
     run = run_direct(recipe)
     assert set(pl.read_parquet(run.file("decisions.parquet"))["source"]) == {"in.jsonl"}
     assert not os.path.isabs(pl.read_parquet(run.file("selected.parquet"))["source"][0])
+
+
+def test_rejects_keep_their_own_meta_fields_typed_like_records(tmp_path):
+    f = _write(tmp_path / "m.jsonl", [
+        {"id": 1, "instruction": "q", "output": "a", "lang": "en"},
+        {"id": "x-2", "turns": ["an eval prompt"], "category": "writing"},  # no format fits: rejected
+    ])
+    run = _ingest(tmp_path, f)
+    rec_meta = pl.read_parquet(run.file("records.parquet")).schema["meta"]
+    rej_meta = pl.read_parquet(run.file("rejects.parquet")).schema["meta"]
+    assert [f.name for f in rec_meta.fields] == ["id", "lang"]
+    assert [f.name for f in rej_meta.fields] == ["id", "turns", "category"]
+    assert rec_meta.fields[0].dtype == rej_meta.fields[0].dtype == pl.String

@@ -89,13 +89,18 @@ def _unify_type(types: list[pa.DataType]) -> pa.DataType:
     return pa.string()
 
 
-def unify_meta(types: list[pa.DataType]) -> pa.StructType | None:
-    """One struct type holding every field of `types` (first-seen order); None when there is no field."""
+def unify_meta(types: list[pa.DataType], only: list[pa.DataType] | None = None) -> pa.StructType | None:
+    """One struct type holding every field of `types` (first-seen order); None when there is no field.
+
+    `only`: keep just the fields that occur in these types (typed as unified over all `types`), so two tables
+    (records and rejects) get types that agree on every field they share and can be concatenated.
+    """
     by_name: dict[str, list[pa.DataType]] = {}
     for t in types:
         for f in t:
             by_name.setdefault(f.name, []).append(f.type)
-    fields = [pa.field(name, _unify_type(ts)) for name, ts in by_name.items()]
+    keep = None if only is None else {f.name for t in only for f in t}
+    fields = [pa.field(name, _unify_type(ts)) for name, ts in by_name.items() if keep is None or name in keep]
     return pa.struct(fields) if fields else None
 
 
