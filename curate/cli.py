@@ -158,16 +158,23 @@ def inspect(path: Path = typer.Argument(..., help="A dataset file/folder or a ru
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder with selected.parquet."),
     fmt: str = typer.Option("sharegpt", "--format", help="alpaca | sharegpt"),
-    dest: Path = typer.Option(None, "--dest", help="Output JSONL (default: RUN/selected.<format>.jsonl)."),
+    dest: Path = typer.Option(None, "--dest", help="Output JSONL (default: `RUN/selected.FORMAT.jsonl`)."),
+    license: str = typer.Option(None, "--license", help="License id for the dataset card (e.g. cc-by-4.0)."),
+    license_note: str = typer.Option(None, "--license-note", help="Attribution / terms sentence for the card."),
 ) -> None:
-    """Export the selected subset to Alpaca or ShareGPT JSONL."""
+    """Export the selected subset to Alpaca or ShareGPT JSONL, with a LLaMA-Factory `dataset_info.json` and a
+    dataset card (`README.md`) beside it."""
     from curate.io.writers import export as do_export
+    from curate.io.writers import write_handoff
 
     src = run_dir / "selected.parquet"
     if not src.exists():
         _fail(f"{src}: no selected.parquet in this run (run `curate select` first)")
-    path = _guard(do_export, src, fmt, dest or run_dir / f"selected.{fmt}.jsonl")
-    out.print(f"wrote {path}")
+    path = _guard(do_export, src, fmt, dest or run_dir / f"selected.{fmt}.jsonl", handoff=False)
+    files, notes = _guard(write_handoff, src, path.parent, license=license, license_note=license_note)
+    out.print(f"wrote {path}", *files, sep="\n  ", highlight=False)
+    for note in notes:
+        err.print(f"note: {note}", highlight=False)
 
 
 @app.command()

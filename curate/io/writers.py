@@ -13,6 +13,7 @@ ShareGPT JSONL: conversations [{from: human|gpt|system, value}], any number of t
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -178,32 +179,210 @@ class PartedParquet:
 EXPORT_FORMATS = ("alpaca", "sharegpt")
 _SHAREGPT_FROM = {"user": "human", "assistant": "gpt", "system": "system"}
 
+#: LLaMA-Factory `dataset_info.json` entries (its data/README.md): without `system` and `history` in
+#: `columns`, LLaMA-Factory reads an Alpaca file as single-turn with no system prompt.
+_LF_ROLE_TAGS = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
+LLAMAFACTORY_ENTRIES: dict[str, dict[str, Any]] = {
+    "parquet": {"formatting": "sharegpt", "columns": {"messages": "messages"},
+                "tags": {"role_tag": "role", "content_tag": "content", **_LF_ROLE_TAGS}},
+    "alpaca": {"formatting": "alpaca", "columns": {"prompt": "instruction", "query": "input", "response": "output",
+                                                   "system": "system", "history": "history"}},
+    "sharegpt": {"formatting": "sharegpt", "columns": {"messages": "conversations"},
+                 "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                          "system_tag": "system"}},
+}
+CARD_MARK = "<!-- dataset card written by `curate export`; it rewrites this file, so edit a copy -->"
+
+
+def _pairs(turns: list[dict[str, str]]) -> list[tuple[str, str]]:
+    """(user, assistant) pairs; consecutive turns of one role are joined (Alpaca has no other way to hold them)."""
+    blocks: list[list[str]] = []
+    for m in turns:
+        if blocks and blocks[-1][0] == m["role"]:
+            blocks[-1][1] += "\n\n" + m["content"]
+        else:
+            blocks.append([m["role"], m["content"]])
+    if blocks and blocks[0][0] == "assistant":
+        blocks.insert(0, ["user", ""])
+    return [(blocks[i][1], blocks[i + 1][1]) for i in range(0, len(blocks) - 1, 2)]
+
 
 def _alpaca(messages: list[dict[str, str]]) -> dict:
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-    turns = [m for m in messages if m["role"] != "system"]
-    pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns) - 1, 2)]
+    pairs = _pairs([m for m in messages if m["role"] != "system"])
     last_user, last_answer = pairs[-1]
-    row = {"instruction": last_user, "input": "", "output": last_answer}
-    if system:
-        row["system"] = system
-    if len(pairs) > 1:
-        row["history"] = [list(p) for p in pairs[:-1]]
-    return row
+    # system and history always present, so every row has the same keys (one schema for `datasets`)
+    return {"instruction": last_user, "input": "", "output": last_answer, "system": system,
+            "history": [list(p) for p in pairs[:-1]]}
 
 
 def _sharegpt(messages: list[dict[str, str]]) -> dict:
     return {"conversations": [{"from": _SHAREGPT_FROM[m["role"]], "value": m["content"]} for m in messages]}
 
 
-def export(parquet: str | Path, fmt: str, out: str | Path) -> Path:
-    """Write `parquet`'s `messages` (plus `id`) as `fmt` JSONL to `out`, atomically."""
+def export(parquet: str | Path, fmt: str, out: str | Path, *, handoff: bool = True) -> Path:
+    """Write `parquet`'s `messages` (plus curate's `id` and the user's `meta`) as `fmt` JSONL to `out`, atomically.
+
+    handoff: also write `dataset_info.json` and the dataset card next to `out` (see `write_handoff`).
+    """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {EXPORT_FORMATS}")
     convert = _alpaca if fmt == "alpaca" else _sharegpt
     out = Path(out)
-    df = pl.read_parquet(parquet, columns=["id", "messages"])
+    cols = ["id", "messages", *([META] if META in pl.read_parquet_schema(parquet) else [])]
+    df = pl.read_parquet(parquet, columns=cols)
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-        for rid, messages in df.iter_rows():
-            fh.write(orjson.dumps({"id": rid, **convert(messages)}) + b"\n")
+        for row in df.iter_rows(named=True):
+            rec = {"id": row["id"], **convert(row["messages"])}
+            if row.get(META) is not None:
+                rec[META] = row[META]
+            fh.write(orjson.dumps(rec, default=str) + b"\n")
+    if handoff:
+        write_handoff(parquet, out.parent)
     return out
+
+
+def _rel(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+
+
+def _exports_in(folder: Path, parquet: Path) -> dict[str, Path]:
+    """The files a trainer can read in `folder`: selected.parquet's own name plus its JSONL exports."""
+    found = {"parquet": parquet}
+    stem = parquet.name.removesuffix(".parquet")
+    for fmt in EXPORT_FORMATS:
+        if (folder / f"{stem}.{fmt}.jsonl").exists():
+            found[fmt] = folder / f"{stem}.{fmt}.jsonl"
+    return found
+
+
+def write_dataset_info(parquet: str | Path, folder: str | Path) -> Path:
+    """Add (or refresh) LLaMA-Factory entries for the subset's files to `folder`/dataset_info.json.
+
+    Entries are named after the Parquet's stem (`selected`, `selected_alpaca`, `selected_sharegpt`); other
+    entries already in the file are kept. Use: `dataset_dir: <folder>`, `dataset: selected`.
+    """
+    parquet, folder = Path(parquet), Path(folder)
+    path = folder / "dataset_info.json"
+    info = orjson.loads(path.read_bytes()) if path.exists() else {}
+    stem = parquet.name.removesuffix(".parquet")
+    for fmt, file in _exports_in(folder, parquet).items():
+        name = stem if fmt == "parquet" else f"{stem}_{fmt}"
+        info[name] = {"file_name": _rel(file, folder), **LLAMAFACTORY_ENTRIES[fmt]}
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2) + b"\n")
+    return path
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if n < limit:
+            return name
+    return "10M<n<100M"
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def dataset_card(parquet: str | Path, folder: str | Path, *, license: str | None = None,
+                 license_note: str | None = None) -> str:
+    """A Hugging Face dataset card (README.md) for the subset: sources, recipe, counts, license, how to load."""
+    import yaml
+
+    parquet, folder = Path(parquet), Path(folder)
+    manifest_path = parquet.parent / "manifest.json"
+    m = orjson.loads(manifest_path.read_bytes()) if manifest_path.exists() else {}
+    sel = pl.read_parquet(parquet, columns=["source"])
+    files = _exports_in(folder, parquet)
+    configs = [{"config_name": "default" if fmt == "parquet" else fmt,
+                "data_files": [{"split": "train", "path": _rel(f, folder)}]} for fmt, f in files.items()]
+    head = {"license": license or "unknown", **({"license_note": license_note} if license_note else {}),
+            "task_categories": ["text-generation"],
+            "tags": ["curate", "instruction-tuning", "sft"], "size_categories": [_size_category(sel.height)],
+            "configs": configs}
+    cfg = m.get("config", {})
+    sel_cfg, score_cfg = cfg.get("select", {}), cfg.get("score", {})
+    inputs = m.get("inputs", {})
+    n_in = m.get("totals", {}).get("input_rows", sum(e.get("rows", 0) for e in inputs.values()))
+    name = cfg.get("name") if cfg.get("name") not in (None, "run") else parquet.parent.name
+    budget = next((f"{v} {unit}" for k, unit in (("budget", "rows"), ("fraction", "of the pool"),
+                                                 ("budget_tokens", "tokens")) if (v := sel_cfg.get(k)) is not None),
+                  "none")
+    lines = ["---", yaml.safe_dump(head, sort_keys=False).rstrip(), "---", CARD_MARK, "",
+             f"# {name}: a curated instruction-tuning subset", "",
+             f"{sel.height:,} conversations selected by curate from {n_in:,} input rows "
+             f"in {len(inputs)} source file(s): strategy `{sel_cfg.get('strategy', '?')}`, budget {budget}, "
+             f"scorers {', '.join(f'`{s}`' for s in score_cfg.get('scorers', [])) or 'none'}.", "",
+             "## License", ""]
+    if license:
+        lines.append(f"`{license}`." + (f" {license_note}" if license_note else ""))
+    else:
+        lines.append("Not stated. The subset inherits the terms of its source files below; set them with "
+                     "`curate export RUN --license ID --license-note TEXT`." + (f" {license_note}" if license_note
+                                                                                 else ""))
+    per_source = dict(sel.group_by("source").len().iter_rows())
+    lines += ["", "## Source files", "", "| file | sha256 | rows read | rejected | duplicates | selected |",
+              "|---|---|---:|---:|---:|---:|"]
+    for path, e in inputs.items():
+        lines.append(f"| {_md(path)} | `{str(e.get('sha256', ''))[:16]}` | {e.get('rows', 0):,} | "
+                     f"{sum(e.get('rejected', {}).values()):,} | {e.get('duplicates', 0):,} | "
+                     f"{per_source.get(path, 0):,} |")
+    lines += ["", "## Counts", "", "| outcome (reason) | rows |", "|---|---:|", f"| input rows | {n_in:,} |"]
+    for reason, n in sorted(m.get("totals", {}).get("reasons", {}).items()):
+        lines.append(f"| {_md(reason)} | {n:,} |")
+    lines += ["", "Every input row has exactly one outcome with a reason in the run's `decisions.parquet`.",
+              "", "## Files", "", "| file | format | load with |", "|---|---|---|"]
+    how = {"parquet": "`datasets.load_dataset(\"parquet\", ...)`; TRL `SFTTrainer` reads `messages` as is",
+           "alpaca": "LLaMA-Factory (`dataset_info.json` entry with `system` and `history`)",
+           "sharegpt": "LLaMA-Factory, FastChat, axolotl (`conversations` with `from`/`value`)"}
+    fmt_name = {"parquet": "Parquet, OpenAI `messages`", "alpaca": "Alpaca JSONL", "sharegpt": "ShareGPT JSONL"}
+    for fmt, f in files.items():
+        lines.append(f"| `{_rel(f, folder)}` | {fmt_name[fmt]} | {how[fmt]} |")
+    lines += ["", "LLaMA-Factory: `dataset_dir: <this folder>` and `dataset: "
+              f"{parquet.name.removesuffix('.parquet')}` (entries in `dataset_info.json`).", "",
+              "Columns: `messages` (the conversation), `id` (curate's content hash), `meta` (each source row's own "
+              "fields, e.g. its original `id`, when it had any), `source` and `row` (where it came from), "
+              "scores and `cluster`.", "",
+              "## Recipe", "", "```yaml",
+              yaml.safe_dump({k: v for k, v in cfg.items() if k not in ("out",)}, sort_keys=False).rstrip(),
+              "```", ""]
+    versions = m.get("versions", {})
+    if versions:
+        lines += [f"Made with curate {versions.get('curate', '')} on {m.get('created', '?')}.", ""]
+    return "\n".join(lines)
+
+
+def _card_license(card: str) -> tuple[str | None, str | None]:
+    import yaml
+
+    try:
+        head = yaml.safe_load(card.split("---")[1]) or {}
+    except (IndexError, yaml.YAMLError):
+        return None, None
+    lic = head.get("license")
+    note = head.get("license_note")
+    return (lic if lic and lic != "unknown" else None), note
+
+
+def write_handoff(parquet: str | Path, folder: str | Path, *, license: str | None = None,
+                  license_note: str | None = None) -> tuple[list[Path], list[str]]:
+    """dataset_info.json + README.md (dataset card) in `folder`; a README.md curate did not write is kept.
+
+    Returns (files written, notes for the user).
+    """
+    folder = Path(folder)
+    written, notes = [write_dataset_info(parquet, folder)], []
+    readme = folder / "README.md"
+    old = readme.read_text(errors="replace") if readme.exists() else ""
+    if old and CARD_MARK not in old:
+        notes.append(f"{readme} exists and was not written by curate: dataset card not written")
+    else:
+        if license is None and old:  # a re-export without --license keeps the license given before
+            license, license_note = _card_license(old)
+        text = dataset_card(parquet, folder, license=license, license_note=license_note)
+        with atomic_path(readme) as tmp:
+            tmp.write_text(text)
+        written.append(readme)
+    return written, notes
