@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from curate.progress import make_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Budgeted, diversity-balanced data selection for LLM instruction tuning.")
@@ -26,12 +27,26 @@ proxy_app = typer.Typer(no_args_is_help=True, help="Train, fine-tune and evaluat
 im_app = typer.Typer(no_args_is_help=True, help="InstructMining: fit the linear rule to your own results.")
 app.add_typer(proxy_app, name="proxy")
 app.add_typer(im_app, name="instructmining")
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"curate {version('curate')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Budgeted, diversity-balanced data selection for LLM instruction tuning."""
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 
-OutOpt = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<name>).")
+OutOpt = typer.Option(None, "--out", "-o", help="Run folder (default: `runs/<name>`).")
 ConfigOpt = typer.Option(None, "--config", "-c", help="Recipe YAML with any option; flags override it.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (clustering, sampling).")
 
@@ -65,8 +80,9 @@ def _recipe(inputs: list[str] | None, config: Path | None, overrides: dict[str, 
     from curate.config import load_recipe
 
     recipe = load_recipe(config, {**overrides, "inputs": list(inputs) if inputs else None})
-    if not recipe.inputs:
-        recipe.inputs = [str(SAMPLE)]
+    if not recipe.inputs:  # the bundled sample, named relative to here when it is below (it ends up in `source`)
+        here = Path.cwd().resolve()
+        recipe.inputs = [os.path.relpath(SAMPLE, here) if SAMPLE.is_relative_to(here) else str(SAMPLE)]
     if overrides.get("out") is None and (config is None or "out" not in (recipe.model_fields_set or set())):
         recipe.out = str(Path("runs") / recipe.name) if recipe.out == "runs/run" else recipe.out
     return recipe
@@ -92,13 +108,9 @@ def ingest(
 
 
 def _print_inputs(manifest: dict) -> None:
-    t = Table("input", "rows", "records", "duplicates", "rejected", "formats", title="ingest")
-    for path, e in manifest.get("inputs", {}).items():
-        rej = ", ".join(f"{k}:{v}" for k, v in e.get("rejected", {}).items()) or "0"
-        fm = ", ".join(f"{k}:{v}" for k, v in e.get("formats", {}).items())
-        t.add_row(path, str(e["rows"]), str(e["records"] - e.get("duplicates", 0)),
-                  str(e.get("duplicates", 0)), rej, fm)
-    out.print(t)
+    from curate.inspect import input_table
+
+    out.print(input_table(manifest, "ingest"))
 
 
 @app.command()
@@ -158,7 +170,7 @@ def inspect(path: Path = typer.Argument(..., help="A dataset file/folder or a ru
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder with selected.parquet."),
     fmt: str = typer.Option("sharegpt", "--format", help="alpaca | sharegpt"),
-    dest: Path = typer.Option(None, "--dest", help="Output JSONL (default: `RUN/selected.FORMAT.jsonl`)."),
+    dest: Path = typer.Option(None, "--dest", help="Output JSONL (default: `RUN/selected.<format>.jsonl`)."),
     license: str = typer.Option(None, "--license", help="License id for the dataset card (e.g. cc-by-4.0)."),
     license_note: str = typer.Option(None, "--license-note", help="Attribution / terms sentence for the card."),
 ) -> None:
