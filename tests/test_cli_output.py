@@ -81,3 +81,31 @@ def test_version():
 def test_help_shows_placeholders_literally():
     assert "RUN/selected.<format>.jsonl" in _cli("export", "--help", env={"COLUMNS": "200"}).stdout
     assert "runs/<name>" in _cli("ingest", "--help", env={"COLUMNS": "200"}).stdout
+
+
+def test_plain_progress_prints_periodic_lines_and_a_last_one():
+    import io
+
+    from rich.console import Console
+
+    from curate.progress import PlainProgress
+
+    buf = io.StringIO()
+    with PlainProgress(Console(file=buf, width=100), every=0) as bar:
+        t = bar.add_task("embed user", total=5)
+        for _ in range(4):
+            bar.advance(t)
+        open_task = bar.add_task("scan", total=None)
+        bar.update(open_task, completed=7)
+    lines = buf.getvalue().splitlines()
+    # every update (every=0 s), then a last line for each task left open when the bar closes
+    assert [line.split(",")[0] for line in lines] == [
+        "embed user: 1/5 (20%)", "embed user: 2/5 (40%)", "embed user: 3/5 (60%)", "embed user: 4/5 (80%)",
+        "scan: 7 rows", "embed user: 4/5 (80%)", "scan: 7 rows"]
+
+
+def test_default_sample_is_named_relative_to_the_working_folder(monkeypatch):
+    from curate.cli import _recipe
+
+    monkeypatch.chdir(ROOT)
+    assert _recipe(None, None, {"out": None}).inputs == ["data/sample"]
