@@ -56,18 +56,32 @@ def test_alpaca_history_becomes_earlier_turns(tmp_path):
     assert recs.row(1, named=True)["messages"][0]["content"] == "Single\n\nctx"
 
 
-def test_malformed_history_is_rejected_with_a_reason(tmp_path):
-    f = _write(tmp_path / "a.jsonl", [
-        {"instruction": "q", "output": "a", "history": [["only one"]]},
-        {"instruction": "q", "output": "a", "history": "not a list"},
-        {"instruction": "q", "output": "a", "history": [["u", 3.5]]},
-        {"instruction": "q", "output": "a", "history": [["", "answer to nothing"]]},
-    ])
-    run = _ingest(tmp_path, f)
+def test_multi_turn_corpus_rows_become_turns_or_rejects_with_reasons(tmp_path):
+    run = _ingest(tmp_path, CORPUS / "multi_turn_fields.jsonl")
     rej = _rejects(run)
-    assert {k: v[0] for k, v in rej.items()} == {1: "wrong_type", 2: "wrong_type", 3: "wrong_type",
-                                                  4: "empty_instruction"}
-    assert "history" in rej[1][1] and "history" in rej[2][1]
+    assert {k: v[0] for k, v in rej.items()} == {2: "wrong_type", 3: "wrong_type", 4: "wrong_type",
+                                                  5: "empty_instruction", 7: "wrong_type"}
+    assert "history" in rej[2][1] and "history" in rej[3][1] and "image_url" in rej[7][1]
+    recs = _records(run)
+    assert recs["n_turns"].to_list() == [2, 1] and recs["meta"].struct.field("id").to_list() == ["h-ok", "parts"]
+    # a rejected row keeps its own id too, so decisions can name it
+    assert pl.read_parquet(run.file("rejects.parquet"))["meta"].struct.field("id").to_list() == [
+        "h-short", "h-text", "h-num", "h-empty-user", "image"]
+
+
+def test_alpaca_history_in_csv_cells(tmp_path):
+    import csv
+
+    f = tmp_path / "a.csv"
+    with open(f, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["instruction", "input", "output", "history"])
+        w.writerow(["q2", "", "a2", json.dumps([["q1", "a1"]])])
+        w.writerow(["q", "", "a", ""])
+        w.writerow(["q", "", "a", "[not json"])
+    run = _ingest(tmp_path, f)
+    assert _records(run)["n_turns"].to_list() == [2, 1]
+    assert _rejects(run)[4][0] == "wrong_type"
 
 
 def test_sharegpt_system_field_and_openai_content_parts(tmp_path):

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from curate.schema import RowError
 
 Messages = list[dict[str, Any]]
@@ -53,6 +55,13 @@ def _instruction_input(instruction: str, extra: str) -> str:
 def _history(row: dict[str, Any]) -> Messages:
     """Alpaca `history` (LLaMA-Factory, LIMA): [[user, assistant], ...] turns that come before the row's own."""
     hist = row.get("history")
+    if isinstance(hist, str):  # CSV/TSV cells hold text: empty means none, else the list as JSON
+        if not hist.strip():
+            return []
+        try:
+            hist = orjson.loads(hist)
+        except orjson.JSONDecodeError:
+            raise RowError("wrong_type", "'history' is text that is not a JSON list of [user, assistant]") from None
     if hist is None:
         return []
     if not isinstance(hist, list):
