@@ -147,12 +147,10 @@ def select(
 
 def _summary(run) -> None:
     m = run.manifest
+    from curate.inspect import stage_table
+
     _print_inputs(m)
-    t = Table("stage", "in", "out", "dropped", "seconds", title="stages")
-    for name, s in m.get("stages", {}).items():
-        t.add_row(name, str(s["rows_in"]), str(s["rows_out"]),
-                  ", ".join(f"{k}:{v}" for k, v in s.get("dropped", {}).items()), f"{s['seconds']:.1f}")
-    out.print(t)
+    out.print(stage_table(m))
     out.print(f"selected: [bold]{run.file('selected.parquet')}[/]  decisions: {run.file('decisions.parquet')}")
     if run.file("report.html").exists():
         out.print(f"report: {run.file('report.html')}")

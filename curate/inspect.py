@@ -75,16 +75,22 @@ def _rejects(path: Path, console: Console) -> None:
     console.print(t)
 
 
+def stage_table(manifest: dict) -> Table:
+    """Rows in / out / dropped and seconds per stage."""
+    t = Table("stage", "in", "out", "dropped", "seconds", title="stages")
+    t.columns[3].overflow = "fold"
+    for name, s in manifest.get("stages", {}).items():
+        t.add_row(name, f"{s['rows_in']:,}", f"{s['rows_out']:,}",
+                  ", ".join(f"{k}:{v:,}" if isinstance(v, int) else f"{k}:{v}" for k, v in s.get("dropped", {}).items()), f"{s['seconds']:.1f}")
+    return t
+
+
 def inspect_run(run_dir: Path, console: Console, title: str | None = None) -> None:
     """Inputs, stages, lengths, rejects and decisions of a run folder, as tables."""
     run = Run(run_dir)
     m = run.manifest
     console.print(input_table(m, title or f"run {run_dir}"))
-    st = Table("stage", "in", "out", "dropped", "seconds", title="stages")
-    for name, s in m.get("stages", {}).items():
-        st.add_row(name, str(s["rows_in"]), str(s["rows_out"]),
-                   ", ".join(f"{k}:{v}" for k, v in s.get("dropped", {}).items()), f"{s['seconds']:.1f}")
-    console.print(st)
+    console.print(stage_table(m))
     if run.file("records.parquet").exists():
         _lengths(pl.read_parquet(run.file("records.parquet")), console)
     _rejects(run.file("rejects.parquet"), console)
