@@ -80,8 +80,8 @@ def stage_table(manifest: dict) -> Table:
     t = Table("stage", "in", "out", "dropped", "seconds", title="stages")
     t.columns[3].overflow = "fold"
     for name, s in manifest.get("stages", {}).items():
-        t.add_row(name, f"{s['rows_in']:,}", f"{s['rows_out']:,}",
-                  ", ".join(f"{k}:{v:,}" if isinstance(v, int) else f"{k}:{v}" for k, v in s.get("dropped", {}).items()), f"{s['seconds']:.1f}")
+        dropped = ", ".join(f"{k}:{v:,}" if isinstance(v, int) else f"{k}:{v}" for k, v in s.get("dropped", {}).items())
+        t.add_row(name, f"{s['rows_in']:,}", f"{s['rows_out']:,}", dropped, f"{s['seconds']:.1f}")
     return t
 
 
