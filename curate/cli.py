@@ -181,7 +181,8 @@ def export(
     if not src.exists():
         _fail(f"{src}: no selected.parquet in this run (run `curate select` first)")
     path = _guard(do_export, src, fmt, dest or run_dir / f"selected.{fmt}.jsonl", handoff=False)
-    files, notes = _guard(write_handoff, src, path.parent, license=license, license_note=license_note)
+    files, notes = _guard(write_handoff, src, path.parent, exports={fmt: path}, license=license,
+                          license_note=license_note)
     out.print(f"wrote {path}", *files, sep="\n  ", highlight=False)
     for note in notes:
         err.print(f"note: {note}", highlight=False)

@@ -196,3 +196,16 @@ def test_llamafactory_own_loader_reads_every_entry(run_dir):
             msgs = [(m["role"], m["content"]) for m in ex["_prompt"] + ex["_response"]]
             got.append(([("system", ex["_system"])] if ex["_system"] else []) + msgs)
         assert got == want, attr.dataset_name
+
+
+def test_export_to_another_folder_points_back_to_the_parquet(run_dir, tmp_path):
+    dest = tmp_path / "elsewhere" / "train.jsonl"
+    dest.parent.mkdir()
+    cmd = [sys.executable, "-m", "curate.cli", "export", str(run_dir), "--format", "alpaca", "--dest", str(dest)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 0, res.stderr
+    info = json.loads((dest.parent / "dataset_info.json").read_text())
+    assert (dest.parent / info["selected"]["file_name"]).resolve() == (run_dir / "selected.parquet").resolve()
+    assert info["selected"]["file_name"].startswith("..")
+    assert info["selected_alpaca"]["file_name"] == "train.jsonl"
+    assert (dest.parent / "README.md").exists()

@@ -238,7 +238,7 @@ def export(parquet: str | Path, fmt: str, out: str | Path, *, handoff: bool = Tr
                 rec[META] = row[META]
             fh.write(orjson.dumps(rec, default=str) + b"\n")
     if handoff:
-        write_handoff(parquet, out.parent)
+        write_handoff(parquet, out.parent, exports={fmt: out})
     return out
 
 
@@ -246,17 +246,20 @@ def _rel(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
 
 
-def _exports_in(folder: Path, parquet: Path) -> dict[str, Path]:
-    """The files a trainer can read in `folder`: selected.parquet's own name plus its JSONL exports."""
+def _exports_in(folder: Path, parquet: Path, exports: dict[str, Path] | None = None) -> dict[str, Path]:
+    """The files a trainer can read: the Parquet, the JSONL exports just written (`exports`), and exports with
+    the default names already in `folder`."""
     found = {"parquet": parquet}
     stem = parquet.name.removesuffix(".parquet")
     for fmt in EXPORT_FORMATS:
-        if (folder / f"{stem}.{fmt}.jsonl").exists():
+        if exports and fmt in exports:
+            found[fmt] = Path(exports[fmt])
+        elif (folder / f"{stem}.{fmt}.jsonl").exists():
             found[fmt] = folder / f"{stem}.{fmt}.jsonl"
     return found
 
 
-def write_dataset_info(parquet: str | Path, folder: str | Path) -> Path:
+def write_dataset_info(parquet: str | Path, folder: str | Path, exports: dict[str, Path] | None = None) -> Path:
     """Add (or refresh) LLaMA-Factory entries for the subset's files to `folder`/dataset_info.json.
 
     Entries are named after the Parquet's stem (`selected`, `selected_alpaca`, `selected_sharegpt`); other
@@ -266,7 +269,7 @@ def write_dataset_info(parquet: str | Path, folder: str | Path) -> Path:
     path = folder / "dataset_info.json"
     info = orjson.loads(path.read_bytes()) if path.exists() else {}
     stem = parquet.name.removesuffix(".parquet")
-    for fmt, file in _exports_in(folder, parquet).items():
+    for fmt, file in _exports_in(folder, parquet, exports).items():
         name = stem if fmt == "parquet" else f"{stem}_{fmt}"
         info[name] = {"file_name": _rel(file, folder), **LLAMAFACTORY_ENTRIES[fmt]}
     with atomic_path(path) as tmp:
@@ -286,8 +289,8 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def dataset_card(parquet: str | Path, folder: str | Path, *, license: str | None = None,
-                 license_note: str | None = None) -> str:
+def dataset_card(parquet: str | Path, folder: str | Path, *, exports: dict[str, Path] | None = None,
+                 license: str | None = None, license_note: str | None = None) -> str:
     """A Hugging Face dataset card (README.md) for the subset: sources, recipe, counts, license, how to load."""
     import yaml
 
@@ -295,7 +298,7 @@ def dataset_card(parquet: str | Path, folder: str | Path, *, license: str | None
     manifest_path = parquet.parent / "manifest.json"
     m = orjson.loads(manifest_path.read_bytes()) if manifest_path.exists() else {}
     sel = pl.read_parquet(parquet, columns=["source"])
-    files = _exports_in(folder, parquet)
+    files = _exports_in(folder, parquet, exports)
     configs = [{"config_name": "default" if fmt == "parquet" else fmt,
                 "data_files": [{"split": "train", "path": _rel(f, folder)}]} for fmt, f in files.items()]
     head = {"license": license or "unknown", **({"license_note": license_note} if license_note else {}),
@@ -366,14 +369,14 @@ def _card_license(card: str) -> tuple[str | None, str | None]:
     return (lic if lic and lic != "unknown" else None), note
 
 
-def write_handoff(parquet: str | Path, folder: str | Path, *, license: str | None = None,
-                  license_note: str | None = None) -> tuple[list[Path], list[str]]:
+def write_handoff(parquet: str | Path, folder: str | Path, *, exports: dict[str, Path] | None = None,
+                  license: str | None = None, license_note: str | None = None) -> tuple[list[Path], list[str]]:
     """dataset_info.json + README.md (dataset card) in `folder`; a README.md curate did not write is kept.
 
     Returns (files written, notes for the user).
     """
     folder = Path(folder)
-    written, notes = [write_dataset_info(parquet, folder)], []
+    written, notes = [write_dataset_info(parquet, folder, exports)], []
     readme = folder / "README.md"
     old = readme.read_text(errors="replace") if readme.exists() else ""
     if old and CARD_MARK not in old:
@@ -381,7 +384,7 @@ def write_handoff(parquet: str | Path, folder: str | Path, *, license: str | Non
     else:
         if license is None and old:  # a re-export without --license keeps the license given before
             license, license_note = _card_license(old)
-        text = dataset_card(parquet, folder, license=license, license_note=license_note)
+        text = dataset_card(parquet, folder, exports=exports, license=license, license_note=license_note)
         with atomic_path(readme) as tmp:
             tmp.write_text(text)
         written.append(readme)
