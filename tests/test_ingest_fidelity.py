@@ -156,6 +156,19 @@ def test_user_columns_pass_through_under_meta(tmp_path):
     assert rej["meta"].struct.field("id").to_list() == ["19"]
 
 
+def test_per_turn_fields_are_kept(tmp_path):
+    f = _write(tmp_path / "t.jsonl", [
+        {"conversations": [{"from": "human", "value": "q", "weight": 0},
+                           {"from": "gpt", "value": "a", "weight": 1}]},
+        {"messages": [{"role": "user", "content": "q2", "name": "ann"}, {"role": "assistant", "content": "a2"}]},
+        {"messages": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}]},
+    ])
+    meta = _records(_ingest(tmp_path, f))["meta"].to_list()
+    assert meta[0]["turn_fields"] == [{"weight": 0, "name": None}, {"weight": 1, "name": None}]
+    assert meta[1]["turn_fields"] == [{"weight": None, "name": "ann"}, None]
+    assert meta[2] is None
+
+
 def test_no_user_columns_means_no_meta_column(tmp_path):
     run = _ingest(tmp_path, CORPUS / "good.csv")
     assert "meta" not in pl.read_parquet(run.file("records.parquet")).columns

@@ -200,7 +200,26 @@ def extra_fields(row: Any, fmt: str = "auto") -> dict[str, Any] | None:
         if f.name == "self_instruct" and isinstance(row.get("instances"), list) and len(row["instances"]) > 1:
             used.discard("instances")  # only the first instance becomes the conversation: keep them all
     extra = {str(k): v for k, v in row.items() if k not in used}
+    turns = _turn_fields(row, f)
+    if turns is not None:
+        extra.setdefault("turn_fields", turns)
     return extra or None
+
+
+_TURN_KEYS = {"openai": ("messages", {"role", "content"}),
+              "sharegpt": ("conversations", {"from", "value", "role", "content"})}
+
+
+def _turn_fields(row: dict[str, Any], f: Format | None) -> list[dict[str, Any] | None] | None:
+    """Per input turn, the keys a message has besides role and content (e.g. `weight`, `name`); None if none."""
+    if f is None or f.name not in _TURN_KEYS:
+        return None
+    key, known = _TURN_KEYS[f.name]
+    turns = row.get(key)
+    if not isinstance(turns, list):
+        return None
+    out = [({k: v for k, v in t.items() if k not in known} or None) if isinstance(t, dict) else None for t in turns]
+    return out if any(out) else None
 
 
 def to_messages(row: Any, fmt: str = "auto") -> tuple[str, Messages]:
