@@ -97,12 +97,14 @@ def ingest(
     container: str = typer.Option(None, "--container", help="Force a file container (jsonl, csv, ...)."),
 ) -> None:
     """Normalise inputs into the canonical schema and drop exact duplicates (records.parquet)."""
+    from curate.context import RunContext
     from curate.pipeline import open_run, stage_ingest
 
     recipe = _guard(_recipe, inputs, config, {"out": str(out_dir) if out_dir else None,
                                               "ingest.format": fmt, "ingest.container": container})
     run = open_run(recipe)
-    _guard(stage_ingest, run, recipe)
+    _guard(stage_ingest, RunContext(run, recipe))
+    run.save()
     _print_inputs(run.manifest)
     out.print(f"records: [bold]{run.file('records.parquet')}[/]")
 
@@ -135,9 +137,9 @@ def select(
                  "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None}
     recipe = _guard(_recipe, inputs, config, overrides)
     if no_prefect:
-        from curate.pipeline import run_direct
+        from curate.pipeline import run_local
 
-        run = _guard(run_direct, recipe)
+        run = _guard(run_local, recipe)
     else:
         from flows.pipeline import run_flow
 

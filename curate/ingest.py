@@ -127,8 +127,10 @@ def dedup(run: Run) -> tuple[int, int]:
         pl.scan_parquet(run.file("duplicates.parquet")).group_by("source").len().collect().rows()
     )
     per_source = {s: n for s, n in dup_counts}
-    for path, entry in run.manifest.get("inputs", {}).items():
+    inputs = run.manifest.get("inputs", {})
+    for path, entry in inputs.items():
         entry["duplicates"] = per_source.get(path, 0)
+    run.set("inputs", inputs)
     run.stage("dedup", rows_in=rows_in, rows_out=kept, dropped={"duplicate": rows_in - kept},
               seconds=time.perf_counter() - t0)
     return kept, rows_in - kept

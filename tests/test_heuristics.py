@@ -73,7 +73,7 @@ def alpaca_rows() -> dict[int, list[dict]]:
 
 
 def _score(conversations: list[list[dict]], **params) -> pl.DataFrame:
-    scorer = get_scorer("heur", **params)
+    scorer = get_scorer("heuristics", **params)
     out = scorer.score(pl.DataFrame({"messages": conversations}), None)
     assert out.columns == list(scorer.writes) and out.height == len(conversations)
     return out
@@ -155,7 +155,7 @@ def test_params_change_thresholds():
     assert not _score(conv)["heur_repeated_ngrams"][0]
     assert _score(conv, repeat_threshold=0.2)["heur_repeated_ngrams"][0]
     with pytest.raises(ValueError, match="repeat_threshold"):
-        get_scorer("heur", repeat_threshold=2.0)
+        get_scorer("heuristics", repeat_threshold=2.0)
 
 
 def test_flag_counts():

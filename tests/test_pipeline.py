@@ -85,7 +85,7 @@ def test_exports_and_selection_is_deterministic(run, pool_dir, tiny_lm, tmp_path
     b = pl.read_parquet(again.file("selected.parquet"))["id"].sort()
     assert a.equals(b)
     sc = again.manifest["scoring"]["scorers"]
-    assert sc["perplexity"]["computed"] == 0 and sc["heur"]["computed"] == 0  # served from the store
+    assert sc["perplexity"]["computed"] == 0 and sc["heuristics"]["computed"] == 0  # served from the store
 
 
 def test_token_budget_and_strategies(pool_dir, tiny_lm, tmp_path):
