@@ -169,6 +169,15 @@ def test_per_turn_fields_are_kept(tmp_path):
     assert meta[2] is None
 
 
+def test_parts_of_a_killed_ingest_are_cleaned_up(tmp_path):
+    stale = tmp_path / "run" / ".records_all.parquet.parts.abc123"
+    stale.mkdir(parents=True)
+    (stale / "000000.parquet").write_bytes(b"half a file")
+    run = _ingest(tmp_path, CORPUS / "good.csv")
+    assert not stale.exists()
+    assert not [p for p in run.path.iterdir() if ".parts." in p.name]
+
+
 def test_no_user_columns_means_no_meta_column(tmp_path):
     run = _ingest(tmp_path, CORPUS / "good.csv")
     assert "meta" not in pl.read_parquet(run.file("records.parquet")).columns

@@ -138,6 +138,8 @@ class PartedParquet:
     def __init__(self, path: str | Path, schema: pa.Schema):
         self.path, self.schema = Path(path), schema
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.parent.glob(f".{self.path.name}.parts.*"):  # left by a killed run (one run per folder)
+            shutil.rmtree(stale, ignore_errors=True)
         self.dir = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.parts."))
         self.parts: list[Path] = []
         self.meta_types: list[pa.DataType] = []
