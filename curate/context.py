@@ -63,14 +63,37 @@ class RunContext:
     # ------------------------------------------------------------------------------------------ the LM
 
     def model(self) -> str:
-        """`score.model`, with "proxy" resolved to a small LM trained on this pool (trained once, then pinned).
+        """`score.model` as a name/path an engine loads; what pins it and the dtype go to the manifest.
 
-        The proxy a run folder used is recorded in its manifest and reused on later runs over the same folder,
-        so an incremental run (new rows added) keeps its model and rescoring stays incremental.
+        Packaged names (`smollm2-135m`) become a local folder converted once (`curate.lm.models`); the
+        manifest's `score_model` records the package, GGUF sha256 and the dtype choice (`score.dtype: auto`).
         """
+        from curate.lm.models import model_pin
+
+        path = self._model_path()
+        info = {"name": self.recipe.score.model, "path": path, "pin": model_pin(self.recipe.score.model),
+                "dtype": self.dtype_choice()}
+        if self.run.manifest.get("score_model") != info:
+            self.run.set("score_model", info)
+        return path
+
+    def dtype_choice(self) -> dict[str, Any]:
+        """score.dtype made concrete (`auto`: measured once per machine); vLLM servers given by URL keep theirs."""
+        cfg = self.recipe.score
+        if cfg.engine == "vllm" and cfg.vllm_urls:
+            return {"requested": cfg.dtype, "dtype": cfg.dtype, "note": "the vLLM servers' own"}
+        from curate.lm.hf import dtype_choice
+
+        return dtype_choice(cfg.dtype)
+
+    def _model_path(self) -> str:
+        """"proxy" is a small LM trained on this pool (trained once, then pinned in the manifest and reused on
+        later runs over the same folder, so rescoring stays incremental); other names via curate.lm.models."""
         name = self.recipe.score.model
         if name != "proxy":
-            return name
+            from curate.lm.models import model_path
+
+            return model_path(name)
         pinned = self.run.manifest.get("proxy_model")
         if pinned and Path(pinned).exists():
             return pinned
@@ -86,15 +109,17 @@ class RunContext:
 
     def engine(self) -> Any:
         """One engine per (model, engine kind, settings) per process."""
-        from curate.lm.base import LMConfig, load_engine
+        from curate.lm import load_engine
+        from curate.lm.base import LMConfig
 
         cfg = self.recipe.score
         model = self.model()
-        key = (model, cfg.engine, cfg.max_length, tuple(cfg.vllm_urls))
+        dtype = self.dtype_choice()["dtype"]
+        key = (model, cfg.engine, cfg.max_length, tuple(cfg.vllm_urls), dtype)
         if key not in _ENGINES:
-            config = LMConfig(model=model, max_length=cfg.max_length)
+            config = LMConfig(model=model, max_length=cfg.max_length, dtype=dtype)
             kw: dict[str, Any] = {}
             if cfg.engine == "vllm":
-                kw = {"urls": cfg.vllm_urls} if cfg.vllm_urls else {"python": cfg.vllm_python}
+                kw = {"urls": cfg.vllm_urls} if cfg.vllm_urls else {}  # interpreter: CURATE_VLLM_PYTHON / --vllm-python
             _ENGINES[key] = load_engine(config, kind=cfg.engine, **kw)
         return _ENGINES[key]

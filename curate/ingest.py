@@ -16,13 +16,17 @@ from pathlib import Path
 import polars as pl
 
 from curate.io.formats import extra_fields, to_messages
-from curate.io.readers import expand_inputs, iter_rows
+from curate.io.readers import expand_inputs, iter_rows, source_path
 from curate.io.writers import PartedParquet, unify_meta
 from curate.progress import progress
-from curate.run import Run, atomic_path, sha256_file
+from curate.run import Run, atomic_path, remove_stale_tmp, sha256_file, write_parquet
 from curate.schema import META, RECORD_SCHEMA, REJECT_SCHEMA, RowError, make_record
 
 CHUNK_ROWS = 20_000
+
+
+class EmptyPoolError(ValueError):
+    """No row survived ingest: nothing to select. decisions.parquet still records every input row."""
 
 
 @dataclass
@@ -34,11 +38,16 @@ class SourceCounts:
 
 
 def ingest(
-    run: Run, inputs: list[str], *, fmt: str = "auto", container: str | None = None
+    run: Run, inputs: list[str], *, fmt: str = "auto", container: str | None = None, split: str | None = None
 ) -> dict[str, SourceCounts]:
-    """Read every input into the run's records_all.parquet and rejects.parquet; return per-source counts."""
+    """Read every input into the run's records_all.parquet and rejects.parquet; return per-source counts.
+
+    `split` picks one split of DatasetDict folders and dict-of-splits JSON files (default: every split, each
+    its own source). Temp files a killed earlier run left in the run folder are removed first.
+    """
     t0 = time.perf_counter()
-    files = list(dict.fromkeys(expand_inputs(inputs)))  # the same file twice is one source
+    remove_stale_tmp(run.path)
+    files = list(dict.fromkeys(expand_inputs(inputs, split)))  # the same file twice is one source
     counts: dict[str, SourceCounts] = {}
     hashes: dict[str, str] = {}
     rec_path, rej_path = run.file("records_all.parquet"), run.file("rejects.parquet")
@@ -51,11 +60,12 @@ def ingest(
         for path in files:
             # an input given twice keeps one source name; its rows are then exact duplicates
             c = counts.setdefault(path, SourceCounts())
-            hashes[path] = sha256_file(path) if Path(path).exists() else "hub"
+            local = source_path(path)
+            hashes[path] = sha256_file(local) if local is not None else "hub"
             task = bar.add_task(f"ingest {Path(path).name}", total=None)
             recs: list[dict] = []
             rejs: list[dict] = []
-            for raw in iter_rows(path, container):
+            for raw in iter_rows(path, container, split):
                 c.rows += 1
                 try:
                     if isinstance(raw.value, RowError):
@@ -97,8 +107,12 @@ def ingest(
     return counts
 
 
-def dedup(run: Run) -> tuple[int, int]:
-    """Keep the first row of each dedup_key; record the rest with `duplicate_of`. Returns (kept, dropped)."""
+def dedup(run: Run, *, require_records: bool = True) -> tuple[int, int]:
+    """Keep the first row of each dedup_key; record the rest with `duplicate_of`. Returns (kept, dropped).
+
+    With require_records, a pool left empty is an error (EmptyPoolError) raised after decisions.parquet is
+    written, so every rejected row still has its final record.
+    """
     t0 = time.perf_counter()
     src = run.file("records_all.parquet")
     lf = pl.scan_parquet(src).with_row_index("_order")
@@ -133,4 +147,25 @@ def dedup(run: Run) -> tuple[int, int]:
     run.set("inputs", inputs)
     run.stage("dedup", rows_in=rows_in, rows_out=kept, dropped={"duplicate": rows_in - kept},
               seconds=time.perf_counter() - t0)
+    if kept == 0 and require_records:
+        _empty_pool(run)
     return kept, rows_in - kept
+
+
+def _empty_pool(run: Run) -> None:
+    """Write the decision log of a run whose pool is empty (every row rejected), then raise EmptyPoolError."""
+    from curate.decisions import build_decisions
+
+    none = pl.DataFrame(schema={"id": pl.String, "selected": pl.Boolean, "reason": pl.String,
+                                "rank_in_cluster": pl.Int32})
+    decisions = build_decisions(run, none)
+    path = write_parquet(decisions.to_arrow(), run.file("decisions.parquet"))
+    reasons = dict(decisions.group_by("reason").len().sort("len", descending=True).iter_rows())
+    run.set("totals", {"input_rows": decisions.height, "selected": 0, "reasons": reasons})
+    inputs = list(run.manifest.get("inputs", {}))
+    where = ", ".join(inputs) if len(inputs) <= 3 else f"{len(inputs)} sources"
+    if decisions.height == 0:
+        raise EmptyPoolError(f"no rows to select: {where} hold(s) no rows")
+    top = ", ".join(f"{k.removeprefix('rejected:')} {v}" for k, v in list(reasons.items())[:3])
+    raise EmptyPoolError(f"no rows to select: all {decisions.height} rows read from {where} were rejected ({top}); "
+                         f"each row's reason is in {path}")

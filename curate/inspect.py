@@ -112,5 +112,5 @@ def inspect_path(path: Path, console: Console) -> None:
     with tempfile.TemporaryDirectory(prefix="curate-inspect-") as tmp:
         run = Run(tmp)
         ingest(run, [str(path)])
-        dedup(run)
+        dedup(run, require_records=False)
         inspect_run(Path(tmp), console, title=str(path))

@@ -32,14 +32,15 @@ import polars as pl
 
 from curate.config import Recipe
 from curate.context import RunContext
+from curate.decisions import build_decisions
 from curate.fingerprint import code_fingerprint
-from curate.run import ConservationError, Run, atomic_path, cache_dir, sha256_file, write_parquet
+from curate.run import Run, atomic_path, cache_dir, sha256_file, write_parquet
 
 Shard = tuple[int, int]
 
 #: recipe fields that never change a stage's output (speed, placement): left out of every cache key
 NOT_IN_KEY = frozenset({"embed.enabled", "embed.batch_size", "score.batch_size", "score.shards", "score.scorers",
-                        "score.params", "score.vllm_urls", "score.vllm_python"})
+                        "score.params", "score.vllm_urls"})
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def stage_ingest(ctx: RunContext) -> dict[str, Any]:
     from curate.ingest import dedup, ingest
 
     r = ctx.recipe
-    counts = ingest(ctx.run, r.inputs, fmt=r.ingest.format, container=r.ingest.container)
+    counts = ingest(ctx.run, r.inputs, fmt=r.ingest.format, container=r.ingest.container, split=r.ingest.split)
     kept, dups = dedup(ctx.run)
     return {"rows": sum(c.rows for c in counts.values()), "records": kept, "duplicates": dups}
 
@@ -166,16 +167,44 @@ def stage_model(ctx: RunContext) -> dict[str, Any]:
     return {"model": model, "fingerprint": model}
 
 
-def stage_score(ctx: RunContext, scorer_name: str, shard: Shard | None = None) -> dict[str, Any]:
-    """Score records (or one shard) with one scorer into the score store; only unscored ids are computed."""
-    from curate.scoring import score_records
+def stage_sample(ctx: RunContext) -> dict[str, Any]:
+    """Which rows the LM scores: the whole pool, or (score.sample / score.minutes on a large pool) a sample
+    stratified by cluster -> score_sample.parquet. The rest is predicted after scoring (curate.distill)."""
+    from curate.distill import choose_sample, sample_size
+    from curate.plan import gpu_available, lm_rows_per_second
 
-    return score_records(ctx, scorer_name, _slice(ctx.records(), shard))
+    cfg, run = ctx.recipe.score, ctx.run
+    recs = ctx.records(["id"])
+    clusters = None
+    if run.file("clusters.parquet").exists():
+        clusters = recs.join(pl.read_parquet(run.file("clusters.parquet")), on="id", how="left")["cluster"]
+        clusters = clusters.fill_null(-1).to_numpy()
+    n = sample_size(recs.height, sample=cfg.sample, minutes=cfg.minutes, engine_is_gpu=gpu_available(),
+                    rows_per_second=lm_rows_per_second(ctx.recipe) if cfg.minutes else None)
+    ids = recs["id"].to_list() if n >= recs.height else choose_sample(recs["id"], clusters, n, ctx.recipe.seed)
+    write_parquet(pl.DataFrame({"id": ids}, schema={"id": pl.String}).to_arrow(), run.file("score_sample.parquet"))
+    run.set("score_sample", {"pool": recs.height, "sample": len(ids), "sample_option": cfg.sample,
+                             "minutes": cfg.minutes, "stratified_by": "cluster" if clusters is not None else None})
+    return {"sample": len(ids), "pool": recs.height}
+
+
+def stage_score(ctx: RunContext, scorer_name: str, shard: Shard | None = None) -> dict[str, Any]:
+    """Score records (or one shard) with one scorer into the score store; only unscored ids are computed.
+
+    An LM scorer with a sample scores the sample's share of the shard (shard bounds are over records)."""
+    from curate.scoring.recipe import score_records, scored_rows
+
+    recs = ctx.records()
+    rows = scored_rows(ctx, scorer_name, recs)
+    if shard is not None and rows.height != recs.height:
+        m, n = rows.height, max(recs.height, 1)
+        shard = (shard[0] * m // n, shard[1] * m // n)
+    return score_records(ctx, scorer_name, _slice(rows, shard))
 
 
 def stage_collect_scores(ctx: RunContext) -> dict[str, Any]:
     """Gather every scorer's columns from the store into scores.parquet (id + one column per score)."""
-    from curate.scoring import collect_scores
+    from curate.scoring.recipe import collect_scores
 
     t0 = time.perf_counter()
     ids = ctx.records(["id"])
@@ -186,49 +215,9 @@ def stage_collect_scores(ctx: RunContext) -> dict[str, Any]:
     return {"columns": table.columns[1:]}
 
 
-def build_decisions(run: Run, pool_decisions: pl.DataFrame) -> pl.DataFrame:
-    """One row per INPUT row with its final status and reason; raises ConservationError if any is missing.
-
-    pool_decisions: id, selected, reason, rank_in_cluster (one row per pool row).
-    """
-    def meta_of(name: str) -> list[str]:  # the user's own columns, when the inputs had any
-        return ["meta"] if "meta" in pl.read_parquet_schema(run.file(name)) else []
-
-    meta, rej_meta = meta_of("records_all.parquet"), meta_of("rejects.parquet")
-    rej = pl.read_parquet(run.file("rejects.parquet"), columns=["source", "row", "reason", *rej_meta]).select(
-        "source", "row", pl.lit(None, pl.String).alias("id"), pl.lit("rejected").alias("status"),
-        ("rejected:" + pl.col("reason")).alias("reason"), *rej_meta)
-    dups = pl.read_parquet(run.file("duplicates.parquet")).select(
-        "source", "row", "id", pl.lit("duplicate").alias("status"), pl.lit("duplicate").alias("reason"),
-        pl.col("duplicate_of"), *meta)
-    recs = pl.read_parquet(run.file("records.parquet"), columns=["source", "row", "id", *meta])
-    sem = (pl.read_parquet(run.file("semdedup.parquet")) if run.file("semdedup.parquet").exists()
-           else pl.DataFrame(schema={"id": pl.String, "duplicate_of": pl.String, "similarity": pl.Float32}))
-    sem_rows = recs.join(sem, on="id", how="inner").select(
-        "source", "row", "id", pl.lit("semantic_duplicate").alias("status"),
-        pl.lit("semantic_duplicate").alias("reason"), "duplicate_of", "similarity", *meta)
-    pd_ = pool_decisions.select("id", "selected", "reason", "rank_in_cluster")
-    pool_rows = recs.join(pd_, on="id", how="inner").select(
-        "source", "row", "id",
-        pl.when(pl.col("selected")).then(pl.lit("selected")).otherwise(pl.lit("not_selected")).alias("status"),
-        "reason", "rank_in_cluster", *meta)
-    out = pl.concat([rej, dups, sem_rows, pool_rows], how="diagonal_relaxed")
-    for name in ("clusters.parquet", "scores.parquet"):
-        if run.file(name).exists():
-            extra = pl.read_parquet(run.file(name))
-            out = out.join(extra.select("id", "cluster") if name == "clusters.parquet" else extra, on="id",
-                           how="left")
-    n_in = sum(v["rows"] for v in run.manifest.get("inputs", {}).values())
-    if out.height != n_in:
-        raise ConservationError(f"decision log has {out.height} rows but {n_in} input rows were read")
-    if out.select(pl.struct("source", "row").is_duplicated().any()).item():
-        raise ConservationError("decision log has more than one final reason for some input row")
-    return out.sort("source", "row")
-
-
 def stage_select(ctx: RunContext) -> dict[str, Any]:
     """Choose the subset -> selected.parquet + decisions.parquet (one row per input row)."""
-    from curate.selection import select_pool
+    from curate.select.recipe import select_pool
 
     t0 = time.perf_counter()
     run, recipe = ctx.run, ctx.recipe
@@ -272,7 +261,7 @@ def stage_report(ctx: RunContext) -> dict[str, Any]:
 
 def build_pipeline(recipe: Recipe) -> list[Stage]:
     """The stages this recipe runs, in order. Every executor runs exactly this list."""
-    from curate.scoring import make_scorer, ordered, uses_engine
+    from curate.scoring.recipe import make_scorer, ordered, sampled, uses_engine
 
     S = Stage
     stages = [S("ingest", stage_ingest, reads=("@inputs",),
@@ -294,21 +283,27 @@ def build_pipeline(recipe: Recipe) -> list[Stage]:
     if embedded and not late_semdedup:
         stages.append(semdedup)
     names = ordered(recipe, recipe.score.scorers)
+    lm = sampled(recipe)
+    if lm:
+        stages.append(S("sample", stage_sample, reads=("records.parquet", "clusters.parquet"),
+                        writes=("score_sample.parquet",), sections=("score.sample", "score.minutes", "score.model",
+                                                                    "seed"),
+                        modules=("curate.distill", "curate.plan")))
     if names and uses_engine(recipe):
         stages.append(S("model", stage_model, reads=("records.parquet",), writes=("@model",),
                         sections=("score.model", "seed"), modules=("curate.context",), cached=False))
     for name in names:
         scorer = make_scorer(recipe, name)
-        reads = ["records.parquet"] + ["@model"] * bool(scorer.needs.engine)
+        reads = ["records.parquet"] + ["@model"] * bool(scorer.needs.engine) + ["score_sample.parquet"] * (name in lm)
         reads += ["@embeddings"] * bool(scorer.needs.embeddings) + [f"@scores:{d}" for d in scorer.needs.scores]
         stages.append(S(f"score:{name}", stage_score, reads=tuple(reads), writes=(f"@scores:{name}",),
                         sections=("score", f"score.params.{name}") + ("embed",) * bool(scorer.needs.embeddings),
-                        modules=(type(scorer).__module__, "curate.scoring"), sharded=True, args=(name,)))
+                        modules=(type(scorer).__module__, "curate.scoring.recipe"), sharded=True, args=(name,)))
     if names:
         stages.append(S("collect-scores", stage_collect_scores,
-                        reads=("records.parquet", *(f"@scores:{n}" for n in names)), writes=("scores.parquet",),
-                        sections=("score",) + tuple(f"score.params.{n}" for n in names),
-                        modules=("curate.scoring",)))
+                        reads=("records.parquet", "score_sample.parquet", *(f"@scores:{n}" for n in names)),
+                        writes=("scores.parquet",), sections=("score", "embed", "seed")
+                        + tuple(f"score.params.{n}" for n in names), modules=("curate.scoring.recipe",)))
     if late_semdedup:
         stages.append(S("semdedup", stage_semdedup, reads=semdedup.reads + ("scores.parquet",),
                         writes=semdedup.writes, sections=semdedup.sections, modules=semdedup.modules))
@@ -317,7 +312,7 @@ def build_pipeline(recipe: Recipe) -> list[Stage]:
     reads = pool_files + ("@model",) * (recipe.select.strategy == "iterative")
     stages.append(S("select", stage_select, reads=reads, writes=("selected.parquet", "decisions.parquet"),
                     sections=("select", "seed", "embed", "score.max_length"),
-                    modules=("curate.selection", "curate.select", "curate.context", "curate.diversity")))
+                    modules=("curate.select.recipe", "curate.select", "curate.context", "curate.diversity")))
     if recipe.export:
         stages.append(S("export", stage_export, reads=("selected.parquet",),
                         writes=tuple(f"selected.{f}.jsonl" for f in recipe.export), sections=("export",),
@@ -420,7 +415,14 @@ def run_stage(stage: Stage, run_dir: str, recipe: Recipe, key: str, shard: Shard
             return {**res, "cached": True}
     t0 = time.perf_counter()
     run = Run(run_dir, autosave=False)
-    info = stage(RunContext(run, recipe), shard) or {}
+    try:
+        info = stage(RunContext(run, recipe), shard) or {}
+    except BaseException:
+        if run.updates:  # what the stage recorded before it failed (counts that did not add up, totals) is kept
+            on_disk = Run(run_dir, autosave=False)
+            on_disk.merge(run.updates)
+            on_disk.save()
+        raise
     outputs = {n: sha256_file(run.file(n)) for n in stage.files() if run.file(n).exists()}
     res = {"key": k, "stage": stage.name, "shard": list(shard) if shard else None, "info": info,
            "outputs": outputs, "manifest": run.updates, "seconds": round(time.perf_counter() - t0, 3)}

@@ -11,10 +11,12 @@ Stores that outlive a run (embeddings, scores, proxy models) live in the cache f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -78,20 +80,49 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
             h.update(f.relative_to(p).as_posix().encode())
             h.update(sha256_file(f).encode())
         return h.hexdigest()
+    if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO or /dev/zero would block or never end
+        raise ValueError(f"{p}: not a regular file or folder")
     with open(p, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
+def remove_stale_tmp(folder: str | Path, older_than_s: float = 0.0, pattern: str = ".*.tmp") -> int:
+    """Delete `.*.tmp` files that atomic_path left behind when a process was killed; returns how many.
+
+    A run folder is used by one run at a time, so its temp files are all stale when a run starts
+    (older_than_s=0); a shared store passes an age, so a concurrent writer's live temp file is kept.
+    `pattern` may reach into sub-folders (`*/*/.*.tmp`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    now, n = time.time(), 0
+    for f in folder.glob(pattern):
+        try:
+            if f.is_file() and now - f.stat().st_mtime >= older_than_s:
+                f.unlink()
+                n += 1
+        except OSError:
+            continue
+    return n
+
+
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
+    out = [("python", platform.python_version())]
     for name in _TRACKED_PACKAGES:
         try:
-            out[name] = metadata.version(name)
+            out.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return tuple(out)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape results (read once per process: ~50 ms of metadata parsing)."""
+    return dict(_versions())
 
 
 class Run:
@@ -109,7 +140,13 @@ class Run:
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.path / "manifest.json"
         if self.manifest_path.exists():
-            self.manifest: dict[str, Any] = json.loads(self.manifest_path.read_text())
+            try:
+                self.manifest: dict[str, Any] = json.loads(self.manifest_path.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{self.manifest_path}: corrupt manifest ({e}); delete it or use another "
+                                 "run folder") from None
+            if not isinstance(self.manifest, dict):
+                raise ValueError(f"{self.manifest_path}: corrupt manifest (not a JSON object)")
         else:
             self.manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": {}}
         self.manifest.setdefault("stages", {})

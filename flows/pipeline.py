@@ -1,6 +1,6 @@
 """The curate pipeline as one Prefect flow: the same stage list as `curate.pipeline.run_local`, as tasks.
 
-Why this shape (measured in shared/PREFECT-NOTES.md):
+Why this shape (Prefect measured on this kind of machine: start-up, pins, per-task cost):
 - One generic task runs any stage through `curate.pipeline.run_stage`, which owns caching (JSON results keyed
   by the stage's declared inputs, recipe sections and code), so the flow and the local executor give the same
   outputs and share a cache. Prefect persists no results (no pickles to tamper with); a cache hit shows as a
@@ -78,8 +78,8 @@ def curate_flow(recipe_json: dict) -> dict:
             after = [f for d in deps for _, f in futures.get(d, [])]
             futures[st.name] = [
                 (P.task_name(st, s), stage_task.with_options(task_run_name=P.task_name(st, s)).submit(
-                    run_dir, rj, st.name, list(s), key, refresh, wait_for=after))
-                for s in plan.shards(n_records)]
+                    run_dir, _server_for(rj, st, i), st.name, list(s), key, refresh, wait_for=after))
+                for i, s in enumerate(plan.shards(n_records))]
             continue
         for d in deps:
             finish(d)
@@ -101,6 +101,15 @@ def curate_flow(recipe_json: dict) -> dict:
     run.save()
     _artifacts(run, summary)
     return {"run": run_dir, "selected": results.get("select", {}).get("info", {}).get("selected"), **summary}
+
+
+def _server_for(rj: dict, stage: P.Stage, i: int) -> dict:
+    """Data parallel over vLLM servers: scoring shard i goes to server i mod n (each may be tensor-parallel).
+    The servers are not part of any cache key, so this changes where a shard runs, never its result."""
+    urls = rj["score"]["vllm_urls"] if rj["score"]["engine"] == "vllm" else []
+    if not stage.name.startswith("score:") or len(urls) < 2:
+        return rj
+    return {**rj, "score": {**rj["score"], "vllm_urls": [urls[i % len(urls)]]}}
 
 
 def stage_rows(manifest: dict) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import polars as pl
 from pydantic import Field
 
-from scorers.base import ScoreContext, Scorer, ScorerParams
+from curate.scoring.contract import ScoreContext, Scorer, ScorerParams
 
 FLAGS = (
     "empty_response",

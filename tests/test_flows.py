@@ -373,3 +373,19 @@ def test_local_prefect_and_dask_executors_give_identical_outputs(prefect_api, tm
                 assert pl.read_parquet(outs["local"] / "semdedup.parquet").height > 0  # the rule had work to do
             for executor in ("threads", "dask"):
                 _same_output(outs["local"], outs[executor])
+    # Prefect persisted no task results: nothing under the cache is a pickle that a cache hit would load
+    results = Path(session_cache) / "prefect" / "results"
+    assert not (results.exists() and any(results.iterdir())), list(results.iterdir())
+
+
+def test_serve_and_the_yaml_deployment_have_different_names():
+    """Two executors on one deployment name ran each other's runs (one crashed): `curate serve` has its own."""
+    import inspect
+
+    import yaml
+
+    from flows.serve import make_deployment, serve_command
+
+    (dep,) = yaml.safe_load((ROOT / "flows" / "prefect.yaml").read_text())["deployments"]
+    for fn in (make_deployment, serve_command):
+        assert inspect.signature(fn).parameters["name"].default not in (dep["name"], None)

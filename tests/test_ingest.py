@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from conftest import CORPUS, ROOT
 
-from curate.ingest import dedup, ingest
+from curate.ingest import EmptyPoolError, dedup, ingest
 from curate.io.readers import InputError
 from curate.run import Run
 from curate.schema import make_record
@@ -148,7 +148,9 @@ def test_parquet_hf_disk_and_explicit_format(tmp_path):
     run, counts = _ingest(tmp_path, tmp_path / "p.parquet", tmp_path / "hf")
     rows_, kept, rej, dup = _conserved(run)
     assert (rows_, kept, rej, dup) == (12, 5, 2, 5)
-    with pytest.raises(AssertionError):  # explicit wrong format: every row rejected as missing_field
-        run2, c2 = _ingest(tmp_path / "x", tmp_path / "p.parquet", fmt="alpaca")
-        assert sum(c.records for c in c2.values()) > 0
+    run2 = Run(tmp_path / "x" / "run")  # explicit wrong format: every row rejected as missing_field
+    ingest(run2, [str(tmp_path / "p.parquet")], fmt="alpaca")
+    with pytest.raises(EmptyPoolError, match=r"all 6 rows read from .*p\.parquet were rejected"):
+        dedup(run2)
     assert set(_rejects(run2).values()) == {"missing_field"}
+    assert pl.read_parquet(run2.file("decisions.parquet"))["status"].to_list() == ["rejected"] * 6

@@ -93,7 +93,7 @@ def test_loss_feedback_drops_for_the_cluster_trained_on(proxy, rows):
     import polars as pl
     from conftest import ROOT
 
-    from curate.lm.proxy import loss_feedback
+    from curate.select.iterative import loss_feedback
 
     gsm = [json.loads(x) for x in (ROOT / "data" / "sample" / "gsm8k_train.jsonl").read_text().splitlines()[:130]]
     convs = load_conversations(rows[1650:1780]) + load_conversations(gsm)

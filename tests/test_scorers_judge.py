@@ -14,9 +14,9 @@ import orjson
 import polars as pl
 import pytest
 
-from scorers import get_scorer
+from curate.scoring import get_scorer
+from curate.scoring.contract import ScoreContext
 from scorers._judge import expected_value, fence, fence_tag, parse_reflection, unfence
-from scorers.base import ScoreContext
 from scorers.clear import (
     agreement_prompt,
     confidence,
@@ -32,6 +32,7 @@ from scorers.deita import (
     COMPLEXITY_TEMPLATE,
     QUALITY_TEMPLATE,
     complexity_prompt,
+    defang,
     digit_score,
     quality_prompt,
     turn_pairs,
@@ -231,7 +232,7 @@ def test_all_judge_prompts_fence_row_text():
         (agreement_prompt(q, a, b), {"QUESTION": q, "ANSWER 1": a, "ANSWER 2": b}),
         (pair_prompt(q, a, b), {"INSTRUCTION": q, "RESPONSE A": a, "RESPONSE B": b}),
         (reflection_prompt(q, a, 1, generate=False), {"QUESTION": q, "ANSWER": a}),
-        (quality_prompt(q, a, delimit=True), {"QUESTION": q, "RESPONSE": a}),
+        (quality_prompt(q, a, delimit=True), {"QUESTION": defang(q), "RESPONSE": defang(a)}),  # markers broken
     ]:
         for label, text in labels.items():
             assert unfence(prompt, label) == [text], label
@@ -311,8 +312,8 @@ def test_deita_engine_multi_turn_sum(hf):
     assert np.all((c >= 1) & (c <= 6)) and np.all((q >= 1) & (q <= 6))
     assert m["deita_score"] == pytest.approx(float(c @ q), rel=1e-5)  # Σ_i c_i q_i, complexity w/o history
     assert m["deita_complexity"] == pytest.approx(c.mean(), rel=1e-5)
-    # the number is the digit expectation over choice_probs on the exact template string
-    probs = hf.choice_probs([complexity_prompt("Name a primary colour.")], ["1", "2", "3", "4", "5", "6"])
+    # the number is the digit expectation over choice_probs on the template string (row text fenced by default)
+    probs = hf.choice_probs([complexity_prompt("Name a primary colour.", delimit=True)], ["1", "2", "3", "4", "5", "6"])
     assert s["deita_complexity"][0] == pytest.approx(float(probs[0] @ np.arange(1, 7)), rel=1e-5)
 
 
@@ -365,8 +366,8 @@ def test_clear_correct_keeps_original(hf):
 
 
 def test_instructmining_end_to_end(hf, tmp_path):
-    from curate.score import score_pool
-    from curate.store import ScoreStore
+    from curate.scoring.runner import score_pool
+    from curate.scoring.store import ScoreStore
 
     df = _alpaca(12)
     rng = np.random.default_rng(0)

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from curate.io.formats import to_messages
-from curate.lm.base import LMConfig, load_engine
+from curate.lm import load_engine
+from curate.lm.base import LMConfig
 from curate.lm.testing import make_tiny_model
 from curate.schema import make_record, normalise_text
-from curate.score import score_pool
-from curate.store import ScoreStore
-from scorers import ScorerError, available, get_scorer
+from curate.scoring import ScorerError, available, get_scorer
+from curate.scoring.runner import score_pool
+from curate.scoring.store import ScoreStore
 from scorers.donod import donod_closeness, donod_update
 from scorers.grape import grape_pick
 

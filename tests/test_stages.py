@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -40,7 +42,8 @@ def test_dependencies_follow_reads_and_writes():
                                                "select.strategy": "iterative"}))
     deps = dependencies(stages)
     assert deps["score:heuristics"] == ["ingest"]  # runs beside the embedding shards
-    assert deps["score:ifd"] == ["ingest", "model"]
+    assert deps["score:ifd"] == ["ingest", "model", "sample"]
+    assert deps["sample"] == ["cluster", "ingest"]
     assert set(deps["select"]) >= {"ingest", "embed", "cluster", "semdedup", "collect-scores", "model"}
     assert deps["cluster"] == ["embed", "ingest"]
 
@@ -86,3 +89,38 @@ def test_editing_code_invalidates_that_stage_and_what_follows_it(tmp_path, monke
     assert changed == downstream, (edit, sorted(changed), sorted(downstream))
     assert "ingest" not in changed or first == "ingest"
     assert "score:heuristics" not in changed or first in ("ingest", "score:heuristics")
+
+
+def test_a_tampered_stage_result_is_never_executed_and_is_recomputed(tmp_path, monkeypatch):
+    """Stage results are JSON data: a cache file replaced by a pickle that would run code, or by JSON naming
+    classes to build, is never executed; an unreadable or inconsistent result makes the stage run again."""
+    import pickle
+
+    import polars as pl
+
+    from curate.pipeline import run_local
+
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(f'{{"instruction": "Add {i} and {i}.", "output": "{2 * i}"}}\n' for i in range(40)))
+    recipe = load_recipe(None, {"inputs": [str(data)], "out": str(tmp_path / "run"), "embed.enabled": False,
+                                "score.scorers": ["heuristics"], "select.budget": 10, "report": False})
+    first = run_local(recipe)
+    ref = pl.read_parquet(first.file("decisions.parquet"))
+    results = sorted((tmp_path / "cache" / "stages").glob("*.json"))
+    assert results and all(p.stat().st_mode & 0o077 == 0 for p in results)  # private to the user
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    by_stage = {json.loads(p.read_text())["stage"]: p for p in results}
+    by_stage["ingest"].write_bytes(pickle.dumps(Payload()))
+    by_stage["select"].write_text(json.dumps({"__class__": "os.system", "data": f"touch {marker}"}))
+    again = run_local(recipe)
+    tasks = again.manifest["executor"]["tasks"]
+    assert not marker.exists()
+    assert tasks["ingest"] == "Completed" and tasks["select"] == "Completed"  # recomputed, not trusted
+    assert tasks["collect-scores"] == "Cached"
+    assert pl.read_parquet(again.file("decisions.parquet")).equals(ref)

@@ -20,12 +20,13 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from curate.io.formats import to_messages
-from curate.lm.base import LMConfig, load_engine
+from curate.lm import load_engine
+from curate.lm.base import LMConfig
 from curate.lm.testing import make_tiny_model
 from curate.schema import make_record
-from curate.score import score_pool
-from curate.store import ScoreStore, make_key
-from scorers import Scorer, ScorerError, ScorerParams, get_scorer
+from curate.scoring import Scorer, ScorerError, ScorerParams, get_scorer
+from curate.scoring.runner import score_pool
+from curate.scoring.store import ScoreStore, make_key
 
 ALPACA = "/work/shared/data/alpaca-52k/alpaca_data.jsonl"
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,9 +144,10 @@ KILLED_RUN = textwrap.dedent("""
     os.environ["CURATE_PROGRESS"] = "0"
     sys.path.insert(0, {tests!r})
     from test_store import alpaca_pool
-    from curate.lm.base import LMConfig, load_engine
-    from curate.score import score_pool
-    from curate.store import ScoreStore
+    from curate.lm.base import LMConfig
+    from curate.lm import load_engine
+    from curate.scoring.runner import score_pool
+    from curate.scoring.store import ScoreStore
     from scorers.ifd import IFD
 
     class LoggingIFD(IFD):  # same name, version and params: the same store key as IFD

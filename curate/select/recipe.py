@@ -17,8 +17,10 @@ from curate.context import RunContext
 
 #: quality column used by kMQ / deita when `select.score` is not given: the first present, higher = better
 QUALITY_PRIORITY = ("deita_score", "deita_quality", "clear_confidence", "ifd", "grape_logp", "donod")
-#: filters applied by default when their column exists (a defect flag, Cherry's IFD > 1 = misaligned)
-DEFAULT_THRESHOLDS = (("heur_flags", "heur_flags < 1"), ("ifd", "ifd < 1"))
+#: filters applied by default when their column exists: a heuristic defect flag. Cherry's `ifd < 1` is not a
+#: default: with the pool-trained proxy it removed long rows and made subsets worse than random (BENCHMARKS.md,
+#: "subsets"); with SmolLM2 almost no row has IFD > 1. Add it in select.thresholds to use it.
+DEFAULT_THRESHOLDS = (("heur_flags", "heur_flags < 1"),)
 DEFAULT_FRACTION = 0.1  # Diversify-and-Conquer's scripts select 10 % of the pool
 
 
@@ -70,8 +72,8 @@ def _strategy(recipe: Recipe, pool: pl.DataFrame, ctx: RunContext | None = None,
     if cfg.strategy == "iterative":
         if ctx is None:
             raise ValueError("the iterative strategy needs a run folder (its feedback fine-tunes the scoring LM)")
-        from curate.lm.proxy import loss_feedback
         from curate.select import apply_thresholds, as_thresholds
+        from curate.select.iterative import loss_feedback
 
         # probe only rows the strategy may choose from, so every cluster fed back is one it can draw on
         eligible = pool.filter(apply_thresholds(pool, as_thresholds(thresholds))["passed"]) if thresholds else pool

@@ -2,7 +2,7 @@
 
 A scorer is one class in one module. It declares its name, version, parameters, the record columns it
 reads, what it needs (an engine capability, an embedding view, other scores) and the columns it writes.
-The runner (`curate.score.score_pool`) batches rows, skips what the score store already holds and puts
+The runner (`curate.scoring.runner.score_pool`) batches rows, skips what the score store already holds and puts
 each finished batch in the store; the scorer only turns a batch into columns.
 
 Per-row columns (`writes`) are stored. Columns that depend on the whole pool (TOPSIS closeness, the
