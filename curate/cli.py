@@ -186,7 +186,8 @@ def _quiet_prefect() -> Iterator[None]:
 
 def _recipe(inputs: list[str] | None, config: Path | None, overrides: dict[str, Any], *, outputs: bool = True):
     """The recipe from --config + flags, validated as a whole before any work (validate_recipe)."""
-    from curate.config import load_recipe, validate_recipe
+    from curate.config import load_recipe
+    from curate.validate import validate_recipe
 
     recipe = load_recipe(config, {**overrides, "inputs": list(inputs) if inputs else None})
     if not recipe.inputs:  # the bundled sample, named relative to here when it is below (it ends up in `source`)

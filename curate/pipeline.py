@@ -241,13 +241,15 @@ def stage_select(ctx: RunContext) -> dict[str, Any]:
 
 
 def stage_export(ctx: RunContext) -> dict[str, Any]:
-    """Write the subset as Alpaca / ShareGPT JSONL next to selected.parquet, if asked."""
-    from curate.io.writers import export
+    """The trainer hand-off next to selected.parquet: Alpaca / ShareGPT JSONL if asked, and always a
+    LLaMA-Factory dataset_info.json and a dataset card (README.md) that name the files written."""
+    from curate.io.writers import export, write_handoff
 
     run = ctx.run
-    paths = [str(export(run.file("selected.parquet"), fmt, run.file(f"selected.{fmt}.jsonl")))
-             for fmt in ctx.recipe.export]
-    return {"files": paths}
+    exports = {fmt: export(run.file("selected.parquet"), fmt, run.file(f"selected.{fmt}.jsonl"), handoff=False)
+               for fmt in ctx.recipe.export}
+    written, notes = write_handoff(run.file("selected.parquet"), run.path, exports=exports)
+    return {"files": [str(p) for p in [*exports.values(), *written]], "notes": notes}
 
 
 def stage_report(ctx: RunContext) -> dict[str, Any]:
@@ -313,10 +315,9 @@ def build_pipeline(recipe: Recipe) -> list[Stage]:
     stages.append(S("select", stage_select, reads=reads, writes=("selected.parquet", "decisions.parquet"),
                     sections=("select", "seed", "embed", "score.max_length"),
                     modules=("curate.select.recipe", "curate.select", "curate.context", "curate.diversity")))
-    if recipe.export:
-        stages.append(S("export", stage_export, reads=("selected.parquet",),
-                        writes=tuple(f"selected.{f}.jsonl" for f in recipe.export), sections=("export",),
-                        modules=("curate.io.writers",)))
+    stages.append(S("export", stage_export, reads=("selected.parquet",),
+                    writes=(*(f"selected.{f}.jsonl" for f in recipe.export), "dataset_info.json"),
+                    sections=("export",), modules=("curate.io.writers",)))
     if recipe.report:
         stages.append(S("report", stage_report, reads=("selected.parquet", "decisions.parquet", *pool_files),
                         writes=("report.html",), modules=("curate.report",)))

@@ -21,7 +21,7 @@ def _names(**over):
 
 def test_order_follows_the_recipe():
     assert _names(**{"score.scorers": ["heuristics"]}) == [
-        "ingest", "embed", "cluster", "semdedup", "score:heuristics", "collect-scores", "select", "report"]
+        "ingest", "embed", "cluster", "semdedup", "score:heuristics", "collect-scores", "select", "export", "report"]
     late = _names(**{"score.scorers": ["heuristics"], "semdedup.keep": "score", "semdedup.keep_score": "heur_flags"})
     assert late.index("semdedup") == late.index("collect-scores") + 1
     assert _names(**{"embed.enabled": False, "score.scorers": [], "report": False, "export": ["alpaca"]}) == [
