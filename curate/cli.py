@@ -85,8 +85,9 @@ def _report(e: BaseException) -> None:
         raise e
     if isinstance(e, KeyboardInterrupt):
         _fail("interrupted; finished stages and stored scores are kept, re-run to resume", 130)
-    if isinstance(e, InputError | RecipeError):
-        _fail(_one_line(str(e)))
+    lm = sys.modules.get("curate.lm.base")  # loaded only if a model was used: then LMError may be raised
+    if isinstance(e, InputError | RecipeError) or (lm is not None and isinstance(e, lm.LMError)):
+        _fail(_one_line(str(e)))  # LMError: a model that cannot load, a vLLM server that does not start
     if isinstance(e, ConservationError):
         _fail(_one_line(f"row counts do not add up: {e}"), 3)
     if isinstance(e, OSError) and e.filename is not None:  # the environment: permissions, a full disk, ...

@@ -252,6 +252,7 @@ def validate_recipe(recipe: Recipe, *, outputs: bool = True) -> None:
                 raise RecipeError(str(e)) from None
     columns = _check_scorers(recipe)
     _check_columns(recipe, columns)
+    _check_engine(recipe)
     if outputs:
         check_writable_dir(Path(recipe.out), "--out (run folder)")
         from curate.run import cache_dir
@@ -282,6 +283,24 @@ def _check_scorers(recipe: Recipe) -> set[str]:
             raise RecipeError(f"score.scorers: {msg}") from None
         cols.update(scorer.columns)
     return cols
+
+
+def _check_engine(recipe: Recipe) -> None:
+    """score.engine vllm without servers starts one: its interpreter (never named by a recipe) must exist."""
+    from curate.scoring import canonical
+    from scorers import scorer_class
+
+    if recipe.score.engine != "vllm" or recipe.score.vllm_urls:
+        return
+    if not any(scorer_class(canonical(n)).needs.engine for n in recipe.score.scorers):
+        return
+    from curate.lm.vllm import default_vllm_python
+
+    py = default_vllm_python()
+    if not (os.path.isfile(py) and os.access(py, os.X_OK)):
+        raise RecipeError(f"score.engine vllm: no vLLM interpreter at {py}; build it (bash "
+                          "curate/lm/setup_vllm_env.sh), pass --vllm-python / CURATE_VLLM_PYTHON, or give "
+                          "score.vllm_urls")
 
 
 def _check_columns(recipe: Recipe, scorer_columns: set[str]) -> None:

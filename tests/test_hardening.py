@@ -562,3 +562,24 @@ def test_models_load_from_safetensors_only_unless_the_user_opts_out(tmp_path, mo
     scorer = get_scorer("instructmining", unieval="model", unieval_model=str(t5))
     with pytest.raises(ScorerError, match="UniEval model .* pickle"):
         scorer._unieval_model_scores("nat", ["h"], ["r"])
+
+
+def test_vllm_interpreter_comes_from_the_command_line_and_is_checked_before_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("CURATE_VLLM_PYTHON", raising=False)  # --vllm-python sets it: restored after the test
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("score: {engine: vllm, scorers: [perplexity]}\n")
+    src = _jsonl(tmp_path / "a.jsonl", [ROW])
+    missing = tmp_path / "no-such-python"
+    code, output = _cli("select", src, "--config", cfg, "--vllm-python", missing, "--out", tmp_path / "run",
+                        "--no-prefect")
+    _one_clear_line(code, output, "score.engine vllm", str(missing))
+    assert not (tmp_path / "run" / "records_all.parquet").exists()
+    # a server that cannot start is an LMError: one line too, not a bug report
+    import typer
+
+    from curate.cli import _guard
+    from curate.lm.vllm import VLLMServer
+
+    with pytest.raises(typer.Exit) as e:
+        _guard(VLLMServer, str(tmp_path), python=str(missing))
+    assert e.value.exit_code == 2
