@@ -583,3 +583,37 @@ def test_vllm_interpreter_comes_from_the_command_line_and_is_checked_before_work
     with pytest.raises(typer.Exit) as e:
         _guard(VLLMServer, str(tmp_path), python=str(missing))
     assert e.value.exit_code == 2
+
+
+# ---------------------------------------------------------------------------------------------- the corpus
+
+
+def test_broken_input_corpus_through_the_cli(tmp_path):
+    """The audit's cases kept as files in tests/corpus, each through the command a user would run."""
+    import re
+
+    from conftest import CORPUS
+
+    code, output = _cli("ingest", CORPUS / "splits.json", "--out", tmp_path / "s")
+    assert code == 0, output
+    recs = pl.read_parquet(tmp_path / "s" / "records.parquet")
+    assert dict(recs.group_by("source").len().iter_rows()) == {f"{CORPUS / 'splits.json'}#train": 3,
+                                                               f"{CORPUS / 'splits.json'}#test": 2}
+    code, output = _cli("ingest", CORPUS / "bigint.jsonl", "--out", tmp_path / "b")
+    assert code == 0, output
+    assert pl.read_parquet(tmp_path / "b" / "records.parquet").sort("row")["response"].to_list() == [
+        "123456789012345678901234567890", "-98765432109876543210"]
+    src = CORPUS / "mixed_formats.jsonl"
+    for recipe, fragment in (("billion_laughs.yaml", "YAML aliases"), ("recipe_runs_program.yaml", "program"),
+                             ("recipe_escapes.yaml", "plain folder name")):
+        code, output = _cli("select", src, "--config", CORPUS / recipe, "--out", tmp_path / "r", "--no-prefect")
+        _one_clear_line(code, output, recipe, fragment)
+    _one_clear_line(*_cli("ingest", CORPUS / "corrupt.jsonl.gz", "--out", tmp_path / "g"), "corrupt.jsonl.gz", "gzip")
+    code, output = _cli("ingest", CORPUS / "injection.jsonl", "--out", tmp_path / "i")
+    assert code == 0, output
+    from scorers import get_scorer
+
+    msgs = pl.read_parquet(tmp_path / "i" / "records.parquet").select("messages")
+    cp, qp, _ = get_scorer("deita").prompts(msgs)
+    slot = re.compile(r"#\s*#?\s*(Quality|Complexity)\s*:", re.I)
+    assert [len(slot.findall(p)) for p in cp + qp] == [1, 1]
