@@ -170,7 +170,8 @@ def _quiet_prefect() -> Iterator[None]:
             h.removeFilter(quiet)
 
 
-def _recipe(inputs: list[str] | None, config: Path | None, overrides: dict[str, Any], *, outputs: bool = True):
+def _recipe(inputs: list[str] | None, config: Path | None, overrides: dict[str, Any], *, outputs: bool = True,
+            selection: bool = True):
     """The recipe from --config + flags, validated as a whole before any work (validate_recipe)."""
     from curate.config import load_recipe, validate_recipe
 
@@ -179,7 +180,7 @@ def _recipe(inputs: list[str] | None, config: Path | None, overrides: dict[str, 
         recipe.inputs = [str(SAMPLE)]
     if overrides.get("out") is None and (config is None or "out" not in (recipe.model_fields_set or set())):
         recipe.out = str(Path("runs") / recipe.name) if recipe.out == "runs/run" else recipe.out
-    validate_recipe(recipe, outputs=outputs)
+    validate_recipe(recipe, outputs=outputs, selection=selection)
     return recipe
 
 
@@ -198,7 +199,7 @@ def ingest(
 
     recipe = _guard(_recipe, inputs, config, {"out": str(out_dir) if out_dir else None,
                                               "ingest.format": fmt, "ingest.container": container,
-                                              "ingest.split": split})
+                                              "ingest.split": split}, selection=False)
     run = open_run(recipe)
     _guard(stage_ingest, run, recipe)
     _print_inputs(run.manifest)
