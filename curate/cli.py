@@ -195,13 +195,15 @@ def ingest(
     split: str = typer.Option(None, "--split", help="One split of DatasetDict folders / dict-of-splits JSON."),
 ) -> None:
     """Normalise inputs into the canonical schema and drop exact duplicates (records.parquet)."""
+    from curate.context import RunContext
     from curate.pipeline import open_run, stage_ingest
 
     recipe = _guard(_recipe, inputs, config, {"out": str(out_dir) if out_dir else None,
                                               "ingest.format": fmt, "ingest.container": container,
                                               "ingest.split": split}, selection=False)
     run = open_run(recipe)
-    _guard(stage_ingest, run, recipe)
+    _guard(stage_ingest, RunContext(run, recipe))
+    run.save()
     _print_inputs(run.manifest)
     out.print(f"records: [bold]{run.file('records.parquet')}[/]")
 
@@ -246,9 +248,9 @@ def select(
                  "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None}
     recipe = _guard(_recipe, inputs, config, overrides)
     if no_prefect:
-        from curate.pipeline import run_direct
+        from curate.pipeline import run_local
 
-        run = _guard(run_direct, recipe)
+        run = _guard(run_local, recipe)
     else:
         from flows.pipeline import run_flow
 
@@ -333,6 +335,60 @@ def plan(
     out.print(t)
     total = sum(s.seconds for s in stages)
     out.print(f"total: about {total / 60:.1f} min on 2 CPU cores (GPU: embed and score stages are far faster)")
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder with selected.parquet."),
+    reference: list[str] = typer.Option(None, "--reference", "-r", help="Reference set(s), any format ingest "
+                                        "reads (default: a held-out slice of the pool)."),
+    seeds: int = typer.Option(3, "--seeds", help="Fine-tunes per arm."),
+    student: str = typer.Option("smollm2-135m", "--student", help="Packaged model name or HF model folder."),
+    arms: str = typer.Option(",".join(("selected", "random_rows", "random_tokens", "random_length", "base")),
+                             "--arms", help="Comma-separated arms."),
+    epochs: float = typer.Option(1.0, "--epochs"),
+    max_steps: int = typer.Option(None, "--max-steps", help="Cap on optimizer steps per fine-tune."),
+    lr: float = typer.Option(1e-4, "--lr"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int = typer.Option(512, "--max-length", help="Tokens per sequence (longer ones are truncated)."),
+    lora: bool = typer.Option(False, "--lora", help="LoRA (peft) instead of a full fine-tune."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16"),
+    threads: int = typer.Option(2, "--threads", help="CPU threads."),
+    heldout: int = typer.Option(200, "--heldout", help="Held-out pool rows (when no --reference)."),
+    reference_rows: int = typer.Option(500, "--reference-rows", help="Rows sampled per reference set (0 = all)."),
+    accuracy_rows: int = typer.Option(50, "--accuracy-rows", help="Q/A rows answered greedily (0 = off)."),
+    gen_tokens: int = typer.Option(256, "--gen-tokens", help="New tokens per greedy answer."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Estimate the time, run nothing."),
+) -> None:
+    """Fine-tune a student on the subset and on random baselines; is the subset better than random?"""
+    from curate.eval import EvalConfig, calibrate, estimate, plan_eval, run_eval
+
+    cfg = _guard(EvalConfig, student=student, seeds=seeds, arms=tuple(a for a in arms.split(",") if a),
+                 epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
+                 lora=lora, dtype=dtype, threads=threads, heldout_rows=heldout,
+                 reference_rows=reference_rows or None, accuracy_rows=accuracy_rows, gen_tokens=gen_tokens)
+    plan = _guard(plan_eval, run_dir, cfg, reference or None)
+    est = _guard(estimate, plan, _guard(calibrate, plan))
+    t = Table("unit", "rows", "train tokens", "estimate", title=f"curate eval ({plan.dtype}, {threads} threads)")
+    for (arm, seed), info in plan.arm_info.items():
+        u = est["units"][f"{arm}-seed{seed}"]
+        t.add_row(f"{arm} seed {seed}", f"{info['rows']:,}", f"{u['train_tokens']:,}", f"{u['seconds']:.0f} s")
+    out.print(t)
+    out.print(f"reference sets: {', '.join(f'{r.name} ({len(r.convs)} rows)' for r in plan.references)}")
+    out.print(f"estimated time: {est['seconds'] / 60:.1f} min (finished units are skipped)")
+    if dry_run:
+        return
+    doc = _guard(run_eval, run_dir, plan=plan)
+    t = Table("reference", "arm", "loss (95% CI)", "exact match", title="curate eval")
+    for name, e in doc["references"].items():
+        acc = e.get("accuracy", {}).get("arms", {})
+        for arm, v in e["loss"].items():
+            a = acc.get(arm)
+            t.add_row(name, arm, f"{v['mean']:.4f} [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}]",
+                      f"{a['mean']:.3f}" if a else "-")
+    out.print(t)
+    out.print(doc["verdict_line"], highlight=False)
+    out.print(f"wrote {run_dir / 'eval.json'}")
 
 
 @proxy_app.command("train")

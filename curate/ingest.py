@@ -139,8 +139,10 @@ def dedup(run: Run, *, require_records: bool = True) -> tuple[int, int]:
         pl.scan_parquet(run.file("duplicates.parquet")).group_by("source").len().collect().rows()
     )
     per_source = {s: n for s, n in dup_counts}
-    for path, entry in run.manifest.get("inputs", {}).items():
+    inputs = run.manifest.get("inputs", {})
+    for path, entry in inputs.items():
         entry["duplicates"] = per_source.get(path, 0)
+    run.set("inputs", inputs)
     run.stage("dedup", rows_in=rows_in, rows_out=kept, dropped={"duplicate": rows_in - kept},
               seconds=time.perf_counter() - t0)
     if kept == 0 and require_records:
@@ -150,7 +152,7 @@ def dedup(run: Run, *, require_records: bool = True) -> tuple[int, int]:
 
 def _empty_pool(run: Run) -> None:
     """Write the decision log of a run whose pool is empty (every row rejected), then raise EmptyPoolError."""
-    from curate.pipeline import build_decisions
+    from curate.decisions import build_decisions
 
     none = pl.DataFrame(schema={"id": pl.String, "selected": pl.Boolean, "reason": pl.String,
                                 "rank_in_cluster": pl.Int32})

@@ -3,17 +3,23 @@
 Rows are counted exactly where that is cheap (lines of JSONL/CSV, Parquet metadata) and tokens are estimated
 from bytes on a sample. Throughputs are the CPU numbers measured on a 2-core machine (BENCHMARKS.md); a GPU
 changes the embed and score rows. Treat the output as an order of magnitude, not a promise.
+
+One-off work is priced too, only when it will happen (issue #13: a 200-row run planned at 6 s took 5 min):
+start-up (imports), the Prefect server, distilling the static embedder, training the proxy LM, converting a
+packaged model (SmolLM2). With `score.sample` / `score.minutes` the LM scores a stratified sample and
+`curate.distill` predicts the rest: the plan prices both parts.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from curate.config import Recipe
 from curate.io.readers import detect_container, expand_inputs
-from curate.selection import DEFAULT_FRACTION
+from curate.select.recipe import DEFAULT_FRACTION
 
 # rows/s on 2 CPU cores (see BENCHMARKS.md); keyed by stage or model
 RATES = {
@@ -29,11 +35,28 @@ RATES = {
 CALLS_PER_ROW = {"perplexity": 1, "ifd": 2, "grape": 1, "donod": 1, "deita": 2, "clear": 8,
                  "instructmining": 0, "heuristics": 0}
 PROXY_PASS_RATE = 150.0
+# one forward pass per second over an Alpaca-sized row (~415 input bytes), per scoring model, 2 CPU cores:
+# SmolLM2-135M bf16 through curate's HF engine: 4.85 IFD rows/s = 9.7 passes/s (issue #15, machine half loaded);
+# any other model: an assumption for a ~100M-parameter model (give score.minutes and check the first run)
+PASS_RATES = {"proxy": PROXY_PASS_RATE, "smollm2-135m": 9.7, "other": 5.0}
+REF_BYTES_PER_ROW = 415.0  # Alpaca-52k: 21.6 MB / 52,002 rows
 RULE_RATE = 20_000.0
 # rows/s of one proxy fine-tune epoch: iterative feedback on 1000 vs 2000 rows took 21.1 vs 38.6 s, i.e. ~57 rows/s
 # (bench/results/subsets.md, 3,000-row budget)
 FINETUNE_RATE = 57.0
-
+# one-off costs, seconds on 2 idle cores
+ONE_OFF = {
+    "startup": 15.0,  # importing torch, transformers, polars, sklearn, curate in a fresh process
+    "prefect_server": 10.0,  # the ephemeral Prefect API server: 5-12 s (bench/results/flow.md)
+    "embedder_distill": 100.0,  # minilm-static from the packaged MiniLM: 99.3 s (bench/results/embed.md)
+    "proxy_per_step": 0.17,  # tiny proxy: 1000 steps in 169 s (curate/lm/proxy.py, bench/results/engines.md)
+    "proxy_tokenizer": 10.0,  # BPE tokenizer + packing before the first step
+    "convert:smollm2-135m": 45.0,  # GGUF -> bf16 safetensors: 20-60 s (issue #15, curate.lm.models)
+}
+# curate.distill on the sample: seconds per 1,000 sampled rows per predicted column (Ridge + HGB, hold-out and
+# refit; bench/results/distill.md), plus the rule flags used as features
+DISTILL_FIT_S_PER_1K_PER_COLUMN = 3.0
+DISTILL_COLUMNS = {"perplexity": 3, "ifd": 5, "grape": 2, "donod": 3, "deita": 4, "clear": 3}
 
 @dataclass
 class StagePlan:
@@ -64,7 +87,87 @@ def count_rows(path: str) -> tuple[int, int]:
     return max(1, size // 400), size  # JSON arrays: ~400 bytes a row
 
 
-def plan(recipe: Recipe) -> list[StagePlan]:
+def pass_rate(model: str, bytes_per_row: float = REF_BYTES_PER_ROW) -> float:
+    """Forward passes per second for `model` on rows of this size (longer rows: proportionally fewer)."""
+    base = PASS_RATES.get(model, PASS_RATES["other"])
+    return base * REF_BYTES_PER_ROW / max(bytes_per_row, 50.0)
+
+
+def lm_rows_per_second(recipe: Recipe, bytes_per_row: float = REF_BYTES_PER_ROW) -> float | None:
+    """Rows per second through every LM scorer of the recipe together (None when no scorer uses the LM).
+
+    This is the assumed rate `score.minutes` is turned into rows with (curate.distill.sample_size)."""
+    passes = sum(CALLS_PER_ROW.get(n, 1) for n in recipe.score.scorers)
+    return pass_rate(recipe.score.model, bytes_per_row) / passes if passes else None
+
+
+def gpu_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _static_embedder_missing() -> bool:
+    try:
+        from curate.embed import STATIC_MODEL, resolve_model
+
+        return not (Path(resolve_model(STATIC_MODEL).path) / "model.safetensors").exists()
+    except Exception:  # the teacher package is absent: the run will fail anyway, price the distillation
+        return True
+
+
+def _proxy_pinned(recipe: Recipe) -> bool:
+    """A run folder whose manifest pins an existing proxy reuses it (curate.scoring.resolve_model)."""
+    import json
+
+    manifest = Path(recipe.out) / "manifest.json"
+    try:
+        pinned = json.loads(manifest.read_text()).get("proxy_model")
+    except (OSError, ValueError):
+        return False
+    return bool(pinned) and Path(pinned).exists()
+
+
+def _conversion_needed(model: str) -> bool:
+    """A packaged model (SmolLM2) is converted once into the model cache; False for any other name."""
+    try:
+        from curate.lm import models as packaged
+    except ImportError:
+        return model == "smollm2-135m"
+    if not packaged.is_packaged(model):
+        return False
+    try:
+        return not (Path(packaged.model_pin(model)["path"]) / "model.safetensors").exists()
+    except ValueError:  # the package is not installed: the run will say so
+        return True
+
+
+def one_off(recipe: Recipe, rows: int, *, prefect: bool = True) -> list[StagePlan]:
+    """Work done once per process or once per machine, listed only when this run will do it."""
+    out = [StagePlan("one-off: start-up (imports)", 0, 0, ONE_OFF["startup"], 600.0)]
+    if prefect and not os.environ.get("PREFECT_API_URL"):
+        out.append(StagePlan("one-off: Prefect server start", 0, 0, ONE_OFF["prefect_server"], 300.0))
+    if recipe.embed.enabled and recipe.embed.model == "minilm-static" and _static_embedder_missing():
+        out.append(StagePlan("one-off: distil the static embedder", 0, 0, ONE_OFF["embedder_distill"], 2000.0))
+    uses_lm = any(CALLS_PER_ROW.get(n, 1) > 0 for n in recipe.score.scorers)
+    if uses_lm and recipe.score.model == "proxy" and not _proxy_pinned(recipe):
+        steps = int(min(1000, max(150, rows // 10)))  # as curate.scoring.resolve_model trains it
+        out.append(StagePlan("one-off: train the proxy LM", rows, steps,
+                             ONE_OFF["proxy_tokenizer"] + steps * ONE_OFF["proxy_per_step"], 1000.0))
+    if uses_lm and _conversion_needed(recipe.score.model):
+        out.append(StagePlan(f"one-off: convert {recipe.score.model}", 0, 0,
+                             ONE_OFF.get(f"convert:{recipe.score.model}", 60.0), 1500.0))
+    return out
+
+
+def plan(recipe: Recipe, *, prefect: bool = True) -> list[StagePlan]:
+    """Every stage of the run (one-off work first), with rows, engine calls, seconds and peak memory.
+
+    `prefect=False` for `--no-prefect` (no server to start)."""
+    from curate.distill import FEATURE_VIEWS, sample_size
+
     files = expand_inputs(recipe.inputs)
     rows = 0
     nbytes = 0
@@ -75,18 +178,34 @@ def plan(recipe: Recipe) -> list[StagePlan]:
     tokens = nbytes // 4
     dim = 384  # MiniLM and the static model distilled from it (PCA to 384)
     k = recipe.cluster.k or max(1, round(math.sqrt(rows)))
-    out = [StagePlan("ingest+dedup", rows, 0, rows / RATES["ingest"], 400.0)]
+    out = one_off(recipe, rows, prefect=prefect)
+    out.append(StagePlan("ingest+dedup", rows, 0, rows / RATES["ingest"], 400.0))
+    embed_rate = RATES.get(f"embed:{recipe.embed.model}", RATES["embed:other"])
     if recipe.embed.enabled:
-        rate = RATES.get(f"embed:{recipe.embed.model}", RATES["embed:other"])
         emb_mb = rows * dim * 4 / 2**20
-        out.append(StagePlan("embed", rows, 0, rows / rate, 600 + emb_mb))
+        out.append(StagePlan("embed", rows, 0, rows / embed_rate, 600 + emb_mb))
         out.append(StagePlan("cluster", rows, 0, rows / RATES["cluster"] * max(1, k / 300), 300 + 2 * emb_mb))
-        if recipe.semdedup.enabled:
-            out.append(StagePlan("semdedup", rows, 0, rows / RATES["semdedup"], 300 + 2 * emb_mb))
-    for name in recipe.score.scorers:
-        calls = rows * CALLS_PER_ROW.get(name, 1)
-        secs = calls / PROXY_PASS_RATE if calls else rows / RULE_RATE
-        out.append(StagePlan(f"score:{name}", rows, calls, secs, 800.0 if calls else 300.0))
+        if recipe.semdedup.enabled:  # its own view (instruction + response) is embedded too when it differs
+            extra = rows / embed_rate if recipe.semdedup.view != recipe.embed.view else 0.0
+            out.append(StagePlan("semdedup", rows, 0, rows / RATES["semdedup"] + extra, 300 + 2 * emb_mb))
+    bytes_per_row = nbytes / max(rows, 1)
+    rate = pass_rate(recipe.score.model, bytes_per_row)
+    rps = lm_rows_per_second(recipe, bytes_per_row)
+    sc = recipe.score
+    n_lm = sample_size(rows, sc.sample, sc.minutes, rps, engine_is_gpu=gpu_available()) if rps else rows
+    for name in sc.scorers:
+        per_row = CALLS_PER_ROW.get(name, 1)
+        n = n_lm if per_row else rows
+        calls = n * per_row
+        secs = calls / rate if calls else rows / RULE_RATE
+        out.append(StagePlan(f"score:{name}", n, calls, secs, 800.0 if calls else 300.0))
+    if n_lm < rows:  # sample-then-distill: features for every row, one cheap model per score column
+        secs = 0.0 if any(n in ("heuristics", "heur") for n in sc.scorers) else rows / RULE_RATE
+        have = {recipe.embed.view} | ({recipe.semdedup.view} if recipe.semdedup.enabled else set())
+        secs += sum(rows / embed_rate for v in FEATURE_VIEWS if v not in have)
+        cols = sum(DISTILL_COLUMNS.get(n, 2) for n in sc.scorers if CALLS_PER_ROW.get(n, 1))
+        secs += n_lm / 1000 * cols * DISTILL_FIT_S_PER_1K_PER_COLUMN
+        out.append(StagePlan("distill (predict the rest)", rows - n_lm, 0, secs, 400 + rows * 0.004))
     out.append(StagePlan("select", rows, 0, rows / RATES["select"] + 2, 200 + rows * 1e-4))
     sel = recipe.select
     if sel.strategy == "iterative" and sel.rounds > 1:

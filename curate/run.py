@@ -126,10 +126,17 @@ def package_versions() -> dict[str, str]:
 
 
 class Run:
-    """A run folder plus its manifest. Stages call `stage()` to record counts and timings."""
+    """A run folder plus its manifest. Stages call `stage()` and `set()` to record counts and facts.
 
-    def __init__(self, path: str | Path):
+    One writer: the executors open runs with `autosave=False`, so a stage only collects its manifest entries in
+    `updates`; the executor merges them (`merge`) and writes manifest.json once per stage. Ad-hoc use (tests,
+    notebooks) keeps the default `autosave=True`.
+    """
+
+    def __init__(self, path: str | Path, *, autosave: bool = True):
         self.path = Path(path)
+        self.autosave = autosave
+        self.updates: dict[str, Any] = {}
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.path / "manifest.json"
         if self.manifest_path.exists():
@@ -156,7 +163,17 @@ class Run:
 
     def set(self, key: str, value: Any) -> None:
         self.manifest[key] = value
-        self.save()
+        self.updates[key] = value
+        if self.autosave:
+            self.save()
+
+    def merge(self, updates: dict[str, Any]) -> None:
+        """Apply a stage's manifest entries (`stages` merged per stage name, other keys replaced)."""
+        for key, value in updates.items():
+            if key == "stages":
+                self.manifest.setdefault("stages", {}).update(value)
+            else:
+                self.manifest[key] = value
 
     def stage(
         self,
@@ -173,7 +190,9 @@ class Run:
         entry = {"rows_in": rows_in, "rows_out": rows_out, "dropped": dropped,
                  "seconds": round(seconds, 3), **extra}
         self.manifest["stages"][name] = entry
-        self.save()
+        self.updates.setdefault("stages", {})[name] = entry
+        if self.autosave:
+            self.save()
         if rows_in != rows_out + sum(dropped.values()):
             raise ConservationError(
                 f"stage {name!r}: {rows_in} rows in != {rows_out} out + {sum(dropped.values())} dropped "

@@ -26,8 +26,8 @@ from typing import ClassVar
 import numpy as np
 import polars as pl
 
+from curate.scoring.contract import Needs, ScoreContext, Scorer, ScorerParams, engine_of
 from scorers._judge import DATA_NOTE, expected_value, fence, render_for_choice
-from scorers.base import Needs, ScoreContext, Scorer, ScorerParams, engine_of
 
 #: hkust-nlp/deita src/deita/selection/scorer/llama_scorer.py (same strings in mistral_scorer.py)
 COMPLEXITY_TEMPLATE = (
