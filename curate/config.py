@@ -280,14 +280,13 @@ def _check_selection(recipe: Recipe) -> None:
 
 def _check_scorers(recipe: Recipe) -> set[str]:
     """The columns the recipe's scorers write; RecipeError naming the scorer as the user typed it."""
-    from curate.scoring import ALIASES, ScorerError, available, canonical, get_scorer
+    from curate.scoring import ScorerError, available, get_scorer
 
-    back = {v: k for k, v in ALIASES.items()}
-    names = [back.get(n, n) for n in available()]
+    names = available()
     cols: set[str] = set()
     for name in recipe.score.scorers:
         try:
-            scorer = get_scorer(canonical(name), **recipe.score.params.get(name, {}))
+            scorer = get_scorer(name, **recipe.score.params.get(name, {}))
         except ScorerError as e:
             msg = str(e)
             if "unknown scorer" in msg:
@@ -299,12 +298,11 @@ def _check_scorers(recipe: Recipe) -> set[str]:
 
 def _check_engine(recipe: Recipe) -> None:
     """score.engine vllm without servers starts one: its interpreter (never named by a recipe) must exist."""
-    from curate.scoring import canonical
-    from scorers import scorer_class
+    from curate.scoring import scorer_class
 
     if recipe.score.engine != "vllm" or recipe.score.vllm_urls:
         return
-    if not any(scorer_class(canonical(n)).needs.engine for n in recipe.score.scorers):
+    if not any(scorer_class(n).needs.engine for n in recipe.score.scorers):
         return
     from curate.lm.vllm import default_vllm_python
 
