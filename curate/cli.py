@@ -202,8 +202,10 @@ def ingest(
                                               "ingest.format": fmt, "ingest.container": container,
                                               "ingest.split": split}, selection=False)
     run = open_run(recipe)
-    _guard(stage_ingest, RunContext(run, recipe))
-    run.save()
+    try:
+        _guard(stage_ingest, RunContext(run, recipe))
+    finally:
+        run.save()  # also when ingest stops (an empty pool): the counts behind decisions.parquet stay on record
     _print_inputs(run.manifest)
     out.print(f"records: [bold]{run.file('records.parquet')}[/]")
 

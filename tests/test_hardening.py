@@ -621,7 +621,7 @@ def test_broken_input_corpus_through_the_cli(tmp_path):
     _one_clear_line(*_cli("ingest", CORPUS / "corrupt.jsonl.gz", "--out", tmp_path / "g"), "corrupt.jsonl.gz", "gzip")
     code, output = _cli("ingest", CORPUS / "injection.jsonl", "--out", tmp_path / "i")
     assert code == 0, output
-    from scorers import get_scorer
+    from curate.scoring import get_scorer
 
     msgs = pl.read_parquet(tmp_path / "i" / "records.parquet").select("messages")
     cp, qp, _ = get_scorer("deita").prompts(msgs)
