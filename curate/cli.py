@@ -24,9 +24,10 @@ from typing import Any
 
 import click
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from curate.progress import make_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Budgeted, diversity-balanced data selection for LLM instruction tuning.")
@@ -34,12 +35,26 @@ proxy_app = typer.Typer(no_args_is_help=True, help="Train, fine-tune and evaluat
 im_app = typer.Typer(no_args_is_help=True, help="InstructMining: fit the linear rule to your own results.")
 app.add_typer(proxy_app, name="proxy")
 app.add_typer(im_app, name="instructmining")
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"curate {version('curate')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Budgeted, diversity-balanced data selection for LLM instruction tuning."""
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 
-OutOpt = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<name>).")
+OutOpt = typer.Option(None, "--out", "-o", help="Run folder (default: `runs/<name>`).")
 ConfigOpt = typer.Option(None, "--config", "-c", help="Recipe YAML with any option; flags override it.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (clustering, sampling).")
 
@@ -176,8 +191,9 @@ def _recipe(inputs: list[str] | None, config: Path | None, overrides: dict[str, 
     from curate.config import load_recipe, validate_recipe
 
     recipe = load_recipe(config, {**overrides, "inputs": list(inputs) if inputs else None})
-    if not recipe.inputs:
-        recipe.inputs = [str(SAMPLE)]
+    if not recipe.inputs:  # the bundled sample, named relative to here when it is below (it ends up in `source`)
+        here = Path.cwd().resolve()
+        recipe.inputs = [os.path.relpath(SAMPLE, here) if SAMPLE.is_relative_to(here) else str(SAMPLE)]
     if overrides.get("out") is None and (config is None or "out" not in (recipe.model_fields_set or set())):
         recipe.out = str(Path("runs") / recipe.name) if recipe.out == "runs/run" else recipe.out
     validate_recipe(recipe, outputs=outputs, selection=selection)
@@ -211,13 +227,9 @@ def ingest(
 
 
 def _print_inputs(manifest: dict) -> None:
-    t = Table("input", "rows", "records", "duplicates", "rejected", "formats", title="ingest")
-    for path, e in manifest.get("inputs", {}).items():
-        rej = ", ".join(f"{k}:{v}" for k, v in e.get("rejected", {}).items()) or "0"
-        fm = ", ".join(f"{k}:{v}" for k, v in e.get("formats", {}).items())
-        t.add_row(path, str(e["rows"]), str(e["records"] - e.get("duplicates", 0)),
-                  str(e.get("duplicates", 0)), rej, fm)
-    out.print(t)
+    from curate.inspect import input_table
+
+    out.print(input_table(manifest, "ingest"))
 
 
 @app.command()
@@ -263,12 +275,10 @@ def select(
 
 def _summary(run) -> None:
     m = run.manifest
+    from curate.inspect import stage_table
+
     _print_inputs(m)
-    t = Table("stage", "in", "out", "dropped", "seconds", title="stages")
-    for name, s in m.get("stages", {}).items():
-        t.add_row(name, str(s["rows_in"]), str(s["rows_out"]),
-                  ", ".join(f"{k}:{v}" for k, v in s.get("dropped", {}).items()), f"{s['seconds']:.1f}")
-    out.print(t)
+    out.print(stage_table(m))
     out.print(f"selected: [bold]{run.file('selected.parquet')}[/]  decisions: {run.file('decisions.parquet')}")
     if run.file("report.html").exists():
         out.print(f"report: {run.file('report.html')}")
@@ -288,18 +298,26 @@ def inspect(path: Path = typer.Argument(..., help="A dataset file/folder or a ru
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder with selected.parquet."),
     fmt: str = typer.Option("sharegpt", "--format", help="alpaca | sharegpt"),
-    dest: Path = typer.Option(None, "--dest", help="Output JSONL (default: RUN/selected.<format>.jsonl)."),
+    dest: Path = typer.Option(None, "--dest", help="Output JSONL (default: `RUN/selected.<format>.jsonl`)."),
+    license: str = typer.Option(None, "--license", help="License id for the dataset card (e.g. cc-by-4.0)."),
+    license_note: str = typer.Option(None, "--license-note", help="Attribution / terms sentence for the card."),
 ) -> None:
-    """Export the selected subset to Alpaca or ShareGPT JSONL."""
+    """Export the selected subset to Alpaca or ShareGPT JSONL, with a LLaMA-Factory `dataset_info.json` and a
+    dataset card (`README.md`) beside it."""
     from curate.io.writers import export as do_export
+    from curate.io.writers import write_handoff
 
     src = run_dir / "selected.parquet"
     if not src.exists():
         _fail(f"{src}: no selected.parquet in this run (run `curate select` first)")
     if dest is not None and dest.is_dir():  # a folder: the file goes inside it
         dest = dest / f"selected.{fmt}.jsonl"
-    path = _on_run(run_dir, do_export, src, fmt, dest or run_dir / f"selected.{fmt}.jsonl")
-    out.print(f"wrote {path}")
+    path = _on_run(run_dir, lambda: do_export(src, fmt, dest or run_dir / f"selected.{fmt}.jsonl", handoff=False))
+    files, notes = _on_run(run_dir, lambda: write_handoff(src, path.parent, exports={fmt: path}, license=license,
+                                                          license_note=license_note))
+    out.print(f"wrote {path}", *files, sep="\n  ", highlight=False)
+    for note in notes:
+        err.print(f"note: {note}", highlight=False)
 
 
 @app.command()

@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from curate.io.formats import to_messages
+from curate.io.formats import extra_fields, to_messages
 from curate.io.readers import expand_inputs, iter_rows, source_path
+from curate.io.writers import PartedParquet, unify_meta
 from curate.progress import progress
 from curate.run import Run, atomic_path, remove_stale_tmp, sha256_file, write_parquet
-from curate.schema import RECORD_SCHEMA, REJECT_SCHEMA, RowError, make_record
+from curate.schema import META, RECORD_SCHEMA, REJECT_SCHEMA, RowError, make_record
 
 CHUNK_ROWS = 20_000
 
@@ -52,11 +51,10 @@ def ingest(
     counts: dict[str, SourceCounts] = {}
     hashes: dict[str, str] = {}
     rec_path, rej_path = run.file("records_all.parquet"), run.file("rejects.parquet")
+    # the user's own columns (`meta`) vary by file: both tables are written in parts, then merged under one type
     with (
-        atomic_path(rec_path) as rec_tmp,
-        atomic_path(rej_path) as rej_tmp,
-        pq.ParquetWriter(rec_tmp, RECORD_SCHEMA, compression="zstd") as rec_w,
-        pq.ParquetWriter(rej_tmp, REJECT_SCHEMA, compression="zstd") as rej_w,
+        PartedParquet(rec_path, RECORD_SCHEMA) as rec_w,
+        PartedParquet(rej_path, REJECT_SCHEMA) as rej_w,
         progress() as bar,
     ):
         for path in files:
@@ -73,26 +71,29 @@ def ingest(
                     if isinstance(raw.value, RowError):
                         raise raw.value
                     name, messages = to_messages(raw.value, fmt)
-                    recs.append(make_record(messages, source=path, row=raw.row, fmt=name))
+                    recs.append(make_record(messages, source=path, row=raw.row, fmt=name,
+                                            meta=extra_fields(raw.value, fmt)))
                     c.formats[name] += 1
                 except RowError as e:
                     c.rejected[e.reason] += 1
-                    rejs.append({"source": path, "row": raw.row, "reason": e.reason,
-                                 "detail": e.detail, "raw": raw.raw})
+                    rejs.append({"source": path, "row": raw.row, "reason": e.reason, "detail": e.detail,
+                                 "raw": raw.raw, META: extra_fields(raw.value, fmt)})
                 if len(recs) >= CHUNK_ROWS:
-                    rec_w.write_table(pa.Table.from_pylist(recs, RECORD_SCHEMA))
+                    rec_w.write(recs)
                     c.records += len(recs)
                     recs = []
                     bar.update(task, completed=c.rows)
                 if len(rejs) >= CHUNK_ROWS:
-                    rej_w.write_table(pa.Table.from_pylist(rejs, REJECT_SCHEMA))
+                    rej_w.write(rejs)
                     rejs = []
-            if recs:
-                rec_w.write_table(pa.Table.from_pylist(recs, RECORD_SCHEMA))
-                c.records += len(recs)
-            if rejs:
-                rej_w.write_table(pa.Table.from_pylist(rejs, REJECT_SCHEMA))
+            rec_w.write(recs)
+            c.records += len(recs)
+            rej_w.write(rejs)
             bar.update(task, completed=c.rows, total=c.rows)
+        # records and rejects keep only their own meta fields, typed alike so decisions can join them
+        every = rec_w.meta_types + rej_w.meta_types
+        rec_w.close(unify_meta(every, only=rec_w.meta_types))
+        rej_w.close(unify_meta(every, only=rej_w.meta_types))
     rows_in = sum(c.rows for c in counts.values())
     rejected: Counter = Counter()
     for c in counts.values():
@@ -124,9 +125,10 @@ def dedup(run: Run, *, require_records: bool = True) -> tuple[int, int]:
         pl.col("source").alias("duplicate_of_source"),
         pl.col("row").alias("duplicate_of_row"),
     )
+    has_meta = META in lf.collect_schema().names()
     dups = (
         lf.filter(~pl.col("dedup_key").is_first_distinct())
-        .select("_order", "id", "source", "row", "dedup_key")
+        .select("_order", "id", "source", "row", "dedup_key", *([META] if has_meta else []))
         .join(keys, on="dedup_key", how="left")
         .sort("_order")
         .drop("_order")
