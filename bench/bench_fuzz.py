@@ -54,7 +54,7 @@ def main() -> None:
             st = fuzz_ingest(Path(tmp), per_container=args.per_container, seed=seed)
         total_fail += len(st.failures)
         lines += [f"## `curate ingest`, seed {seed}", "",
-                  f"{sum(st.cases.values())} cases in {st.seconds:.0f} s; process RSS {st.rss_start_mb:.0f} MB "
+                  f"{sum(st.cases.values())} cases in {st.seconds:.0f} s; anonymous RSS {st.rss_start_mb:.0f} MB "
                   f"after warm-up, peak {st.peak_mb:.0f} MB (+{st.peak_mb - st.rss_start_mb:.0f} MB); "
                   f"failures: {len(st.failures)}", "",
                   "| container | cases | exit 0 | exit 2 | other | error kinds (exit 2) |", "|---|---|---|---|---|---|"]

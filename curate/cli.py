@@ -100,8 +100,9 @@ def _report(e: BaseException) -> None:
         raise e
     if isinstance(e, KeyboardInterrupt):
         _fail("interrupted; finished stages and stored scores are kept, re-run to resume", 130)
-    if isinstance(e, InputError | RecipeError):
-        _fail(_one_line(str(e)))
+    lm = sys.modules.get("curate.lm.base")  # loaded only if a model was used: then LMError may be raised
+    if isinstance(e, InputError | RecipeError) or (lm is not None and isinstance(e, lm.LMError)):
+        _fail(_one_line(str(e)))  # LMError: a model that cannot load, a vLLM server that does not start
     if isinstance(e, ConservationError):
         _fail(_one_line(f"row counts do not add up: {e}"), 3)
     if isinstance(e, OSError) and e.filename is not None:  # the environment: permissions, a full disk, ...
@@ -184,7 +185,8 @@ def _quiet_prefect() -> Iterator[None]:
             h.removeFilter(quiet)
 
 
-def _recipe(inputs: list[str] | None, config: Path | None, overrides: dict[str, Any], *, outputs: bool = True):
+def _recipe(inputs: list[str] | None, config: Path | None, overrides: dict[str, Any], *, outputs: bool = True,
+            selection: bool = True):
     """The recipe from --config + flags, validated as a whole before any work (validate_recipe)."""
     from curate.config import load_recipe
     from curate.validate import validate_recipe
@@ -195,7 +197,7 @@ def _recipe(inputs: list[str] | None, config: Path | None, overrides: dict[str, 
         recipe.inputs = [os.path.relpath(SAMPLE, here) if SAMPLE.is_relative_to(here) else str(SAMPLE)]
     if overrides.get("out") is None and (config is None or "out" not in (recipe.model_fields_set or set())):
         recipe.out = str(Path("runs") / recipe.name) if recipe.out == "runs/run" else recipe.out
-    validate_recipe(recipe, outputs=outputs)
+    validate_recipe(recipe, outputs=outputs, selection=selection)
     return recipe
 
 
@@ -215,10 +217,12 @@ def ingest(
 
     recipe = _guard(_recipe, inputs, config, {"out": str(out_dir) if out_dir else None,
                                               "ingest.format": fmt, "ingest.container": container,
-                                              "ingest.split": split})
+                                              "ingest.split": split}, selection=False)
     run = open_run(recipe)
-    _guard(stage_ingest, RunContext(run, recipe))
-    run.save()
+    try:
+        _guard(stage_ingest, RunContext(run, recipe))
+    finally:
+        run.save()  # also when ingest stops (an empty pool): the counts behind decisions.parquet stay on record
     _print_inputs(run.manifest)
     out.print(f"records: [bold]{run.file('records.parquet')}[/]")
 

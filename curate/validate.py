@@ -18,17 +18,33 @@ POOL_COLUMNS = ("n_tokens", "n_tokens_model", "n_chars", "instruction_chars", "r
                 "cluster", "distance")
 
 
-def validate_recipe(recipe: Recipe, *, outputs: bool = True) -> None:
+def validate_recipe(recipe: Recipe, *, outputs: bool = True, selection: bool = True) -> None:
     """Everything about a recipe that can be checked before any work; raises RecipeError (or InputError).
 
     Inputs exist and are readable regular files/folders; scorers exist (named as the user typed them) and
     their parameters are valid; thresholds parse and, like fusion weights and quality columns, name columns
     the chosen scorers write; the strategy has what it needs; the run folder and the cache are writable.
+    selection=False (`curate ingest`) skips what only scoring and selection use (and the scorers' imports).
     """
     from curate.io.readers import expand_inputs
 
     if recipe.inputs:
         expand_inputs(recipe.inputs, recipe.ingest.split)
+    if selection:
+        _check_selection(recipe)
+    if outputs:
+        check_writable_dir(Path(recipe.out), "--out (run folder)")
+        from curate.run import cache_dir
+
+        try:
+            cache = cache_dir()
+        except OSError as e:
+            raise RecipeError(f"cache folder {os.environ.get('CURATE_CACHE_DIR', '.curate')}: cannot be created "
+                              f"({e.strerror or e}); set CURATE_CACHE_DIR to a writable folder") from None
+        check_writable_dir(cache, "cache folder (CURATE_CACHE_DIR)")
+
+
+def _check_selection(recipe: Recipe) -> None:
     from curate.embed import EmbedError, check_safe_weights
 
     for field, model in (("embed.model", recipe.embed.enabled and recipe.embed.model),
@@ -40,16 +56,7 @@ def validate_recipe(recipe: Recipe, *, outputs: bool = True) -> None:
                 raise RecipeError(str(e)) from None
     columns = _check_scorers(recipe)
     _check_columns(recipe, columns)
-    if outputs:
-        check_writable_dir(Path(recipe.out), "--out (run folder)")
-        from curate.run import cache_dir
-
-        try:
-            cache = cache_dir()
-        except OSError as e:
-            raise RecipeError(f"cache folder {os.environ.get('CURATE_CACHE_DIR', '.curate')}: cannot be created "
-                              f"({e.strerror or e}); set CURATE_CACHE_DIR to a writable folder") from None
-        check_writable_dir(cache, "cache folder (CURATE_CACHE_DIR)")
+    _check_engine(recipe)
 
 
 def _check_scorers(recipe: Recipe) -> set[str]:
@@ -70,10 +77,24 @@ def _check_scorers(recipe: Recipe) -> set[str]:
     return cols
 
 
-def _check_columns(recipe: Recipe, scorer_columns: set[str]) -> None:
-    from curate.select.budget import SelectionError
-    from curate.select.threshold import Threshold
+def _check_engine(recipe: Recipe) -> None:
+    """score.engine vllm without servers starts one: its interpreter (never named by a recipe) must exist."""
+    from curate.scoring import scorer_class
 
+    if recipe.score.engine != "vllm" or recipe.score.vllm_urls:
+        return
+    if not any(scorer_class(n).needs.engine for n in recipe.score.scorers):
+        return
+    from curate.lm.vllm import default_vllm_python
+
+    py = default_vllm_python()
+    if not (os.path.isfile(py) and os.access(py, os.X_OK)):
+        raise RecipeError(f"score.engine vllm: no vLLM interpreter at {py}; build it (bash "
+                          "curate/lm/setup_vllm_env.sh), pass --vllm-python / CURATE_VLLM_PYTHON, or give "
+                          "score.vllm_urls")
+
+
+def _check_columns(recipe: Recipe, scorer_columns: set[str]) -> None:
     known = scorer_columns | set(POOL_COLUMNS)
     chosen = ", ".join(recipe.score.scorers) or "none"
 
@@ -83,6 +104,9 @@ def _check_columns(recipe: Recipe, scorer_columns: set[str]) -> None:
                               f"available: {', '.join(sorted(known))}")
 
     sel = recipe.select
+    if sel.thresholds:  # curate.select imports its strategies: only when there is something to parse
+        from curate.select.budget import SelectionError
+        from curate.select.threshold import Threshold
     for text in sel.thresholds:
         try:
             t = Threshold.parse(text)

@@ -372,8 +372,11 @@ def _jsonl(path: str) -> Iterator[RawRow]:
 
 # ---------------------------------------------------------------------------------------------- JSON
 
-_OUT = re.compile(rb'["\[\]{},:]')
-_IN = re.compile(rb'["\\]')
+#: outside strings: a whole string (one match, in C), or a structural byte; a lone '"' opens a string that
+#: continues in the next chunk
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},:"]', re.S)
+#: inside a string: everything up to (not including) the closing quote or a backslash that ends the chunk
+_STR_PART = re.compile(rb'(?:[^"\\]|\\.)*', re.S)
 _WS = b" \t\r\n"
 _SURVEY = object()
 
@@ -384,43 +387,52 @@ def _scan(fh: Any, path: str, target: Any) -> Iterator[tuple]:
     target None: yields ("item", bytes | None, size, head) for each element of the top-level array;
     target "key": the same for the array under that top-level key; target _SURVEY: yields ("member", key,
     first byte of its value) for each top-level member. Always first ("top", first byte) and, if something
-    follows the top-level value, ("trailing",) and stops. An element over the row limit is yielded as
-    None with its size, and never held whole.
+    follows the top-level value, ("trailing",) and stops. An element over the row limit is yielded as None
+    with its size and never held whole: memory stays within the row limit plus one read chunk.
     """
     depth = 0
-    in_str = esc = False
+    in_str = esc_pending = False
     top: int | None = None
-    done = False
-    await_value = expect_key = False
+    done = await_value = expect_key = False
     key_buf: bytearray | None = None
     key: str | None = None
     active = False
     item_depth = 1 if target is None else 2
     survey = target is _SURVEY
     buf = bytearray()
-    size = 0
     over = False
+    size = 0
     head = b""
+    item_start = 0
 
-    def add(seg: bytes) -> None:
-        nonlocal buf, size, over, head
+    def finish(piece: bytes) -> tuple | None:
+        nonlocal buf, over, size, head
         if over:
-            size += len(seg)
+            item: tuple | None = ("item", None, size + len(piece), head)
+        else:
+            data = (bytes(buf) + piece if buf else piece).strip(_WS)
+            if len(data) > MAX_RECORD_BYTES:
+                item = ("item", None, len(data), data[: RAW_PREVIEW * 4])
+            else:
+                item = ("item", data, len(data), b"") if data else None
+        buf, over, size, head = bytearray(), False, 0, b""
+        return item
+
+    def carry(piece: bytes) -> None:
+        nonlocal buf, over, size, head
+        if over:
+            size += len(piece)
             return
-        buf += seg
+        buf += piece
         if len(buf) > MAX_RECORD_BYTES:
             over, size, head = True, len(buf), bytes(buf[: RAW_PREVIEW * 4]).lstrip()
             buf = bytearray()
 
-    def take() -> tuple | None:
-        nonlocal buf, size, over, head
-        if over:
-            item: tuple | None = ("item", None, size, head)
-        else:
-            data = bytes(buf).strip(_WS)
-            item = ("item", data, len(data), b"") if data else None
-        buf, size, over, head = bytearray(), 0, False, b""
-        return item
+    def set_key(raw: bytes) -> str | None:
+        try:
+            return orjson.loads(b'"' + raw + b'"') if len(raw) <= 4096 else None
+        except orjson.JSONDecodeError:
+            return None
 
     first = True
     while True:
@@ -432,42 +444,33 @@ def _scan(fh: Any, path: str, target: Any) -> Iterator[tuple]:
             if chunk.startswith(_BOM):
                 chunk = chunk[3:]
         pos, n = 0, len(chunk)
+        item_start = 0
         while pos < n:
             if in_str:
-                if esc:
-                    esc = False
-                    seg = chunk[pos:pos + 1]
+                if esc_pending:
+                    esc_pending = False
+                    if key_buf is not None:
+                        key_buf += chunk[pos:pos + 1]
                     pos += 1
-                else:
-                    m = _IN.search(chunk, pos)
-                    if m is None:
-                        seg, pos = chunk[pos:], n
-                    else:
-                        i = m.start()
-                        if chunk[i] == 0x5C:  # backslash: the next byte is escaped
-                            if i + 1 < n:
-                                seg, pos = chunk[pos:i + 2], i + 2
-                            else:
-                                seg, pos, esc = chunk[pos:], n, True
-                        else:
-                            seg, pos, in_str = chunk[pos:i + 1], i + 1, False
-                if active and depth >= item_depth:
-                    add(seg)
-                if key_buf is not None:
-                    if len(key_buf) < 4096:
-                        key_buf += seg
-                    if not in_str:
-                        try:
-                            key = orjson.loads(b'"' + bytes(key_buf))
-                        except orjson.JSONDecodeError:
-                            key = None
-                        key_buf = None
+                    continue
+                e = _STR_PART.match(chunk, pos).end()  # type: ignore[union-attr]
+                if key_buf is not None and len(key_buf) <= 4096:
+                    key_buf += chunk[pos:e]
+                if e >= n:
+                    pos = n
+                elif chunk[e] == 0x22:
+                    in_str, pos = False, e + 1
+                    if key_buf is not None:
+                        key, key_buf = set_key(bytes(key_buf)), None
+                else:  # a backslash ending the chunk: the escaped byte is the next chunk's first
+                    if key_buf is not None:
+                        key_buf += b"\\"
+                    esc_pending, pos = True, n
                 continue
-            m = _OUT.search(chunk, pos)
+            m = _TOKEN.search(chunk, pos)
             end = m.start() if m else n
-            if end > pos:
-                seg = chunk[pos:end]
-                text = seg.strip(_WS)
+            if depth <= 1 and end > pos and (top is None or done or await_value):
+                text = chunk[pos:end].strip(_WS)
                 if text:
                     if done:
                         yield ("trailing",)
@@ -479,12 +482,10 @@ def _scan(fh: Any, path: str, target: Any) -> Iterator[tuple]:
                         await_value = False
                         if survey:
                             yield ("member", key, text[0])
-                if active and depth >= item_depth:
-                    add(seg)
             if m is None:
                 break
+            pos = m.end()
             c = chunk[end]
-            pos = end + 1
             if done:
                 yield ("trailing",)
                 return
@@ -495,51 +496,47 @@ def _scan(fh: Any, path: str, target: Any) -> Iterator[tuple]:
                 await_value = False
                 if survey:
                     yield ("member", key, c)
-                if c == 0x5B and depth == 1 and target is not None and not survey and key == target:
-                    active = True
+                elif c == 0x5B and depth == 1 and target is not None and key == target:
+                    active, item_start = True, pos
                     depth += 1
                     continue
-            if c == 0x22:  # "
-                in_str = True
-                if active and depth >= item_depth:
-                    add(b'"')
-                if depth == 1 and top == 0x7B and expect_key:
-                    key_buf, expect_key = bytearray(), False
-            elif c in (0x5B, 0x7B):  # [ {
-                if depth == 0 and c == 0x5B and target is None:
-                    active = True
-                elif depth == 0 and c == 0x7B:
-                    expect_key = True
-                elif active and depth >= item_depth:
-                    add(chunk[end:end + 1])
+            if c == 0x22:
+                if pos - end == 1:  # a lone quote: the string goes on in the next chunk
+                    in_str = True
+                    if depth == 1 and top == 0x7B and expect_key:
+                        key_buf, expect_key = bytearray(), False
+                elif depth == 1 and top == 0x7B and expect_key:
+                    key, expect_key = set_key(chunk[end + 1:pos - 1]), False
+            elif c == 0x5B or c == 0x7B:
+                if depth == 0:
+                    if c == 0x5B and target is None:
+                        active, item_start = True, pos
+                    elif c == 0x7B:
+                        expect_key = True
                 depth += 1
-            elif c in (0x5D, 0x7D):  # ] }
+            elif c == 0x5D or c == 0x7D:
                 depth -= 1
                 if depth < 0:
                     raise InputError(f"{path}: not valid JSON (unbalanced '{chr(c)}')")
                 if active and depth == item_depth - 1:
-                    item = take()
+                    item = finish(chunk[item_start:end])
                     if item is not None:
                         yield item
                     active = False
-                elif active and depth >= item_depth:
-                    add(chunk[end:end + 1])
                 if depth == 0:
                     done = True
-            elif c == 0x2C:  # ,
+            elif c == 0x2C:
                 if active and depth == item_depth:
-                    item = take()
+                    item = finish(chunk[item_start:end])
                     if item is not None:
                         yield item
-                elif active and depth >= item_depth:
-                    add(b",")
+                    item_start = pos
                 if depth == 1 and top == 0x7B:
                     expect_key = True
-            else:  # :
-                if active and depth >= item_depth:
-                    add(b":")
-                if depth == 1 and top == 0x7B:
-                    await_value = True
+            elif depth == 1 and top == 0x7B:  # ':'
+                await_value = True
+        if active:
+            carry(chunk[item_start:])
     if top is None:
         return
     if in_str or depth != 0:
