@@ -136,14 +136,22 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length: longest first, padded size <= batch_tokens."""
+def length_batches(lengths: Sequence[int], batch_tokens: int, shrink: float = 0.75) -> list[list[int]]:
+    """Indices grouped into batches of similar length: longest first, padded size <= batch_tokens.
+
+    A batch that already holds batch_tokens / 8 padded tokens (big enough to keep matmuls efficient) also
+    ends before a member shorter than `shrink` x its width: otherwise a small or varied pool lands in one
+    batch padded to its longest row (32 Alpaca-like sequences: 2.2x the real tokens, now 1.2x), and on a
+    CPU every padded token costs as much as a real one.
+    """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     cur: list[int] = []
     for i in order:
         width = lengths[cur[0]] if cur else lengths[i]  # longest member (sorted descending)
-        if cur and width * (len(cur) + 1) > batch_tokens:
+        full = width * (len(cur) + 1) > batch_tokens
+        ragged = lengths[i] < shrink * width and width * len(cur) >= batch_tokens // 8
+        if cur and (full or ragged):
             batches.append(cur)
             cur = []
         cur.append(i)
