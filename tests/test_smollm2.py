@@ -171,3 +171,17 @@ def test_dtype_auto_is_measured_and_recorded(tmp_path):
     assert load_recipe(None, {"score.dtype": "bfloat16"}).score.dtype == "bfloat16"
     with pytest.raises(ValueError):
         load_recipe(None, {"score.dtype": "int8"})
+
+
+def test_length_batches_bound_padding():
+    """A small, varied pool is not padded into one batch to its longest row (on a CPU padding costs as much as
+    real tokens): padded/real stays near 1, every index appears once, no batch exceeds batch_tokens."""
+    from curate.lm.hf import length_batches
+
+    rng = np.random.default_rng(0)
+    for n, limit in ((32, 1.3), (400, 1.2)):
+        lengths = [int(x) for x in np.clip(rng.lognormal(5.0, 0.6, n), 10, 512)]
+        batches = length_batches(lengths, 16384)
+        padded = [max(lengths[i] for i in b) * len(b) for b in batches]
+        assert sorted(i for b in batches for i in b) == list(range(n)) and max(padded) <= 16384
+        assert sum(padded) / sum(lengths) <= limit, (n, sum(padded) / sum(lengths))
