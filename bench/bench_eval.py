@@ -144,7 +144,7 @@ def evaluate(args: argparse.Namespace) -> None:
             f"Run folder: `curate select {Path(m['config']['inputs'][0]).name} --no-prefect --model proxy --budget "
             f"{args.budget} --seed 0` on a seeded {args.slice:,}-row Alpaca slice "
             f"({(run_dir / 'select-seconds.txt').read_text().strip()} s); default recipe otherwise (kMQ).",
-            f"Student SmolLM2-135M-Instruct, {plan.dtype}, {args.threads} threads; {args.seeds} seeds per arm; "
+            f"Student `{Path(args.student).name}`, {plan.dtype}, {args.threads} threads; {args.seeds} seeds per arm; "
             f"{args.epochs} epoch(s), lr {args.lr}, batch {args.batch_size}, max_length {args.max_length}.",
             f"Reference sets ({args.reference_rows} rows each, seeded sample): LIMA train answers, Alpaca rows outside "
             f"the slice, GSM8K test (greedy exact match on {args.accuracy_rows} rows, {args.gen_tokens} new tokens).",
@@ -183,7 +183,12 @@ def dry_run(args: argparse.Namespace) -> None:
                      gen_tokens=args.gen_tokens)
     t0 = time.perf_counter()
     plan = plan_eval(run_dir, cfg, refs)
-    calib = calibrate(plan)
+    if args.from_speed:  # the rates `speed` measured (bf16), instead of another calibration fine-tune
+        sp = {r["dtype"]: r for r in json.loads((OUT / "speed.json").read_text())}[plan.dtype]
+        calib = {"setup_seconds": 30.0, "train_tps": sp["train_tps"], "forward_tps": sp["forward_tps"],
+                 "generate_tps": sp["forward_tps"] / 10}  # assumed: decoding ~10x slower per token than scoring
+    else:
+        calib = calibrate(plan)
     est = estimate(plan, calib)
     (OUT / f"dry-run-b{args.budget}.json").write_text(json.dumps(est, indent=2) + "\n")
     cmd = " ".join(["nice -n 15 .venv/bin/python bench/bench_eval.py dry-run", *sys.argv[2:]])
@@ -196,7 +201,8 @@ def dry_run(args: argparse.Namespace) -> None:
             f"max_length {args.max_length}); pool {plan.pool.height:,} rows; {args.seeds} seeds; reference sets "
             + ", ".join(f"{r.name} {len(r.convs)} rows" for r in plan.references)
             + f"; exact match on {args.accuracy_rows} GSM8K rows x {args.gen_tokens} new tokens.", "",
-            f"Calibration ({plan.dtype}, {args.threads} threads, this loaded machine): fine-tune "
+            ("Rates from section 1 (setup 30 s/unit and generation = forward/10 assumed)" if args.from_speed
+             else "Calibration") + f" ({plan.dtype}, {args.threads} threads, this loaded machine): fine-tune "
             f"{calib['train_tps']} tokens/s, forward {calib['forward_tps']} tokens/s, greedy generation "
             f"{calib['generate_tps']} tokens/s, {calib['setup_seconds']} s fixed per unit.", "",
             "| arm | units | estimated minutes per unit |", "|---|---|---|"]
@@ -219,7 +225,7 @@ def main() -> None:
     sp.add_argument("--eval-rows", type=int, default=32)
     sp.add_argument("--threads", type=int, default=2)
     ev = sub.add_parser("eval")
-    ev.add_argument("--student", default="smollm2-135m")
+    ev.add_argument("--student", default="smollm2-135m", help="Packaged name or an HF folder (e.g. a proxy).")
     ev.add_argument("--slice", type=int, default=4000)
     ev.add_argument("--budget", type=int, default=200)
     ev.add_argument("--seeds", type=int, default=2)
@@ -242,6 +248,7 @@ def main() -> None:
     dr.add_argument("--reference-rows", type=int, default=500)
     dr.add_argument("--accuracy-rows", type=int, default=50)
     dr.add_argument("--gen-tokens", type=int, default=256)
+    dr.add_argument("--from-speed", action="store_true", help="Rates from `speed` (no calibration fine-tune).")
     args = ap.parse_args()
     {"speed": speed, "eval": evaluate, "dry-run": dry_run}[args.cmd](args)
 
