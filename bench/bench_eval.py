@@ -144,7 +144,7 @@ def evaluate(args: argparse.Namespace) -> None:
             f"Run folder: `curate select {Path(m['config']['inputs'][0]).name} --no-prefect --model proxy --budget "
             f"{args.budget} --seed 0` on a seeded {args.slice:,}-row Alpaca slice "
             f"({(run_dir / 'select-seconds.txt').read_text().strip()} s); default recipe otherwise (kMQ).",
-            f"Student SmolLM2-135M-Instruct, {plan.dtype}, {args.threads} threads; {args.seeds} seeds per arm; "
+            f"Student `{Path(args.student).name}`, {plan.dtype}, {args.threads} threads; {args.seeds} seeds per arm; "
             f"{args.epochs} epoch(s), lr {args.lr}, batch {args.batch_size}, max_length {args.max_length}.",
             f"Reference sets ({args.reference_rows} rows each, seeded sample): LIMA train answers, Alpaca rows outside "
             f"the slice, GSM8K test (greedy exact match on {args.accuracy_rows} rows, {args.gen_tokens} new tokens).",
@@ -172,6 +172,47 @@ def evaluate(args: argparse.Namespace) -> None:
     write_section(f"2. curate eval: Alpaca slice {args.slice:,}, budget {args.budget}", "\n".join(body))
 
 
+def dry_run(args: argparse.Namespace) -> None:
+    """`curate eval --dry-run` for the issue's full eval: calibrate on this machine, estimate, run nothing."""
+    from curate.eval import calibrate, estimate
+
+    run_dir = make_run(args)
+    refs = [str(LIMA), str(OUT / "alpaca-heldout.jsonl"), str(GSM8K)]
+    cfg = EvalConfig(student=args.student, seeds=args.seeds, max_length=args.max_length, threads=args.threads,
+                     reference_rows=args.reference_rows, accuracy_rows=args.accuracy_rows,
+                     gen_tokens=args.gen_tokens)
+    t0 = time.perf_counter()
+    plan = plan_eval(run_dir, cfg, refs)
+    if args.from_speed:  # the rates `speed` measured (bf16), instead of another calibration fine-tune
+        sp = {r["dtype"]: r for r in json.loads((OUT / "speed.json").read_text())}[plan.dtype]
+        calib = {"setup_seconds": 30.0, "train_tps": sp["train_tps"], "forward_tps": sp["forward_tps"],
+                 "generate_tps": sp["forward_tps"] / 10}  # assumed: decoding ~10x slower per token than scoring
+    else:
+        calib = calibrate(plan)
+    est = estimate(plan, calib)
+    (OUT / f"dry-run-b{args.budget}.json").write_text(json.dumps(est, indent=2) + "\n")
+    cmd = " ".join(["nice -n 15 .venv/bin/python bench/bench_eval.py dry-run", *sys.argv[2:]])
+    per_arm: dict[str, list[float]] = {}
+    for k, u in est["units"].items():
+        per_arm.setdefault(k.rsplit("-seed", 1)[0], []).append(u["seconds"])
+    body = [f"`{cmd}` (the same as `curate eval RUN --dry-run --reference LIMA HELDOUT GSM8K` with these sizes)", "",
+            f"Load at the end: `{uptime()}`; plan + calibration took {time.perf_counter() - t0:.0f} s.", "",
+            f"Subset: {plan.selected.height} rows ({int(plan.selected['tokens'].sum()):,} SmolLM2 tokens at "
+            f"max_length {args.max_length}); pool {plan.pool.height:,} rows; {args.seeds} seeds; reference sets "
+            + ", ".join(f"{r.name} {len(r.convs)} rows" for r in plan.references)
+            + f"; exact match on {args.accuracy_rows} GSM8K rows x {args.gen_tokens} new tokens.", "",
+            ("Rates from section 1 (setup 30 s/unit and generation = forward/10 assumed)" if args.from_speed
+             else "Calibration") + f" ({plan.dtype}, {args.threads} threads, this loaded machine): fine-tune "
+            f"{calib['train_tps']} tokens/s, forward {calib['forward_tps']} tokens/s, greedy generation "
+            f"{calib['generate_tps']} tokens/s, {calib['setup_seconds']} s fixed per unit.", "",
+            "| arm | units | estimated minutes per unit |", "|---|---|---|"]
+    for arm, secs in per_arm.items():
+        body.append(f"| {arm} | {len(secs)} | {np.mean(secs) / 60:.1f} |")
+    body.append(f"\n**Estimated total: {est['seconds'] / 3600:.1f} h** "
+                f"({est['reference_tokens']:,} reference tokens scored per unit).")
+    write_section(f"3. Dry-run estimate: the issue's eval (budget {args.budget})", "\n".join(body))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -184,7 +225,7 @@ def main() -> None:
     sp.add_argument("--eval-rows", type=int, default=32)
     sp.add_argument("--threads", type=int, default=2)
     ev = sub.add_parser("eval")
-    ev.add_argument("--student", default="smollm2-135m")
+    ev.add_argument("--student", default="smollm2-135m", help="Packaged name or an HF folder (e.g. a proxy).")
     ev.add_argument("--slice", type=int, default=4000)
     ev.add_argument("--budget", type=int, default=200)
     ev.add_argument("--seeds", type=int, default=2)
@@ -197,8 +238,19 @@ def main() -> None:
     ev.add_argument("--reference-rows", type=int, default=100)
     ev.add_argument("--accuracy-rows", type=int, default=20)
     ev.add_argument("--gen-tokens", type=int, default=160)
+    dr = sub.add_parser("dry-run")
+    dr.add_argument("--student", default="smollm2-135m")
+    dr.add_argument("--slice", type=int, default=4000)
+    dr.add_argument("--budget", type=int, default=1000)
+    dr.add_argument("--seeds", type=int, default=3)
+    dr.add_argument("--max-length", type=int, default=512)
+    dr.add_argument("--threads", type=int, default=2)
+    dr.add_argument("--reference-rows", type=int, default=500)
+    dr.add_argument("--accuracy-rows", type=int, default=50)
+    dr.add_argument("--gen-tokens", type=int, default=256)
+    dr.add_argument("--from-speed", action="store_true", help="Rates from `speed` (no calibration fine-tune).")
     args = ap.parse_args()
-    speed(args) if args.cmd == "speed" else evaluate(args)
+    {"speed": speed, "eval": evaluate, "dry-run": dry_run}[args.cmd](args)
 
 
 if __name__ == "__main__":
