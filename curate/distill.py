@@ -61,6 +61,7 @@ DERIVED: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
 HOLDOUT = 0.2
 TOP = 0.1  # top-10% overlap
 MIN_TRAIN = 20  # fewer usable computed values than this: predict their median
+TREE_COMPONENTS = 32  # principal directions per embedding view given to the tree models
 
 
 class DistillError(ValueError):
@@ -338,7 +339,7 @@ def _regressor(kind: str, seed: int) -> Any:
 
     if kind == "ridge":
         return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 4, 11)))
-    return HistGradientBoostingRegressor(max_iter=200, learning_rate=0.08, max_leaf_nodes=15,
+    return HistGradientBoostingRegressor(max_iter=150, learning_rate=0.1, max_leaf_nodes=15,
                                          l2_regularization=1.0, early_stopping=False, random_state=seed)
 
 
@@ -349,6 +350,31 @@ def _classifier(seed: int) -> Any:
                                           random_state=seed)
 
 
+def _tree_view(feats: Features, X_comp: np.ndarray, X_rest: np.ndarray, seed: int,
+               n_components: int = TREE_COMPONENTS) -> tuple[np.ndarray, np.ndarray]:
+    """The tree models' features: each embedding view reduced by PCA (fitted on the computed rows), the rest as is.
+
+    Why: gradient boosting bins every feature; on 768 embedding dimensions it is 20x slower than Ridge for no
+    gain, while a few dozen principal directions per view keep what it can use.
+    """
+    from sklearn.decomposition import PCA
+
+    groups: dict[str, list[int]] = {}
+    other: list[int] = []
+    for j, name in enumerate(feats.names):
+        if name.startswith("emb_"):
+            groups.setdefault(name.rsplit("_", 1)[0], []).append(j)
+        else:
+            other.append(j)
+    comp_blocks, rest_blocks = [X_comp[:, other]], [X_rest[:, other]]
+    for cols in groups.values():
+        k = min(n_components, len(cols), max(1, X_comp.shape[0] - 1))
+        pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(X_comp[:, cols])
+        comp_blocks.append(pca.transform(X_comp[:, cols]))
+        rest_blocks.append(pca.transform(X_rest[:, cols]) if len(X_rest) else np.zeros((0, k)))
+    return np.hstack(comp_blocks).astype(np.float32), np.hstack(rest_blocks).astype(np.float32)
+
+
 def _split(n: int, holdout: float, seed: int, salt: str) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) positions of n rows; the held-out part is empty when n is too small to spare it."""
     rng = np.random.default_rng([seed, int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=4).digest())])
@@ -357,19 +383,25 @@ def _split(n: int, holdout: float, seed: int, salt: str) -> tuple[np.ndarray, np
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
-def _fit_numeric(X: np.ndarray, y: np.ndarray, Xp: np.ndarray, *, seed: int, holdout: float, column: str,
-                 models: Sequence[str], higher: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    """Predictions for Xp from the model with the best held-out Spearman, refitted on all of (X, y)."""
+def _fit_numeric(views: dict[str, tuple[np.ndarray, np.ndarray]], ok: np.ndarray, y: np.ndarray, *, seed: int,
+                 holdout: float, column: str, models: Sequence[str], higher: bool) -> tuple[np.ndarray, dict]:
+    """Predictions for the rest from the model with the best held-out Spearman, refitted on every usable row.
+
+    views: model kind -> (features of the computed rows, features of the rows to predict); ok: computed rows
+    whose value is usable (finite); y: those values.
+    """
     info: dict[str, Any] = {"kind": "regression", "n_train": int(len(y))}
+    n_rest = len(next(iter(views.values()))[1])
     if len(y) < MIN_TRAIN:
         info.update(model="median", spearman=None, top10_overlap=None, n_holdout=0)
-        return np.full(len(Xp), float(np.median(y)) if len(y) else np.nan), info
+        return np.full(n_rest, float(np.median(y)) if len(y) else np.nan), info
     log = bool(np.all(y > 0))
     t = np.log(y) if log else y
     tr, ho = _split(len(y), holdout, seed, column)
     cands: dict[str, dict[str, Any]] = {}
     for kind in models:
         t0 = time.perf_counter()
+        X = views[kind][0][ok]
         if len(ho):
             m = _regressor(kind, seed).fit(X[tr], t[tr])
             p = m.predict(X[ho])
@@ -379,7 +411,8 @@ def _fit_numeric(X: np.ndarray, y: np.ndarray, Xp: np.ndarray, *, seed: int, hol
             cands[kind] = {"spearman": None, "top10_overlap": None, "seconds": 0.0}
     best = max(models, key=lambda k: (cands[k]["spearman"] if cands[k]["spearman"] is not None else -2.0,
                                       -models.index(k)))
-    final = _regressor(best, seed).fit(X, t)
+    final = _regressor(best, seed).fit(views[best][0][ok], t)
+    Xp = views[best][1]
     pred = final.predict(Xp) if len(Xp) else np.zeros(0)
     pred = np.exp(pred) if log else pred
     info.update(model=best, log_target=log, n_holdout=int(len(ho)), spearman=cands[best]["spearman"],
@@ -412,13 +445,24 @@ def distill(
     *,
     holdout: float = HOLDOUT,
     models: Sequence[str] = ("ridge", "hgb"),
+    threads: int | None = 1,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Every score column for every id of all_ids: computed values kept, the rest predicted.
 
     `computed` is id + score columns for the rows the LM scored (ids outside all_ids are ignored). Returns the
     table (id, the score columns in computed's order with their dtypes, score_predicted) in all_ids order and
     a JSON-ready report: per column the model, Spearman and top-10% overlap on held-out computed rows, counts.
+    `threads` caps BLAS/OpenMP threads while fitting (None: library default): the fits are small, and
+    HistGradientBoosting's OpenMP threads on 2 busy cores cost 30x the CPU time of one thread (measured).
     """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads):
+        return _distill(feats, computed, all_ids, seed, holdout=holdout, models=tuple(models))
+
+
+def _distill(feats: Features, computed: pl.DataFrame, all_ids: Sequence[str] | pl.Series | None, seed: int, *,
+             holdout: float, models: tuple[str, ...]) -> tuple[pl.DataFrame, dict[str, Any]]:
     t_start = time.perf_counter()
     if "id" not in computed.columns:
         raise DistillError("distill: the computed scores need an 'id' column")
@@ -437,6 +481,10 @@ def distill(
     rest_ids = [i for i, c in zip(ids, is_comp, strict=True) if not c]
     X_rest = feats.rows(rest_ids) if rest_ids else np.zeros((0, feats.matrix.shape[1]), np.float32)
     X_comp = feats.rows(comp["id"].to_list())
+    views: dict[str, tuple[np.ndarray, np.ndarray]] = {"ridge": (X_comp, X_rest)}
+    if any(m != "ridge" for m in models) and comp.height > 1:
+        views["hgb"] = _tree_view(feats, X_comp, X_rest, seed)
+    views = {m: views.get(m, views["ridge"]) for m in models} or views
     predicted: dict[str, np.ndarray] = {}
     report: dict[str, Any] = {}
     derived = [c for c in cols if c in DERIVED and DERIVED[c][0] in cols]
@@ -448,14 +496,15 @@ def distill(
         if dt.is_numeric():
             v = s.cast(pl.Float64).to_numpy()
             ok = np.isfinite(v)
-            pred, info = _fit_numeric(X_comp[ok], v[ok], X_rest, seed=seed, holdout=holdout, column=c,
+            pred, info = _fit_numeric(views, ok, v[ok], seed=seed, holdout=holdout, column=c,
                                       models=tuple(models), higher=_higher_is_better(c))
             if dt.is_integer() and len(pred):
                 pred = np.round(pred)
         elif dt == pl.Boolean:
             v = s.to_numpy()
             ok = s.is_not_null().to_numpy()
-            pred, info = _fit_boolean(X_comp[ok], v[ok].astype(bool), X_rest, seed=seed, holdout=holdout, column=c)
+            Xc, Xr = views.get("hgb", views[models[0]])
+            pred, info = _fit_boolean(Xc[ok], v[ok].astype(bool), Xr, seed=seed, holdout=holdout, column=c)
         else:  # text (error messages) and anything else: not predicted
             pred, info = np.full(len(rest_ids), None, dtype=object), {"kind": "not predicted"}
         predicted[c] = pred
@@ -467,6 +516,10 @@ def distill(
         predicted[c] = np.where(np.isfinite(pv), rule(pv), False)
         report[c] = {"kind": "derived", "rule": f"from predicted {parent}", "n_computed": int(comp.height),
                      "n_predicted": len(rest_ids)}
+    for c in cols:  # a column with nothing to learn from is null, not NaN
+        if computed.schema[c].is_numeric() and len(predicted[c]):
+            p = np.asarray(predicted[c], np.float64)
+            predicted[c] = np.where(np.isfinite(p), p, None)
     rest = pl.DataFrame({"id": pl.Series(rest_ids, dtype=pl.String),
                          **{c: pl.Series(c, predicted[c].tolist() if len(rest_ids) else [],
                                          dtype=computed.schema[c], strict=False) for c in cols}})

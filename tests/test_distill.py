@@ -130,8 +130,8 @@ def _planted(records: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
     """A score the features can see (topic + answer length) plus noise, in IFD's column layout."""
     rng = np.random.default_rng(seed)
     math_rows = records["source"].str.contains("gsm8k").to_numpy()
-    y = 0.6 + 0.25 * math_rows + 0.05 * np.log1p(records["response_chars"].to_numpy()) + rng.normal(0, 0.05,
-                                                                                                  records.height)
+    length = np.log1p(records["response_chars"].to_numpy())
+    y = 0.2 + 0.1 * math_rows + 0.1 * length + rng.normal(0, 0.03, records.height)
     err = rng.random(records.height) < 0.02  # a few rows the scorer could not score
     return pl.DataFrame({
         "id": records["id"],
@@ -197,12 +197,12 @@ def test_agreement_on_a_planted_signal_is_far_above_chance(records, feats):
     comp = _sampled(records, truth, 500)
     out, rep = distill(feats, comp, records["id"], seed=0)
     # measured by distill itself on its held-out part of the sample ...
-    assert rep["columns"]["ifd"]["spearman"] > 0.6 and rep["columns"]["ifd"]["top10_overlap"] > 0.4
+    assert rep["columns"]["ifd"]["spearman"] > 0.6 and rep["columns"]["ifd"]["top10_overlap"] > 0.3
     # ... and on the rows it predicted (never trained on), against the planted truth
     j = out.filter(pl.col("score_predicted")).join(truth, on="id", suffix="_true").drop_nulls("ifd_true")
     rho = spearman(j["ifd_true"].to_numpy(), j["ifd"].to_numpy())
     assert rho > 0.6
-    assert top_overlap(j["ifd_true"].to_numpy(), j["ifd"].to_numpy()) > 0.4  # chance: 0.1
+    assert top_overlap(j["ifd_true"].to_numpy(), j["ifd"].to_numpy()) > 0.3  # chance: 0.1
     # a score with no relation to the features is not "found": chance-level agreement
     rng = np.random.default_rng(1)
     noise = pl.DataFrame({"id": comp["id"], "noise": rng.normal(size=comp.height)})
