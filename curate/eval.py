@@ -21,7 +21,13 @@ response NLL and token count (the same span `curate.lm` scores: content + end-of
 exact-match accuracy on Q/A sets with a checkable final answer (GSM8K `#### n`). It writes
 RUN/eval/<arm>-seed<k>.json; a re-run skips units whose file carries the same key. `summarize` turns the
 units into RUN/eval.json: per arm, the mean over seeds with a bootstrap interval (rows and seeds resampled),
-and the paired difference to each random baseline (the same resampled rows for both arms).
+and the paired difference to each random baseline (the same resampled rows for both arms). With 3 seeds the
+seed part of the interval is rough (resampling 3 values); the verdict only says "better"/"worse" when the whole
+95% interval of the difference to random at equal tokens lies on one side of zero.
+
+Cost: a 135M student fine-tunes at a few hundred tokens/s on an idle 2-core CPU (much less on a shared one:
+bench/results/eval.md), so `--dry-run` calibrates on this machine (a 2-step fine-tune, a forward pass and a
+short greedy decode) and prints the estimate before anything runs.
 """
 
 from __future__ import annotations
