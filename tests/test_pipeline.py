@@ -154,8 +154,9 @@ def test_sample_then_distill_conserves_marks_and_keeps_computed_values(sampled_r
     from curate.lm import LMConfig, load_engine
 
     got = sc.filter(~pl.col("score_predicted")).sort("id").head(20)
+    dtype = run.manifest["score_model"]["dtype"]["dtype"]  # score.dtype auto: what this machine ran
     ref = score_pool(recs.join(got.select("id"), on="id", how="semi"), get_scorer("ifd"),
-                     engine=load_engine(LMConfig(tiny_lm, max_length=512)), store=None).df.sort("id")
+                     engine=load_engine(LMConfig(tiny_lm, max_length=512, dtype=dtype)), store=None).df.sort("id")
     np.testing.assert_allclose(got["ifd"].to_numpy(), ref["ifd"].to_numpy(), rtol=1e-5)
     # the agreement measured on held-out sampled rows is in the manifest
     rep = run.manifest["distill"]
