@@ -150,10 +150,10 @@ def score_order(rec: pl.DataFrame) -> list[str]:
 
 def score(work: Path, rec: pl.DataFrame, rows: int, minutes: float, batch: int) -> dict:
     """Score rows in hash order with IFD + perplexity into the store under --work; stop at rows or minutes."""
-    from curate.lm.base import LMConfig, load_engine
-    from curate.score import score_pool
-    from curate.store import ScoreStore
-    from scorers import get_scorer
+    from curate.lm import LMConfig, load_engine
+    from curate.scoring import get_scorer
+    from curate.scoring.runner import score_pool
+    from curate.scoring.store import ScoreStore
 
     store = ScoreStore(work / "scores")
     path, origin = smollm2_path(work)
@@ -196,7 +196,7 @@ def _info(path: str, origin: str, done: int, seconds: float) -> dict:
 
 def computed_scores(work: Path, rec: pl.DataFrame, rows: int) -> pl.DataFrame:
     """id + IFD and perplexity columns for the prefix of the scoring order that is fully scored."""
-    from curate.store import ScoreStore
+    from curate.scoring.store import ScoreStore
 
     store = ScoreStore(work / "scores")
     frames = {}

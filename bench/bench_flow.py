@@ -27,7 +27,7 @@ ALPACA = ROOT.parent / "shared" / "data" / "alpaca-52k" / "alpaca_data.jsonl"
 
 RECIPES = {
     # everything but the LM: what Prefect's overhead should be compared with when scoring is cheap
-    "light": {"score": {"scorers": ["heur"]}},
+    "light": {"score": {"scorers": ["heuristics"]}},
     "default": {},
 }
 
@@ -54,7 +54,7 @@ def _child(mode: str, recipe_path: str) -> None:
         out["server_s"] = time.perf_counter() - t0
         run = fp.run_flow(recipe)
         out["seconds"] = time.perf_counter() - t0
-        out["flow"] = run.manifest.get("flow", {})
+        out["flow"] = run.manifest.get("executor", {})
     out["stages"] = {k: v.get("seconds") for k, v in run.manifest.get("stages", {}).items()}
     out["selected"] = run.manifest.get("totals", {}).get("selected")
     print("RESULT " + json.dumps(out))

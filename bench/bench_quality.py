@@ -49,12 +49,12 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from curate.embed import load_embedder, view_texts  # noqa: E402
 from curate.io.formats import to_messages  # noqa: E402
-from curate.lm.base import LMConfig, load_engine  # noqa: E402
+from curate.lm import LMConfig, load_engine  # noqa: E402
 from curate.lm.proxy import ensure_default_proxy  # noqa: E402
 from curate.schema import RowError, make_record  # noqa: E402
-from curate.score import score_pool  # noqa: E402
-from curate.store import ScoreStore  # noqa: E402
-from scorers import get_scorer, scorer_class  # noqa: E402
+from curate.scoring import get_scorer, scorer_class  # noqa: E402
+from curate.scoring.runner import score_pool  # noqa: E402
+from curate.scoring.store import ScoreStore  # noqa: E402
 from scorers.heuristics import FLAGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,7 +176,7 @@ def kto_pool() -> tuple[pl.DataFrame, np.ndarray, int]:
 
 
 SCORERS: list[tuple[str, str, dict]] = [  # (label, scorer name, params)
-    ("heur", "heur", {}),
+    ("heuristics", "heuristics", {}),
     ("perplexity", "perplexity", {}),
     ("ifd", "ifd", {}),
     ("grape", "grape", {}),

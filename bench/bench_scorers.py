@@ -4,7 +4,7 @@
 2. Scores held-out Alpaca rows [50000, 50000 + N) plus the same rows with responses rotated by one
    (every instruction paired with its neighbour's answer). A scorer that reads the instruction should
    rate the swapped rows worse: AUROC(original vs swapped) per column.
-3. rows/s of each scorer through curate.score.score_pool (fresh store), of the re-run from the store,
+3. rows/s of each scorer through curate.scoring.runner.score_pool (fresh store), of the re-run from the store,
    and of the loops a user would write from the reference code: Cherry/Superfiltering-style batch-size-1
    forwards with `labels` for IFD, and an autograd backward + SGD step on lm_head per row for DONOD.
 
@@ -32,12 +32,12 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from curate.io.formats import to_messages  # noqa: E402
-from curate.lm.base import LMConfig, load_engine  # noqa: E402
+from curate.lm import LMConfig, load_engine  # noqa: E402
 from curate.lm.proxy import ensure_default_proxy  # noqa: E402
 from curate.schema import make_record  # noqa: E402
-from curate.score import score_pool  # noqa: E402
-from curate.store import ScoreStore  # noqa: E402
-from scorers import get_scorer  # noqa: E402
+from curate.scoring import get_scorer  # noqa: E402
+from curate.scoring.runner import score_pool  # noqa: E402
+from curate.scoring.store import ScoreStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca-52k" / "alpaca_data.jsonl"

@@ -4,11 +4,11 @@ Real pool, real pipeline, a proxy fine-tune per subset, loss on reference answer
 
 1. Alpaca-52k is split once (seeded): 20,000 rows pre-train the fine-tuning base model, 1,000 rows are an
    in-distribution held-out set, and the remaining 31,002 rows are the pool.
-2. The pool goes through `curate.pipeline.run_direct` with the default recipe (ingest, exact dedup,
+2. The pool goes through `curate.pipeline.run_local` with the default recipe (ingest, exact dedup,
    minilm-static embeddings, FAISS k-means, SemDeDup, heuristics + IFD from the pool-trained proxy), exactly as
    `curate select pool.jsonl --no-prefect` runs it.
 3. Each arm picks `--budget` rows from that run's candidates (after SemDeDup), through the product's own
-   `curate.selection.select_pool` (recipe -> strategy, default thresholds `heur_flags < 1`, `ifd < 1`):
+   `curate.select.recipe.select_pool` (recipe -> strategy, default thresholds `heur_flags < 1`, `ifd < 1`):
    - random:           uniform over the candidates, no filters (what a user does without curate)
    - random+filters:   uniform over the rows that pass the default thresholds
    - top-IFD:          the highest IFD rows that pass the thresholds (score only, no diversity)
@@ -52,14 +52,15 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from curate.config import load_recipe  # noqa: E402
+from curate.context import RunContext  # noqa: E402
 from curate.diversity import cluster_coverage, mean_nn_similarity, vendi_score  # noqa: E402
 from curate.lm.base import LMConfig  # noqa: E402
 from curate.lm.hf import HFEngine  # noqa: E402
 from curate.lm.proxy import eval_proxy, finetune_proxy, train_proxy  # noqa: E402
-from curate.pipeline import pool, run_direct  # noqa: E402
+from curate.pipeline import run_local  # noqa: E402
 from curate.run import Run  # noqa: E402
 from curate.select import Budget, RandomSubset, select  # noqa: E402
-from curate.selection import pool_embeddings, select_pool  # noqa: E402
+from curate.select.recipe import select_pool  # noqa: E402
 
 SHARED = Path(os.environ.get("CURATE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 ALPACA = SHARED / "alpaca-52k" / "alpaca_data.jsonl"
@@ -94,7 +95,7 @@ def pool_run(out: Path, pool_file: Path, budget: int) -> tuple[Run, dict]:
     recipe = load_recipe(None, overrides)
     if not (run_dir / "decisions.parquet").exists():
         t0 = time.perf_counter()
-        run_direct(recipe)
+        run_local(recipe)
         (out / "pool-run-seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
     return Run(run_dir), overrides
 
@@ -111,7 +112,7 @@ def subset_ids(run: Run, base: dict, arm: str, spec: tuple[str, int], seed: int,
         budget = {"select.budget": n} if kind == "budget" else {"select.budget_tokens": n}
         base = {k: v for k, v in base.items() if k != "select.budget"}
         recipe = load_recipe(None, {**base, **ARMS[arm], **budget, "seed": seed})
-        dec, info = select_pool(run, recipe, candidates)
+        dec, info = select_pool(RunContext(run, recipe), candidates)
     ids = dec.filter(pl.col("selected"))["id"].to_list()
     return ids, {"select_seconds": round(time.perf_counter() - t0, 1), **{
         k: v for k, v in info.items() if k in ("thresholds", "rounds")}}
@@ -169,8 +170,9 @@ def main() -> None:
         train_proxy(str(files["base"]), base_dir, seed=0, steps=None if args.pool_rows is None else 30)
     base_meta = json.loads((base_dir / "curate_proxy.json").read_text())
 
-    candidates = pool(run)
-    X = pool_embeddings(run, load_recipe(None, base_overrides), candidates).astype(np.float32)
+    ctx = RunContext(run, load_recipe(None, base_overrides))
+    candidates = ctx.pool()
+    X = ctx.vectors_of(candidates["id"]).astype(np.float32)
     messages = dict(zip(candidates["id"].to_list(), candidates["messages"].to_list(), strict=True))
 
     cache_file = args.out / "results.json"

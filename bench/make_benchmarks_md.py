@@ -3,15 +3,17 @@
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ["sample", "ingest", "embed", "kmeans", "semdedup", "engines", "scorers", "quality", "select", "subsets",
-         "report", "flow"]
+ORDER = ["sample", "ingest", "embed", "kmeans", "semdedup", "engines", "smollm2", "distill", "scorers", "quality",
+         "select", "subsets", "eval", "report", "flow", "refactor", "fuzz"]
 HEAD = """# Benchmarks
 
 Every number below was measured by the script named with it, on this project's machine kind: 2 x86_64
 cores, 24 GiB, no GPU, unless a section says otherwise. Several benchmarks ran while other jobs shared the
 two cores; each section states the load it saw. Rebuild this file with `python bench/make_benchmarks_md.py`
 after re-running a benchmark (its results file in `bench/results/` is overwritten by the benchmark).
-No GPU was lent to the session that wrote these numbers, so there are no GPU rows yet.
+No GPU was lent to the sessions that wrote these numbers, so there are no GPU rows yet (`bench/gpu_oneshot.py` is
+ready for one). Sections measured before SmolLM2 became the default scorer (engines, scorers, quality, subsets)
+used the pool-trained proxy LM; they say so.
 """
 
 

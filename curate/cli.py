@@ -11,14 +11,23 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
 import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from curate.progress import make_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Budgeted, diversity-balanced data selection for LLM instruction tuning.")
@@ -26,82 +35,206 @@ proxy_app = typer.Typer(no_args_is_help=True, help="Train, fine-tune and evaluat
 im_app = typer.Typer(no_args_is_help=True, help="InstructMining: fit the linear rule to your own results.")
 app.add_typer(proxy_app, name="proxy")
 app.add_typer(im_app, name="instructmining")
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"curate {version('curate')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Budgeted, diversity-balanced data selection for LLM instruction tuning."""
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 
-OutOpt = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<name>).")
+OutOpt = typer.Option(None, "--out", "-o", help="Run folder (default: `runs/<name>`).")
 ConfigOpt = typer.Option(None, "--config", "-c", help="Recipe YAML with any option; flags override it.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (clustering, sampling).")
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # one line, unwrapped
     raise typer.Exit(code)
 
 
-def _guard(fn, *args: Any, **kwargs: Any) -> Any:
-    """Run fn; user-facing errors become one clear line and a non-zero exit, never a traceback."""
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _log_traceback(exc: BaseException) -> Path | None:
+    """Write exc's traceback to a log file (cache folder, else the temp folder); return its path."""
+    import tempfile
+
+    text = "".join(traceback.format_exception(exc))
+    name = f"curate-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (lambda: Path(os.environ.get("CURATE_CACHE_DIR", ".curate")) / "logs",
+                   lambda: Path(tempfile.gettempdir()) / "curate-logs"):
+        try:
+            d = folder().resolve()
+            d.mkdir(parents=True, exist_ok=True)
+            path = d / name
+            path.write_text(f"curate {' '.join(sys.argv[1:])}\n\n{text}")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _report(e: BaseException) -> None:
+    """The error boundary: a user error -> one line naming the file/field, exit 2; a bug -> a short message and
+    the log file holding its traceback, exit 1. Never a traceback on the terminal (CURATE_DEBUG=1 re-raises)."""
     from curate.config import RecipeError
     from curate.io.readers import InputError
     from curate.run import ConservationError
 
+    if isinstance(e, typer.Exit | click.exceptions.ClickException | click.exceptions.Abort | SystemExit):
+        raise e
+    if os.environ.get("CURATE_DEBUG"):
+        raise e
+    if isinstance(e, KeyboardInterrupt):
+        _fail("interrupted; finished stages and stored scores are kept, re-run to resume", 130)
+    lm = sys.modules.get("curate.lm.base")  # loaded only if a model was used: then LMError may be raised
+    if isinstance(e, InputError | RecipeError) or (lm is not None and isinstance(e, lm.LMError)):
+        _fail(_one_line(str(e)))  # LMError: a model that cannot load, a vLLM server that does not start
+    if isinstance(e, ConservationError):
+        _fail(_one_line(f"row counts do not add up: {e}"), 3)
+    if isinstance(e, OSError) and e.filename is not None:  # the environment: permissions, a full disk, ...
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        _fail(_one_line(f"{where}: {e.strerror or type(e).__name__}"))
+    if isinstance(e, ValueError | FileNotFoundError) and str(e):
+        _fail(_one_line(str(e)))
+    log = _log_traceback(e)
+    where = f"; the traceback is in {log}" if log else ""
+    _fail(_one_line(f"internal error ({type(e).__name__}: {e}). This is a bug{where}"), 1)
+
+
+def _guard(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run fn; user-facing errors become one clear line and a non-zero exit, never a traceback."""
     try:
         return fn(*args, **kwargs)
-    except (InputError, RecipeError) as e:
-        _fail(str(e))
-    except ConservationError as e:
-        _fail(f"row counts do not add up: {e}", 3)
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("CURATE_DEBUG"):
-            raise
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted; finished stages and stored scores are kept, re-run to resume", 130)
+    except BaseException as e:  # noqa: BLE001 - classified by _report
+        _report(e)
 
 
-def _recipe(inputs: list[str] | None, config: Path | None, overrides: dict[str, Any]):
+def _boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command so that nothing it raises (imports, run folders, Prefect) escapes as a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - classified by _report
+            _report(e)
+    return wrapper
+
+
+def _corrupt_parquet(folder: Path) -> tuple[Path, str] | None:
+    """The first Parquet file in a run folder that does not read back, with the reason (None: all read)."""
+    import pyarrow.parquet as pq
+
+    for f in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+        try:
+            pq.read_table(f)
+        except Exception as e:  # noqa: BLE001 - any failure to read means the file is damaged
+            return f, _one_line(str(e))[:200]
+    return None
+
+
+def _on_run(run_dir: Path, fn: Callable[..., Any], *args: Any) -> Any:
+    """_guard for commands that read a run folder: a damaged Parquet file in it is named as the cause."""
+    try:
+        return fn(*args)
+    except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort, SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001
+        bad = _corrupt_parquet(Path(run_dir))
+        if bad is not None:
+            _fail(f"{bad[0]}: corrupt Parquet file ({bad[1]}); re-run the command that wrote it")
+        _report(e)
+
+
+class _NoErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet_prefect() -> Iterator[None]:
+    """Keep Prefect's own ERROR records (a ~70-line traceback per failed task) off the terminal: the boundary
+    reports the same exception in one line (user error) or with a log file (bug). The API still gets them."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # configure now, so the handlers filtered here are the ones the flow uses
+    quiet = _NoErrors()
+    handlers = set()
+    for lg in [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
+                                      if n.split(".")[0] in ("prefect", "uvicorn", "fastapi", "httpx"))]:
+        handlers.update(h for h in lg.handlers if isinstance(h, logging.StreamHandler))
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
+def _recipe(inputs: list[str] | None, config: Path | None, overrides: dict[str, Any], *, outputs: bool = True,
+            selection: bool = True):
+    """The recipe from --config + flags, validated as a whole before any work (validate_recipe)."""
     from curate.config import load_recipe
+    from curate.validate import validate_recipe
 
     recipe = load_recipe(config, {**overrides, "inputs": list(inputs) if inputs else None})
-    if not recipe.inputs:
-        recipe.inputs = [str(SAMPLE)]
+    if not recipe.inputs:  # the bundled sample, named relative to here when it is below (it ends up in `source`)
+        here = Path.cwd().resolve()
+        recipe.inputs = [os.path.relpath(SAMPLE, here) if SAMPLE.is_relative_to(here) else str(SAMPLE)]
     if overrides.get("out") is None and (config is None or "out" not in (recipe.model_fields_set or set())):
         recipe.out = str(Path("runs") / recipe.name) if recipe.out == "runs/run" else recipe.out
+    validate_recipe(recipe, outputs=outputs, selection=selection)
     return recipe
 
 
 @app.command()
+@_boundary
 def ingest(
     inputs: list[str] = typer.Argument(..., help="Files, folders, HF datasets folders or hub names."),
     out_dir: Path = OutOpt,
     config: Path = ConfigOpt,
     fmt: str = typer.Option(None, "--format", help="Force an instruction format (default: auto per row)."),
     container: str = typer.Option(None, "--container", help="Force a file container (jsonl, csv, ...)."),
+    split: str = typer.Option(None, "--split", help="One split of DatasetDict folders / dict-of-splits JSON."),
 ) -> None:
     """Normalise inputs into the canonical schema and drop exact duplicates (records.parquet)."""
+    from curate.context import RunContext
     from curate.pipeline import open_run, stage_ingest
 
     recipe = _guard(_recipe, inputs, config, {"out": str(out_dir) if out_dir else None,
-                                              "ingest.format": fmt, "ingest.container": container})
+                                              "ingest.format": fmt, "ingest.container": container,
+                                              "ingest.split": split}, selection=False)
     run = open_run(recipe)
-    _guard(stage_ingest, run, recipe)
+    try:
+        _guard(stage_ingest, RunContext(run, recipe))
+    finally:
+        run.save()  # also when ingest stops (an empty pool): the counts behind decisions.parquet stay on record
     _print_inputs(run.manifest)
     out.print(f"records: [bold]{run.file('records.parquet')}[/]")
 
 
 def _print_inputs(manifest: dict) -> None:
-    t = Table("input", "rows", "records", "duplicates", "rejected", "formats", title="ingest")
-    for path, e in manifest.get("inputs", {}).items():
-        rej = ", ".join(f"{k}:{v}" for k, v in e.get("rejected", {}).items()) or "0"
-        fm = ", ".join(f"{k}:{v}" for k, v in e.get("formats", {}).items())
-        t.add_row(path, str(e["rows"]), str(e["records"] - e.get("duplicates", 0)),
-                  str(e.get("duplicates", 0)), rej, fm)
-    out.print(t)
+    from curate.inspect import input_table
+
+    out.print(input_table(manifest, "ingest"))
 
 
 @app.command()
+@_boundary
 def select(
     inputs: list[str] = typer.Argument(None, help="Inputs (default: the bundled sample in data/sample)."),
     out_dir: Path = OutOpt,
@@ -115,72 +248,92 @@ def select(
     model: str = typer.Option(None, "--model", help="Causal LM for model scorers: 'proxy' or a name/path."),
     embed_model: str = typer.Option(None, "--embed-model", help="minilm-static | minilm | a name/path."),
     no_prefect: bool = typer.Option(False, "--no-prefect", help="Run the stages directly, without Prefect."),
+    split: str = typer.Option(None, "--split", help="One split of DatasetDict folders / dict-of-splits JSON."),
+    fmt: str = typer.Option(None, "--format", help="Force an instruction format (default: auto per row)."),
+    vllm_python: Path = typer.Option(None, "--vllm-python", envvar="CURATE_VLLM_PYTHON",
+                                     help="Interpreter of the vLLM environment (score.engine: vllm)."),
 ) -> None:
     """Ingest, dedup, embed, cluster, score and select a subset into RUN/selected.parquet."""
+    if vllm_python is not None:  # a program to run comes from the command line or environment, never a recipe
+        os.environ["CURATE_VLLM_PYTHON"] = str(vllm_python)
     overrides = {"out": str(out_dir) if out_dir else None, "seed": seed, "select.budget": budget,
+                 "ingest.split": split, "ingest.format": fmt,
                  "select.fraction": fraction, "select.budget_tokens": budget_tokens,
                  "select.strategy": strategy, "score.model": model, "embed.model": embed_model,
                  "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None}
     recipe = _guard(_recipe, inputs, config, overrides)
     if no_prefect:
-        from curate.pipeline import run_direct
+        from curate.pipeline import run_local
 
-        run = _guard(run_direct, recipe)
+        run = _guard(run_local, recipe)
     else:
         from flows.pipeline import run_flow
 
-        run = _guard(run_flow, recipe)
+        with _quiet_prefect():
+            run = _guard(run_flow, recipe)
     _summary(run)
 
 
 def _summary(run) -> None:
     m = run.manifest
+    from curate.inspect import stage_table
+
     _print_inputs(m)
-    t = Table("stage", "in", "out", "dropped", "seconds", title="stages")
-    for name, s in m.get("stages", {}).items():
-        t.add_row(name, str(s["rows_in"]), str(s["rows_out"]),
-                  ", ".join(f"{k}:{v}" for k, v in s.get("dropped", {}).items()), f"{s['seconds']:.1f}")
-    out.print(t)
+    out.print(stage_table(m))
     out.print(f"selected: [bold]{run.file('selected.parquet')}[/]  decisions: {run.file('decisions.parquet')}")
     if run.file("report.html").exists():
         out.print(f"report: {run.file('report.html')}")
 
 
 @app.command()
+@_boundary
 def inspect(path: Path = typer.Argument(..., help="A dataset file/folder or a run folder.")) -> None:
     """Counts, formats, length distributions and rejects by reason, for a dataset or a run."""
     from curate.inspect import inspect_path
 
-    _guard(inspect_path, path, out)
+    _on_run(path, inspect_path, path, out)
 
 
 @app.command()
+@_boundary
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder with selected.parquet."),
     fmt: str = typer.Option("sharegpt", "--format", help="alpaca | sharegpt"),
-    dest: Path = typer.Option(None, "--dest", help="Output JSONL (default: RUN/selected.<format>.jsonl)."),
+    dest: Path = typer.Option(None, "--dest", help="Output JSONL (default: `RUN/selected.<format>.jsonl`)."),
+    license: str = typer.Option(None, "--license", help="License id for the dataset card (e.g. cc-by-4.0)."),
+    license_note: str = typer.Option(None, "--license-note", help="Attribution / terms sentence for the card."),
 ) -> None:
-    """Export the selected subset to Alpaca or ShareGPT JSONL."""
+    """Export the selected subset to Alpaca or ShareGPT JSONL, with a LLaMA-Factory `dataset_info.json` and a
+    dataset card (`README.md`) beside it."""
     from curate.io.writers import export as do_export
+    from curate.io.writers import write_handoff
 
     src = run_dir / "selected.parquet"
     if not src.exists():
         _fail(f"{src}: no selected.parquet in this run (run `curate select` first)")
-    path = _guard(do_export, src, fmt, dest or run_dir / f"selected.{fmt}.jsonl")
-    out.print(f"wrote {path}")
+    if dest is not None and dest.is_dir():  # a folder: the file goes inside it
+        dest = dest / f"selected.{fmt}.jsonl"
+    path = _on_run(run_dir, lambda: do_export(src, fmt, dest or run_dir / f"selected.{fmt}.jsonl", handoff=False))
+    files, notes = _on_run(run_dir, lambda: write_handoff(src, path.parent, exports={fmt: path}, license=license,
+                                                          license_note=license_note))
+    out.print(f"wrote {path}", *files, sep="\n  ", highlight=False)
+    for note in notes:
+        err.print(f"note: {note}", highlight=False)
 
 
 @app.command()
+@_boundary
 def report(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
     """Write RUN/report.html: pool vs subset, score distributions, a 2-D map, diversity."""
     from curate.report import write_report
 
     if not (run_dir / "manifest.json").exists():
         _fail(f"{run_dir}: not a run folder (no manifest.json)")
-    out.print(f"wrote {_guard(write_report, run_dir)}")
+    out.print(f"wrote {_on_run(run_dir, write_report, run_dir)}")
 
 
 @app.command()
+@_boundary
 def plan(
     inputs: list[str] = typer.Argument(None, help="Inputs (default: the bundled sample)."),
     config: Path = ConfigOpt,
@@ -193,7 +346,7 @@ def plan(
 
     recipe = _guard(_recipe, inputs, config, {
         "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None,
-        "select.strategy": strategy, "select.budget": budget})
+        "select.strategy": strategy, "select.budget": budget}, outputs=False)
     stages = _guard(make_plan, recipe)
     t = Table("stage", "rows", "engine calls", "time (2-core CPU)", "peak memory", title="plan")
     for s in stages:
@@ -205,7 +358,62 @@ def plan(
     out.print(f"total: about {total / 60:.1f} min on 2 CPU cores (GPU: embed and score stages are far faster)")
 
 
+@app.command("eval")
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder with selected.parquet."),
+    reference: list[str] = typer.Option(None, "--reference", "-r", help="Reference set(s), any format ingest "
+                                        "reads (default: a held-out slice of the pool)."),
+    seeds: int = typer.Option(3, "--seeds", help="Fine-tunes per arm."),
+    student: str = typer.Option("smollm2-135m", "--student", help="Packaged model name or HF model folder."),
+    arms: str = typer.Option(",".join(("selected", "random_rows", "random_tokens", "random_length", "base")),
+                             "--arms", help="Comma-separated arms."),
+    epochs: float = typer.Option(1.0, "--epochs"),
+    max_steps: int = typer.Option(None, "--max-steps", help="Cap on optimizer steps per fine-tune."),
+    lr: float = typer.Option(1e-4, "--lr"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int = typer.Option(512, "--max-length", help="Tokens per sequence (longer ones are truncated)."),
+    lora: bool = typer.Option(False, "--lora", help="LoRA (peft) instead of a full fine-tune."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16"),
+    threads: int = typer.Option(2, "--threads", help="CPU threads."),
+    heldout: int = typer.Option(200, "--heldout", help="Held-out pool rows (when no --reference)."),
+    reference_rows: int = typer.Option(500, "--reference-rows", help="Rows sampled per reference set (0 = all)."),
+    accuracy_rows: int = typer.Option(50, "--accuracy-rows", help="Q/A rows answered greedily (0 = off)."),
+    gen_tokens: int = typer.Option(256, "--gen-tokens", help="New tokens per greedy answer."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Estimate the time, run nothing."),
+) -> None:
+    """Fine-tune a student on the subset and on random baselines; is the subset better than random?"""
+    from curate.eval import EvalConfig, calibrate, estimate, plan_eval, run_eval
+
+    cfg = _guard(EvalConfig, student=student, seeds=seeds, arms=tuple(a for a in arms.split(",") if a),
+                 epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
+                 lora=lora, dtype=dtype, threads=threads, heldout_rows=heldout,
+                 reference_rows=reference_rows or None, accuracy_rows=accuracy_rows, gen_tokens=gen_tokens)
+    plan = _guard(plan_eval, run_dir, cfg, reference or None)
+    est = _guard(estimate, plan, _guard(calibrate, plan))
+    t = Table("unit", "rows", "train tokens", "estimate", title=f"curate eval ({plan.dtype}, {threads} threads)")
+    for (arm, seed), info in plan.arm_info.items():
+        u = est["units"][f"{arm}-seed{seed}"]
+        t.add_row(f"{arm} seed {seed}", f"{info['rows']:,}", f"{u['train_tokens']:,}", f"{u['seconds']:.0f} s")
+    out.print(t)
+    out.print(f"reference sets: {', '.join(f'{r.name} ({len(r.convs)} rows)' for r in plan.references)}")
+    out.print(f"estimated time: {est['seconds'] / 60:.1f} min (finished units are skipped)")
+    if dry_run:
+        return
+    doc = _guard(run_eval, run_dir, plan=plan)
+    t = Table("reference", "arm", "loss (95% CI)", "exact match", title="curate eval")
+    for name, e in doc["references"].items():
+        acc = e.get("accuracy", {}).get("arms", {})
+        for arm, v in e["loss"].items():
+            a = acc.get(arm)
+            t.add_row(name, arm, f"{v['mean']:.4f} [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}]",
+                      f"{a['mean']:.3f}" if a else "-")
+    out.print(t)
+    out.print(doc["verdict_line"], highlight=False)
+    out.print(f"wrote {run_dir / 'eval.json'}")
+
+
 @proxy_app.command("train")
+@_boundary
 def proxy_train(
     data: list[str] = typer.Argument(..., help="Data to train on (any format ingest reads)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Model folder (HF format)."),
@@ -223,6 +431,7 @@ def proxy_train(
 
 
 @proxy_app.command("finetune")
+@_boundary
 def proxy_finetune(
     base: Path = typer.Argument(..., help="A proxy (or any small HF causal LM) folder."),
     data: str = typer.Argument(..., help="The subset to fine-tune on, e.g. RUN/selected.parquet."),
@@ -236,6 +445,7 @@ def proxy_finetune(
 
 
 @proxy_app.command("eval")
+@_boundary
 def proxy_eval(
     model_dir: Path = typer.Argument(..., help="A model folder."),
     reference: str = typer.Argument(..., help="Reference set with answers (e.g. LIMA, MT-Bench references)."),
@@ -247,6 +457,7 @@ def proxy_eval(
 
 
 @im_app.command("fit")
+@_boundary
 def instructmining_fit(
     results: Path = typer.Argument(..., help="CSV/Parquet: one row per fine-tuned subset, indicator means + loss."),
     loss: str = typer.Option("loss", "--loss", help="Column with the evaluation loss."),
@@ -273,6 +484,7 @@ def instructmining_fit(
 
 
 @app.command()
+@_boundary
 def serve(
     watch: Path = typer.Option(..., "--watch", help="Folder where new data lands."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder, re-selected on every run."),

@@ -34,7 +34,7 @@ def default_k(n: int) -> int:
     Why: clusters then hold ~sqrt(n) rows each, so (a) per-cluster quotas in diversity-balanced sampling stay
     meaningful at 5-10% budgets (a cluster of sqrt(n) rows gets >= 1 pick once n >= 400), (b) SemDeDup's
     in-cluster pairwise cost totals n*sqrt(n) instead of n^2, and (c) it sits at the low end of the
-    sqrt(N)..N/100 range METHODS.md recommends (52k Alpaca -> 228; 1M rows -> 1000, D&C's K=1024).
+    sqrt(N)..N/100 range docs/methods.md recommends (52k Alpaca -> 228; 1M rows -> 1000, D&C's K=1024).
     """
     if n < 1:
         raise ClusterError("cannot cluster an empty pool")
@@ -204,7 +204,9 @@ def _dedup_cluster(x: np.ndarray, order: np.ndarray, thr: float,
         alive = best <= thr
         inner = v @ v.T
         inner[np.tri(m, dtype=bool)] = -np.inf  # only earlier rows (i < j) count
-        for j in np.flatnonzero(alive & (inner > thr).any(axis=0)):
+        # every row with an earlier in-block neighbour above thr: a row already dropped by an earlier block may
+        # still have its MOST similar kept row here
+        for j in np.flatnonzero((inner > thr).any(axis=0)):
             earlier = np.flatnonzero(alive[:j] & (inner[:j, j] > thr))
             if earlier.size:
                 i = earlier[inner[earlier, j].argmax()]

@@ -234,10 +234,10 @@ class Features:
 
 def heuristic_flags(records: pl.DataFrame) -> pl.DataFrame:
     """id + heur_* columns from the rule scorer (no model; thousands of rows a second)."""
-    from scorers import get_scorer
-    from scorers.base import ScoreContext
+    from curate.scoring import get_scorer
+    from curate.scoring.contract import ScoreContext
 
-    out = get_scorer("heur").score(records.select("id", "messages"), ScoreContext())
+    out = get_scorer("heuristics").score(records.select("id", "messages"), ScoreContext())
     return out.insert_column(0, records["id"])
 
 
@@ -323,7 +323,7 @@ def top_overlap(true: np.ndarray, pred: np.ndarray, top: float = TOP, higher: bo
 def _higher_is_better(column: str) -> bool:
     """The direction selection reads a column in (from the scorer that writes it; default higher)."""
     try:
-        from scorers import available, scorer_class
+        from curate.scoring import available, scorer_class
     except ImportError:  # pragma: no cover
         return True
     for name in available():

@@ -175,3 +175,59 @@ def _mean(values: list) -> float | None:
 def _std(values: list) -> float | None:
     vals = [v for v in values if v is not None]
     return float(np.std(vals)) if vals else None
+
+
+def _compare(summary: dict[str, Any], key: str) -> tuple[str, str] | None:
+    """("below" | "above" | "within", "subset vs random ± sd") for one metric, or None when it is missing.
+    Below/above means further from the random draws' mean than their standard deviation (any distance with
+    one draw)."""
+    sub, rnd = summary.get("subset") or {}, summary.get("random") or {}
+    std = summary.get("random_std") if isinstance(summary.get("random_std"), dict) else {}
+    s, r = sub.get(key), rnd.get(key)
+    if not isinstance(s, (int, float)) or not isinstance(r, (int, float)):
+        return None
+    sd = std.get(key) if isinstance(std.get(key), (int, float)) else 0.0
+    if key == "cluster_coverage":
+        text = f"{100 * s:.0f}% vs {100 * r:.0f}%" + (f" ± {100 * sd:.1g}%" if sd else "")
+    else:
+        text = f"{s:.3g} vs {r:.3g}" + (f" ± {sd:.2g}" if sd else "")
+    return ("below" if s < r - sd else "above" if s > r + sd else "within"), text
+
+
+def diversity_verdict(summary: dict[str, Any]) -> tuple[str, str]:
+    """One plain sentence on whether the subset is more or less diverse than random subsets of its size.
+
+    Why: a "diversity-balanced" strategy can end up below random (it did on the bundled sample), and a table
+    of numbers does not say so. The Vendi score decides (the effective number of distinct rows; cluster
+    coverage decides only without it, since quota strategies cover clusters by construction); the other
+    metric is added as a clause. A metric counts as below or above random when it differs from the random
+    draws' mean by more than their standard deviation.
+    Returns (kind, sentence): kind is "less", "more", "similar" or "unknown".
+    """
+    if not isinstance(summary.get("subset"), dict) or not isinstance(summary.get("random"), dict):
+        return "unknown", "No random baseline to compare the subset with."
+    vendi, cov = _compare(summary, "vendi"), _compare(summary, "cluster_coverage")
+    if vendi is None and cov is None:
+        return "unknown", "No Vendi score or cluster coverage to compare the subset with random."
+    n = summary.get("n_random", 1)
+    draws = f"random subsets of the same size, {n} draw{'s' if n != 1 else ''}"
+    kind_of = {"below": "less", "above": "more", "within": "similar"}
+    head_word = {"below": "less diverse than random", "above": "more diverse than random",
+                 "within": "about as diverse as random (no difference beyond the spread of the random draws)"}
+    if vendi is not None:
+        kind = kind_of[vendi[0]]
+        head = head_word[vendi[0]]
+        if vendi[0] == "within" and summary["subset"]["vendi"] < summary["random"]["vendi"]:
+            head = "no more diverse than random (slightly below it, within the spread of the random draws)"
+        sentence = f"The subset is {head}: Vendi score {vendi[1]} ({draws})"
+        if cov is not None:
+            contrast = (vendi[0] == "below" and cov[0] == "above") or (vendi[0] == "above" and cov[0] == "below")
+            what = {"below": "covers fewer clusters", "above": "covers more clusters",
+                    "within": "covers about as many clusters"}[cov[0]]
+            sentence += f"{', but it' if contrast else '; it'} {what} ({cov[1]})"
+        return kind, sentence + "."
+    kind = kind_of[cov[0]]
+    word = {"below": "less diverse than random: it covers fewer clusters",
+            "above": "more diverse than random: it covers more clusters",
+            "within": "about as diverse as random: it covers about as many clusters"}[cov[0]]
+    return kind, f"The subset is {word} ({cov[1]}; {draws})."

@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 
 from curate.progress import progress
-from curate.run import atomic_path, cache_dir
+from curate.run import atomic_path, cache_dir, remove_stale_tmp
 from curate.schema import conversation_text, user_text
 
 TEXT_VIEWS = ("user", "instruction_response", "conversation")
@@ -39,6 +39,8 @@ DEFAULT_MODEL = "minilm"
 STATIC_MODEL = "minilm-static"
 #: rows written per store part: bounds the work lost to a crash and the number of part files
 PART_ROWS = 16_384
+#: a store temp file this old belongs to a killed writer (a live one is renamed within seconds)
+STALE_TMP_SECONDS = 3600.0
 _STATIC_DISTILL_VERSION = "m2v-distill-v2-pca384"  # bump when the distillation recipe changes
 
 
@@ -153,6 +155,32 @@ def resolve_model(model: str = DEFAULT_MODEL, max_seq_length: int = 256) -> Mode
     return ModelSpec(model, kind, path, rev, max_seq_length, f"{name_slug}-{rev[:12]}-L{max_seq_length}")
 
 
+#: weight files that are Python pickles: loading one can run any code its author put in it
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+ALLOW_UNSAFE_ENV = "CURATE_ALLOW_UNSAFE_WEIGHTS"
+
+
+def allow_unsafe_weights() -> bool:
+    """The user's explicit opt-out of safetensors-only loading (environment only: a recipe cannot set it)."""
+    return os.environ.get(ALLOW_UNSAFE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_safe_weights(folder: str | Path, what: str = "model") -> None:
+    """Refuse a model folder whose weights exist only as pickles (safetensors only, unless the user opts out).
+
+    A folder holding pickle files beside .safetensors ones is fine: loaders are told to use the safetensors.
+    """
+    folder = Path(folder)
+    if allow_unsafe_weights() or not folder.is_dir():
+        return
+    for d in sorted({f.parent for f in folder.rglob("*") if f.suffix.lower() in PICKLE_SUFFIXES and f.is_file()}):
+        if not any(d.glob("*.safetensors")):
+            bad = next(f.name for f in d.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+            raise EmbedError(f"{what} {folder}: weights {d.relative_to(folder) / bad} are a pickle, which can run "
+                             f"code when loaded; curate loads safetensors only (convert the model, or set "
+                             f"{ALLOW_UNSAFE_ENV}=1 if you trust its author)")
+
+
 def _distill_static(spec: ModelSpec) -> None:
     """Distil the default MiniLM into a model2vec static model at spec.path (once; atomic folder rename)."""
     try:
@@ -231,8 +259,10 @@ def load_embedder(
     from sentence_transformers import SentenceTransformer
 
     dev = _auto_device(device)
+    check_safe_weights(spec.path, "embedding model")
+    kwargs = {} if allow_unsafe_weights() else {"model_kwargs": {"use_safetensors": True}}
     try:
-        st = SentenceTransformer(spec.path, device=dev, local_files_only=True)
+        st = SentenceTransformer(spec.path, device=dev, local_files_only=True, **kwargs)
     except Exception as e:
         raise EmbedError(f"could not load sentence-transformers model {model!r} ({spec.path}): {e}") from None
     st.max_seq_length = max_seq_length
@@ -270,6 +300,7 @@ class EmbeddingStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        remove_stale_tmp(self.root, STALE_TMP_SECONDS)  # parts of writers killed mid-write
         self._index: pl.DataFrame | None = None  # id, part (int), row (int)
         self._parts: list[Path] = []
         self._arrays: list[np.ndarray] = []

@@ -14,16 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from curate.io.formats import to_messages
-from curate.io.readers import expand_inputs, iter_rows
+from curate.io.formats import extra_fields, to_messages
+from curate.io.readers import expand_inputs, iter_rows, source_path
+from curate.io.writers import PartedParquet, unify_meta
 from curate.progress import progress
-from curate.run import Run, atomic_path, sha256_file
-from curate.schema import RECORD_SCHEMA, REJECT_SCHEMA, RowError, make_record
+from curate.run import Run, atomic_path, remove_stale_tmp, sha256_file, write_parquet
+from curate.schema import META, RECORD_SCHEMA, REJECT_SCHEMA, RowError, make_record
 
 CHUNK_ROWS = 20_000
+
+
+class EmptyPoolError(ValueError):
+    """No row survived ingest: nothing to select. decisions.parquet still records every input row."""
 
 
 @dataclass
@@ -35,54 +38,62 @@ class SourceCounts:
 
 
 def ingest(
-    run: Run, inputs: list[str], *, fmt: str = "auto", container: str | None = None
+    run: Run, inputs: list[str], *, fmt: str = "auto", container: str | None = None, split: str | None = None
 ) -> dict[str, SourceCounts]:
-    """Read every input into the run's records_all.parquet and rejects.parquet; return per-source counts."""
+    """Read every input into the run's records_all.parquet and rejects.parquet; return per-source counts.
+
+    `split` picks one split of DatasetDict folders and dict-of-splits JSON files (default: every split, each
+    its own source). Temp files a killed earlier run left in the run folder are removed first.
+    """
     t0 = time.perf_counter()
-    files = list(dict.fromkeys(expand_inputs(inputs)))  # the same file twice is one source
+    remove_stale_tmp(run.path)
+    files = list(dict.fromkeys(expand_inputs(inputs, split)))  # the same file twice is one source
     counts: dict[str, SourceCounts] = {}
     hashes: dict[str, str] = {}
     rec_path, rej_path = run.file("records_all.parquet"), run.file("rejects.parquet")
+    # the user's own columns (`meta`) vary by file: both tables are written in parts, then merged under one type
     with (
-        atomic_path(rec_path) as rec_tmp,
-        atomic_path(rej_path) as rej_tmp,
-        pq.ParquetWriter(rec_tmp, RECORD_SCHEMA, compression="zstd") as rec_w,
-        pq.ParquetWriter(rej_tmp, REJECT_SCHEMA, compression="zstd") as rej_w,
+        PartedParquet(rec_path, RECORD_SCHEMA) as rec_w,
+        PartedParquet(rej_path, REJECT_SCHEMA) as rej_w,
         progress() as bar,
     ):
         for path in files:
             # an input given twice keeps one source name; its rows are then exact duplicates
             c = counts.setdefault(path, SourceCounts())
-            hashes[path] = sha256_file(path) if Path(path).exists() else "hub"
+            local = source_path(path)
+            hashes[path] = sha256_file(local) if local is not None else "hub"
             task = bar.add_task(f"ingest {Path(path).name}", total=None)
             recs: list[dict] = []
             rejs: list[dict] = []
-            for raw in iter_rows(path, container):
+            for raw in iter_rows(path, container, split):
                 c.rows += 1
                 try:
                     if isinstance(raw.value, RowError):
                         raise raw.value
                     name, messages = to_messages(raw.value, fmt)
-                    recs.append(make_record(messages, source=path, row=raw.row, fmt=name))
+                    recs.append(make_record(messages, source=path, row=raw.row, fmt=name,
+                                            meta=extra_fields(raw.value, fmt)))
                     c.formats[name] += 1
                 except RowError as e:
                     c.rejected[e.reason] += 1
-                    rejs.append({"source": path, "row": raw.row, "reason": e.reason,
-                                 "detail": e.detail, "raw": raw.raw})
+                    rejs.append({"source": path, "row": raw.row, "reason": e.reason, "detail": e.detail,
+                                 "raw": raw.raw, META: extra_fields(raw.value, fmt)})
                 if len(recs) >= CHUNK_ROWS:
-                    rec_w.write_table(pa.Table.from_pylist(recs, RECORD_SCHEMA))
+                    rec_w.write(recs)
                     c.records += len(recs)
                     recs = []
                     bar.update(task, completed=c.rows)
                 if len(rejs) >= CHUNK_ROWS:
-                    rej_w.write_table(pa.Table.from_pylist(rejs, REJECT_SCHEMA))
+                    rej_w.write(rejs)
                     rejs = []
-            if recs:
-                rec_w.write_table(pa.Table.from_pylist(recs, RECORD_SCHEMA))
-                c.records += len(recs)
-            if rejs:
-                rej_w.write_table(pa.Table.from_pylist(rejs, REJECT_SCHEMA))
+            rec_w.write(recs)
+            c.records += len(recs)
+            rej_w.write(rejs)
             bar.update(task, completed=c.rows, total=c.rows)
+        # records and rejects keep only their own meta fields, typed alike so decisions can join them
+        every = rec_w.meta_types + rej_w.meta_types
+        rec_w.close(unify_meta(every, only=rec_w.meta_types))
+        rej_w.close(unify_meta(every, only=rej_w.meta_types))
     rows_in = sum(c.rows for c in counts.values())
     rejected: Counter = Counter()
     for c in counts.values():
@@ -96,8 +107,12 @@ def ingest(
     return counts
 
 
-def dedup(run: Run) -> tuple[int, int]:
-    """Keep the first row of each dedup_key; record the rest with `duplicate_of`. Returns (kept, dropped)."""
+def dedup(run: Run, *, require_records: bool = True) -> tuple[int, int]:
+    """Keep the first row of each dedup_key; record the rest with `duplicate_of`. Returns (kept, dropped).
+
+    With require_records, a pool left empty is an error (EmptyPoolError) raised after decisions.parquet is
+    written, so every rejected row still has its final record.
+    """
     t0 = time.perf_counter()
     src = run.file("records_all.parquet")
     lf = pl.scan_parquet(src).with_row_index("_order")
@@ -110,9 +125,10 @@ def dedup(run: Run) -> tuple[int, int]:
         pl.col("source").alias("duplicate_of_source"),
         pl.col("row").alias("duplicate_of_row"),
     )
+    has_meta = META in lf.collect_schema().names()
     dups = (
         lf.filter(~pl.col("dedup_key").is_first_distinct())
-        .select("_order", "id", "source", "row", "dedup_key")
+        .select("_order", "id", "source", "row", "dedup_key", *([META] if has_meta else []))
         .join(keys, on="dedup_key", how="left")
         .sort("_order")
         .drop("_order")
@@ -125,8 +141,31 @@ def dedup(run: Run) -> tuple[int, int]:
         pl.scan_parquet(run.file("duplicates.parquet")).group_by("source").len().collect().rows()
     )
     per_source = {s: n for s, n in dup_counts}
-    for path, entry in run.manifest.get("inputs", {}).items():
+    inputs = run.manifest.get("inputs", {})
+    for path, entry in inputs.items():
         entry["duplicates"] = per_source.get(path, 0)
+    run.set("inputs", inputs)
     run.stage("dedup", rows_in=rows_in, rows_out=kept, dropped={"duplicate": rows_in - kept},
               seconds=time.perf_counter() - t0)
+    if kept == 0 and require_records:
+        _empty_pool(run)
     return kept, rows_in - kept
+
+
+def _empty_pool(run: Run) -> None:
+    """Write the decision log of a run whose pool is empty (every row rejected), then raise EmptyPoolError."""
+    from curate.decisions import build_decisions
+
+    none = pl.DataFrame(schema={"id": pl.String, "selected": pl.Boolean, "reason": pl.String,
+                                "rank_in_cluster": pl.Int32})
+    decisions = build_decisions(run, none)
+    path = write_parquet(decisions.to_arrow(), run.file("decisions.parquet"))
+    reasons = dict(decisions.group_by("reason").len().sort("len", descending=True).iter_rows())
+    run.set("totals", {"input_rows": decisions.height, "selected": 0, "reasons": reasons})
+    inputs = list(run.manifest.get("inputs", {}))
+    where = ", ".join(inputs) if len(inputs) <= 3 else f"{len(inputs)} sources"
+    if decisions.height == 0:
+        raise EmptyPoolError(f"no rows to select: {where} hold(s) no rows")
+    top = ", ".join(f"{k.removeprefix('rejected:')} {v}" for k, v in list(reasons.items())[:3])
+    raise EmptyPoolError(f"no rows to select: all {decisions.height} rows read from {where} were rejected ({top}); "
+                         f"each row's reason is in {path}")

@@ -2,14 +2,52 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import polars as pl
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from curate.run import Run
+
+
+def short_names(paths: list[str]) -> tuple[str, dict[str, str]]:
+    """(the folder the inputs share, each input's name below it), so a table shows whole, distinct names.
+
+    A single input is named by its file name; hub names and paths outside the shared folder stay as given.
+    """
+    local = [p for p in paths if os.path.isabs(p) or os.path.exists(p) or p.startswith(".")]
+    if not local:
+        return "", {p: p for p in paths}
+    parents = [str(PurePath(p).parent) for p in local]
+    try:
+        common = os.path.commonpath(parents) if len({os.path.isabs(p) for p in local}) == 1 else ""
+    except ValueError:
+        common = ""
+    names = {}
+    for p in paths:
+        names[p] = os.path.relpath(p, common) if common and p in local else p
+    return common, names
+
+
+def input_table(manifest: dict, title: str) -> RenderableType:
+    """Per-input counts with short, whole names, under a line naming the folder they share."""
+    inputs = manifest.get("inputs", {})
+    common, names = short_names(list(inputs))
+    t = Table("input", "rows", "records", "duplicates", "rejected", "formats", title=title)
+    t.columns[0].overflow = "fold"
+    t.columns[5].overflow = "fold"
+    for path, e in inputs.items():
+        rej = ", ".join(f"{k}:{v}" for k, v in e.get("rejected", {}).items()) or "0"
+        fm = ", ".join(f"{k}:{v}" for k, v in e.get("formats", {}).items())
+        t.add_row(names[path], f"{e['rows']:,}", f"{e['records'] - e.get('duplicates', 0):,}",
+                  f"{e.get('duplicates', 0):,}", rej, fm)
+    if common in ("", "."):
+        return t
+    return Group(Text(f"inputs in {common}/", no_wrap=True, overflow="ignore"), t)
 
 
 def _lengths(df: pl.DataFrame, console: Console) -> None:
@@ -29,26 +67,30 @@ def _rejects(path: Path, console: Console) -> None:
         console.print("rejects: none")
         return
     t = Table("reason", "rows", "example (source:row)", title="rejects by reason")
+    t.columns[2].overflow = "fold"
+    _, names = short_names(rej["source"].unique().to_list())
     for reason, n, src, row in (rej.group_by("reason").agg(pl.len(), pl.first("source"), pl.first("row"))
                                 .sort("len", descending=True).iter_rows()):
-        t.add_row(reason, str(n), f"{src}:{row}")
+        t.add_row(reason, f"{n:,}", f"{names[src]}:{row}")
     console.print(t)
 
 
-def inspect_run(run_dir: Path, console: Console) -> None:
+def stage_table(manifest: dict) -> Table:
+    """Rows in / out / dropped and seconds per stage."""
+    t = Table("stage", "in", "out", "dropped", "seconds", title="stages")
+    t.columns[3].overflow = "fold"
+    for name, s in manifest.get("stages", {}).items():
+        dropped = ", ".join(f"{k}:{v:,}" if isinstance(v, int) else f"{k}:{v}" for k, v in s.get("dropped", {}).items())
+        t.add_row(name, f"{s['rows_in']:,}", f"{s['rows_out']:,}", dropped, f"{s['seconds']:.1f}")
+    return t
+
+
+def inspect_run(run_dir: Path, console: Console, title: str | None = None) -> None:
+    """Inputs, stages, lengths, rejects and decisions of a run folder, as tables."""
     run = Run(run_dir)
     m = run.manifest
-    t = Table("input", "rows", "records", "duplicates", "rejected", "formats", title=f"run {run_dir}")
-    for path, e in m.get("inputs", {}).items():
-        t.add_row(path, str(e["rows"]), str(e["records"]), str(e.get("duplicates", 0)),
-                  str(sum(e.get("rejected", {}).values())),
-                  ", ".join(f"{k}:{v}" for k, v in e.get("formats", {}).items()))
-    console.print(t)
-    st = Table("stage", "in", "out", "dropped", "seconds", title="stages")
-    for name, s in m.get("stages", {}).items():
-        st.add_row(name, str(s["rows_in"]), str(s["rows_out"]),
-                   ", ".join(f"{k}:{v}" for k, v in s.get("dropped", {}).items()), f"{s['seconds']:.1f}")
-    console.print(st)
+    console.print(input_table(m, title or f"run {run_dir}"))
+    console.print(stage_table(m))
     if run.file("records.parquet").exists():
         _lengths(pl.read_parquet(run.file("records.parquet")), console)
     _rejects(run.file("rejects.parquet"), console)
@@ -70,5 +112,5 @@ def inspect_path(path: Path, console: Console) -> None:
     with tempfile.TemporaryDirectory(prefix="curate-inspect-") as tmp:
         run = Run(tmp)
         ingest(run, [str(path)])
-        dedup(run)
-        inspect_run(Path(tmp), console)
+        dedup(run, require_records=False)
+        inspect_run(Path(tmp), console, title=str(path))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from curate.config import Recipe
 from curate.io.readers import detect_container, expand_inputs
-from curate.selection import DEFAULT_FRACTION
+from curate.select.recipe import DEFAULT_FRACTION
 
 # rows/s on 2 CPU cores (see BENCHMARKS.md); keyed by stage or model
 RATES = {

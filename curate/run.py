@@ -11,10 +11,12 @@ Stores that outlive a run (embeddings, scores, proxy models) live in the cache f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -78,31 +80,73 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
             h.update(f.relative_to(p).as_posix().encode())
             h.update(sha256_file(f).encode())
         return h.hexdigest()
+    if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO or /dev/zero would block or never end
+        raise ValueError(f"{p}: not a regular file or folder")
     with open(p, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
+def remove_stale_tmp(folder: str | Path, older_than_s: float = 0.0, pattern: str = ".*.tmp") -> int:
+    """Delete `.*.tmp` files that atomic_path left behind when a process was killed; returns how many.
+
+    A run folder is used by one run at a time, so its temp files are all stale when a run starts
+    (older_than_s=0); a shared store passes an age, so a concurrent writer's live temp file is kept.
+    `pattern` may reach into sub-folders (`*/*/.*.tmp`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    now, n = time.time(), 0
+    for f in folder.glob(pattern):
+        try:
+            if f.is_file() and now - f.stat().st_mtime >= older_than_s:
+                f.unlink()
+                n += 1
+        except OSError:
+            continue
+    return n
+
+
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
+    out = [("python", platform.python_version())]
     for name in _TRACKED_PACKAGES:
         try:
-            out[name] = metadata.version(name)
+            out.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return tuple(out)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape results (read once per process: ~50 ms of metadata parsing)."""
+    return dict(_versions())
 
 
 class Run:
-    """A run folder plus its manifest. Stages call `stage()` to record counts and timings."""
+    """A run folder plus its manifest. Stages call `stage()` and `set()` to record counts and facts.
 
-    def __init__(self, path: str | Path):
+    One writer: the executors open runs with `autosave=False`, so a stage only collects its manifest entries in
+    `updates`; the executor merges them (`merge`) and writes manifest.json once per stage. Ad-hoc use (tests,
+    notebooks) keeps the default `autosave=True`.
+    """
+
+    def __init__(self, path: str | Path, *, autosave: bool = True):
         self.path = Path(path)
+        self.autosave = autosave
+        self.updates: dict[str, Any] = {}
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.path / "manifest.json"
         if self.manifest_path.exists():
-            self.manifest: dict[str, Any] = json.loads(self.manifest_path.read_text())
+            try:
+                self.manifest: dict[str, Any] = json.loads(self.manifest_path.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{self.manifest_path}: corrupt manifest ({e}); delete it or use another "
+                                 "run folder") from None
+            if not isinstance(self.manifest, dict):
+                raise ValueError(f"{self.manifest_path}: corrupt manifest (not a JSON object)")
         else:
             self.manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": {}}
         self.manifest.setdefault("stages", {})
@@ -119,7 +163,17 @@ class Run:
 
     def set(self, key: str, value: Any) -> None:
         self.manifest[key] = value
-        self.save()
+        self.updates[key] = value
+        if self.autosave:
+            self.save()
+
+    def merge(self, updates: dict[str, Any]) -> None:
+        """Apply a stage's manifest entries (`stages` merged per stage name, other keys replaced)."""
+        for key, value in updates.items():
+            if key == "stages":
+                self.manifest.setdefault("stages", {}).update(value)
+            else:
+                self.manifest[key] = value
 
     def stage(
         self,
@@ -136,7 +190,9 @@ class Run:
         entry = {"rows_in": rows_in, "rows_out": rows_out, "dropped": dropped,
                  "seconds": round(seconds, 3), **extra}
         self.manifest["stages"][name] = entry
-        self.save()
+        self.updates.setdefault("stages", {})[name] = entry
+        if self.autosave:
+            self.save()
         if rows_in != rows_out + sum(dropped.values()):
             raise ConservationError(
                 f"stage {name!r}: {rows_in} rows in != {rows_out} out + {sum(dropped.values())} dropped "

@@ -46,6 +46,11 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 
+#: The user's own columns (an input row's fields that are not part of the conversation: its original `id`,
+#: metadata) live in one struct column under their own names, so they never clash with curate's columns. It is
+#: added after RECORD_SCHEMA / REJECT_SCHEMA only when some input row has such fields (`curate.io.writers`).
+META = "meta"
+
 #: Rows that could not be normalised (`rejects.parquet`).
 REJECT_SCHEMA = pa.schema(
     [
@@ -96,9 +101,12 @@ def count_tokens(text: str) -> int:
 
 
 def make_record(
-    messages: list[dict[str, Any]], *, source: str, row: int, fmt: str
+    messages: list[dict[str, Any]], *, source: str, row: int, fmt: str, meta: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Validate and normalise a conversation into a record dict (raises RowError)."""
+    """Validate and normalise a conversation into a record dict (raises RowError).
+
+    `meta`: the row's own other fields (its original id, metadata), kept as they are under `meta`.
+    """
     clean: list[dict[str, str]] = []
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
@@ -128,7 +136,7 @@ def make_record(
     users = [m["content"] for m in clean if m["role"] == "user"]
     answers = [m["content"] for m in clean if m["role"] == "assistant"]
     pairs = [(m["role"], m["content"]) for m in clean]
-    return {
+    rec = {
         "id": _hash(pairs),
         "dedup_key": _hash([(r, _fold(c)) for r, c in pairs]),
         "messages": clean,
@@ -144,6 +152,9 @@ def make_record(
         "response_chars": len(answers[-1]),
         "n_tokens": sum(count_tokens(c) for _, c in pairs),
     }
+    if meta:
+        rec[META] = meta
+    return rec
 
 
 def user_text(messages: list[dict[str, str]]) -> str:

@@ -42,7 +42,7 @@ def check_cron(cron: str) -> str:
     return cron
 
 
-def make_deployment(recipe: Recipe, cron: str, name: str = "curate-watch", timezone: str = "UTC") -> Any:
+def make_deployment(recipe: Recipe, cron: str, name: str = "curate-serve", timezone: str = "UTC") -> Any:
     """A RunnerDeployment of `curate_flow` for `recipe` on `cron`; runs never overlap (concurrency 1)."""
     from prefect.client.schemas.schedules import CronSchedule
 
@@ -87,7 +87,7 @@ def start_local_server(port: int = 4200, timeout: float = 120.0) -> tuple[subpro
 
 
 def serve_command(watch: Path, out: Path, cron: str = "0 * * * *", config: Path | None = None,
-                  name: str = "curate-watch", port: int = 4200) -> None:
+                  name: str = "curate-serve", port: int = 4200) -> None:
     """Serve the scheduled deployment until interrupted (Ctrl-C); starts a local server when none is set."""
     from prefect import serve
     from prefect.settings import PREFECT_API_URL, temporary_settings

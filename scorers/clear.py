@@ -1,7 +1,7 @@
 """CLEAR (Chen & Mueller, arXiv 2403.12776): BSDetector confidence that a dataset response is good, the
 auto-filter built on it, and the auto-correct step (`correct()`).
 
-Confidence (BSDetector, arXiv 2308.16175; weights as in METHODS.md §3):
+Confidence (BSDetector, arXiv 2308.16175; weights as in docs/methods.md §3):
 - Observed consistency O: the judge LLM samples k answers y_1..y_k to the row's prompt at temperature 1
   (`engine.generate(n=k)`); s_i = α·agree(y, y_i) + (1−α)·1[y_i ≡ y] with the dataset response y as the
   "proposed answer"; O = mean_i s_i (α = 0.8). ≡ is equality after case/whitespace/trailing-punctuation
@@ -36,8 +36,8 @@ import polars as pl
 from pydantic import Field
 
 from curate.schema import conversation_text
+from curate.scoring.contract import Needs, ScoreContext, Scorer, ScorerParams, engine_of
 from scorers._judge import DATA_NOTE, expected_value, fence, parse_reflection, render_for_choice
-from scorers.base import Needs, ScoreContext, Scorer, ScorerParams, engine_of
 
 if TYPE_CHECKING:
     from curate.lm.base import Engine

@@ -11,10 +11,11 @@ Multi-turn (deita `score_pipeline.py`): complexity_i = C(user_i) without history
 Q(user_i, assistant_i); deita_score = Σ_i complexity_i × quality_i. deita_complexity / deita_quality are
 the means over turns (equal to the single turn's values for single-turn rows).
 
-Prompt injection: the templates are kept exact for the released scorers, so row text is not fenced by
-default; instead the template's own markers inside row text ("##Quality:", "#Response#:", ...) are defanged
-(a zero-width joiner after the first '#'), so a row cannot open a fake "##Quality: 6" slot. `delimit=True`
-(for general instruction models) fences the row text as well (scorers/_judge.py).
+Prompt injection: a row is untrusted text. By default (`delimit=True`) the scorer fences row text between
+markers it cannot forge (scorers/_judge.py) under a note that fenced text is data; in every mode the template's
+own markers inside row text ("##Quality:", "## Quality: 6", "#Response#:", ...) are defanged (a zero-width joiner
+after each '#'), so a row cannot open a fake "##Quality: 6" slot. `delimit=False` keeps the exact released
+templates around the (defanged) text, for the released deita scorers, which were fine-tuned on them.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import ClassVar
 import numpy as np
 import polars as pl
 
+from curate.scoring.contract import Needs, ScoreContext, Scorer, ScorerParams, engine_of
 from scorers._judge import DATA_NOTE, expected_value, fence, render_for_choice
-from scorers.base import Needs, ScoreContext, Scorer, ScorerParams, engine_of
 
 #: hkust-nlp/deita src/deita/selection/scorer/llama_scorer.py (same strings in mistral_scorer.py)
 COMPLEXITY_TEMPLATE = (
@@ -39,23 +40,25 @@ QUALITY_TEMPLATE = (
 )
 DIGITS = ("1", "2", "3", "4", "5", "6")
 
-_MARKERS = re.compile(r"#(?=#?(?:Query|Complexity|Quality|Question#|Response#)\s*:)", re.I)
+#: a '#' that starts one of the template's markers, however spaced: "##Quality:", "## Quality :", "#Response#:"
+_MARKERS = re.compile(r"#(?=\s*#?\s*(?:Query|Complexity|Quality|Question|Response)\s*#?\s*:)", re.I)
 
 
 def defang(text: str) -> str:
-    """Break the template's markers inside row text ('##Quality:' -> '#\u200d#Quality:')."""
+    """Break the template's markers inside row text ('## Quality: 6' -> '#\u200d#\u200d Quality: 6')."""
     return _MARKERS.sub("#\u200d", text)
 
 
 def complexity_prompt(instruction: str, *, delimit: bool = False) -> str:
-    text = fence(instruction, "QUERY") if delimit else defang(instruction)
+    text = fence(defang(instruction), "QUERY") if delimit else defang(instruction)
     prompt = COMPLEXITY_TEMPLATE.format(instruction=text)
     return f"{DATA_NOTE}\n{prompt}" if delimit else prompt
 
 
 def quality_prompt(instruction: str, output: str, *, delimit: bool = False) -> str:
     if delimit:
-        prompt = QUALITY_TEMPLATE.format(instruction=fence(instruction, "QUESTION"), output=fence(output, "RESPONSE"))
+        prompt = QUALITY_TEMPLATE.format(instruction=fence(defang(instruction), "QUESTION"),
+                                         output=fence(defang(output), "RESPONSE"))
         return f"{DATA_NOTE}\n{prompt}"
     return QUALITY_TEMPLATE.format(instruction=defang(instruction), output=defang(output))
 
@@ -84,7 +87,7 @@ def digit_score(probs: np.ndarray) -> np.ndarray:
 
 class DeitaParams(ScorerParams):
     chat: bool = False  # False: raw template (what the released scorers expect); True: in the chat template
-    delimit: bool = False  # fence row text (for general instruction models); see module docstring
+    delimit: bool = True  # fence row text (default); False = the exact released templates; see module docstring
 
 
 class Deita(Scorer):

@@ -2,12 +2,12 @@
 
 For a sample with response positions t = 1..T (final hidden h_t, logits z_t = W h_t, p_t = softmax(z_t),
 target y_t) the SFT loss gradient w.r.t. lm_head is G = (1/T) sum_t (p_t - e_yt) h_t^T, and W' = W - lr G.
-METHODS.md §1 derives, without materialising G or running a backward pass:
+docs/methods.md §1 derives, without materialising G or running a backward pass:
     <W, G>  = (1/T) sum_t (p_t . z_t - z_t[y_t])                       (logits only)
     ||G||^2 = (1/T^2) sum_{t,t'} ((p_t - e_t) . (p_t' - e_t')) (h_t . h_t')   (Gram form; G itself when T > d)
     NOD = ||W - W'|| = lr ||G||
     DON = ||W|| - ||W'|| = (2 lr <W,G> - lr^2 ||G||^2) / (||W|| + ||W'||)    (no cancellation)
-Only the output projection is updated (tied embeddings are treated as untied, METHODS.md §1).
+Only the output projection is updated (tied embeddings are treated as untied, docs/methods.md §1).
 
 `donod` is the TOPSIS closeness over (DON benefit, NOD cost). It is pool-relative, so it is not stored:
 the runner calls `finalize()` with every row's stored DON/NOD after scoring, and `donod_closeness(df)`
@@ -25,7 +25,7 @@ import polars as pl
 import torch
 from pydantic import Field, field_validator
 
-from scorers.base import (
+from curate.scoring.contract import (
     Needs,
     ScoreContext,
     Scorer,

@@ -1,6 +1,6 @@
 """GRAPE: among several candidate responses to one instruction, keep the one the target model finds likeliest.
 
-Rule (METHODS.md §7): y* = argmax_k mean_t log p(y_k,t | x, y_k,<t) under the *target base* model, i.e.
+Rule (docs/methods.md §7): y* = argmax_k mean_t log p(y_k,t | x, y_k,<t) under the *target base* model, i.e.
 the candidate closest to the model's own distribution. Rows are grouped by their prompt (every message
 before the last assistant turn, case- and whitespace-folded), so a pool holding K rows per instruction
 gets one `grape_best` per group; a singleton group's only row is its best.
@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 import polars as pl
 
-from scorers.base import Needs, ScoreContext, Scorer, ScorerParams, engine_of, last_turn, token_nll
+from curate.scoring.contract import Needs, ScoreContext, Scorer, ScorerParams, engine_of, last_turn, token_nll
 
 _WS = re.compile(r"\s+")
 

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import polars as pl
 from pydantic import Field
 
-from scorers.base import ScoreContext, Scorer, ScorerParams
+from curate.scoring.contract import ScoreContext, Scorer, ScorerParams
 
 FLAGS = (
     "empty_response",
@@ -223,7 +223,8 @@ def flag_conversation(messages: list[dict[str, Any]], p: HeuristicParams) -> dic
 class Heuristics(Scorer):
     """Named rule flags per row; no model."""
 
-    name = "heur"
+    name = "heuristics"
+    prefix = "heur"  # columns are heur_*
     version = "1"
     reads = ("messages",)
     writes = tuple(f"heur_{f}" for f in FLAGS) + ("heur_flags",)
@@ -247,7 +248,7 @@ def flag_counts(df: pl.DataFrame) -> pl.DataFrame:
     """Count each `heur_*` flag over a scored pool: columns flag, count, fraction (sorted by count)."""
     cols = [c for c in df.columns if c.startswith("heur_") and c != "heur_flags" and df[c].dtype == pl.Boolean]
     if not cols:
-        raise ValueError("no heur_<flag> columns in the frame; score it with the 'heur' scorer first")
+        raise ValueError("no heur_<flag> columns in the frame; score it with the 'heuristics' scorer first")
     n = max(df.height, 1)
     out = pl.DataFrame(
         {

@@ -1,6 +1,6 @@
 """Instruction-Following Difficulty: how much the instruction helps the model predict the answer.
 
-Two published definitions from the same two passes (METHODS.md §6), kept as separate columns because they
+Two published definitions from the same two passes (docs/methods.md §6), kept as separate columns because they
 rank differently:
 - `ifd`     Cherry LLM (tianyi-lab/Cherry_LLM data_by_IFD.py): mean answer-token loss given the prompt /
             mean answer-token loss after the unconditioned prefix, a ratio of losses.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from scorers.base import Needs, ScoreContext, Scorer, ScorerParams, engine_of, last_turn, token_nll
+from curate.scoring.contract import Needs, ScoreContext, Scorer, ScorerParams, engine_of, last_turn, token_nll
 
 
 class IFD(Scorer):

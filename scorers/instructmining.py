@@ -1,7 +1,7 @@
 """InstructMining (Cao et al., arXiv 2307.06290, COLM 2024): indicators, the two published rules, and a fit.
 
 Idea: a linear rule predicts the log evaluation loss of a model fine-tuned on the data from natural-language
-indicators; rank rows by predicted log loss (lower is better). No official code is public (METHODS.md §2).
+indicators; rank rows by predicted log loss (lower is better). No official code is public (docs/methods.md §2).
 
 Indicators (stored per row, `instructmining_<indicator>`):
 - len_in, len_out: token counts of the prompt and response (the `tokenizer` param's HF tokenizer, else
@@ -44,8 +44,8 @@ import polars as pl
 from pydantic import Field
 
 from curate.schema import count_tokens
+from curate.scoring.contract import Needs, ScoreContext, Scorer, ScorerError, ScorerParams
 from scorers._judge import DATA_NOTE, fence, render_for_choice
-from scorers.base import Needs, ScoreContext, Scorer, ScorerError, ScorerParams
 
 INDICATORS = ("len_in", "len_out", "mtld", "knn6", "ppl", "rew", "und", "nat", "coh")
 
@@ -380,9 +380,13 @@ class InstructMining(Scorer):
         if self._unieval is None:
             from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+            from curate.embed import allow_unsafe_weights, check_safe_weights
+
             try:
+                check_safe_weights(self.params.unieval_model, "UniEval model")
                 tok = AutoTokenizer.from_pretrained(self.params.unieval_model)
-                model = AutoModelForSeq2SeqLM.from_pretrained(self.params.unieval_model).eval()
+                model = AutoModelForSeq2SeqLM.from_pretrained(
+                    self.params.unieval_model, use_safetensors=not allow_unsafe_weights()).eval()
             except (OSError, ValueError) as e:
                 raise ScorerError(f"instructmining: cannot load UniEval model {self.params.unieval_model!r}: "
                                   f"{e}") from None

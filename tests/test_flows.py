@@ -59,9 +59,9 @@ def _seed_home(cache: Path) -> None:
 @pytest.fixture(scope="session")
 def prefect_api(_cache_dir, tmp_path_factory):
     """One API server for the session; its URL is exported so Dask workers and subprocesses share it."""
-    import flows.pipeline as fp  # sets PREFECT_HOME etc. before prefect is imported
+    import flows.server as fs  # sets PREFECT_HOME etc. before prefect is imported
 
-    fp.configure_prefect_env()
+    fs.configure_prefect_env()
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import (
         PREFECT_API_URL,
@@ -94,7 +94,7 @@ def _recipe(inputs: list[str], out: Path, **sections):
     from curate.config import Recipe
 
     base = {"inputs": inputs, "out": str(out), "embed": {"enabled": False},
-            "score": {"scorers": ["heur"], "shards": 4}, "select": {"budget": 30}, "report": False}
+            "score": {"scorers": ["heuristics"], "shards": 4}, "select": {"budget": 30}, "report": False}
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return Recipe.model_validate(base)
@@ -143,7 +143,7 @@ def test_sigkill_mid_scoring_resumes_without_recomputing(prefect_api, tmp_path, 
     store = cache / "scores"
 
     def scored() -> int:
-        return sum(len(v) for v in _store_parts(store, "heur/*/part-*.parquet").values())
+        return sum(len(v) for v in _store_parts(store, "heuristics/*/part-*.parquet").values())
 
     # 1. run, SIGKILL once half the shards are stored
     proc = subprocess.Popen(cmd, env={**env, "SLOW_SCORE": "2"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -154,7 +154,7 @@ def test_sigkill_mid_scoring_resumes_without_recomputing(prefect_api, tmp_path, 
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
-    at_kill = _store_parts(store, "heur/*/part-*.parquet")
+    at_kill = _store_parts(store, "heuristics/*/part-*.parquet")
     rows_at_kill = sum(len(v) for v in at_kill.values())
     assert n // 2 <= rows_at_kill < n
     servers = [json.loads(p.read_text()) for p in (cache / "prefect" / "servers").glob("*.json")]
@@ -166,18 +166,18 @@ def test_sigkill_mid_scoring_resumes_without_recomputing(prefect_api, tmp_path, 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not _pid_alive(orphan)
-    after = _store_parts(store, "heur/*/part-*.parquet")
+    after = _store_parts(store, "heuristics/*/part-*.parquet")
     new_ids = [i for p, ids in after.items() if p not in at_kill for i in ids]
     old_ids = {i for ids in at_kill.values() for i in ids}
     assert len(new_ids) == n - rows_at_kill and not old_ids & set(new_ids)  # each row scored exactly once
-    tasks = json.loads((tmp_path / "run" / "manifest.json").read_text())["flow"]["tasks"]
-    assert tasks["ingest"] == "Cached" and tasks["score-heur-0-30"] == "Cached", tasks
-    assert tasks["score-heur-90-120"] != "Cached"
+    tasks = json.loads((tmp_path / "run" / "manifest.json").read_text())["executor"]["tasks"]
+    assert tasks["ingest"] == "Cached" and tasks["score:heuristics-0-30"] == "Cached", tasks
+    assert tasks["score:heuristics-90-120"] != "Cached"
 
     # 3. identical to an uninterrupted run (fresh stores and cache, same recipe)
     monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache-ref"))
     ref = run_flow(recipe.model_copy(update={"out": str(tmp_path / "ref")}))
-    assert ref.manifest["flow"]["cached"] == 0
+    assert ref.manifest["executor"]["cached"] == 0
     _same_output(tmp_path / "run", tmp_path / "ref")
     assert pl.read_parquet(tmp_path / "ref" / "decisions.parquet").height == n
 
@@ -204,7 +204,7 @@ def test_scheduled_run_embeds_and_scores_only_new_rows(prefect_api, tmp_path, mo
     watch = tmp_path / "incoming"
     _pool(watch / "a.jsonl", "gpteacher_codegen.jsonl", 0, 80)
     recipe = watch_recipe(watch, tmp_path / "run", overrides={
-        "embed.model": "minilm", "score.scorers": ["heur"], "score.shards": 2, "select.budget": 20,
+        "embed.model": "minilm", "score.scorers": ["heuristics"], "score.shards": 2, "select.budget": 20,
         "report": False})
     dep = make_deployment(recipe, "0 * * * *")
     assert dep.schedules[0].schedule.cron == "0 * * * *"
@@ -217,7 +217,7 @@ def test_scheduled_run_embeds_and_scores_only_new_rows(prefect_api, tmp_path, mo
 
     scheduled_run()
     emb_before = _emb_parts(cache)
-    sc_before = _store_parts(cache / "scores", "heur/*/part-*.parquet")
+    sc_before = _store_parts(cache / "scores", "heuristics/*/part-*.parquet")
     views = {p.parent.name for p in emb_before}  # the clustering view, plus any a later stage embeds
     assert views and all(sum(len(v) for p, v in emb_before.items() if p.parent.name == w) == 80 for w in views)
 
@@ -228,7 +228,7 @@ def test_scheduled_run_embeds_and_scores_only_new_rows(prefect_api, tmp_path, mo
     assert len(new) == 40 and recs.height == 120
     embedded = {w: sorted(i for p, ids in _emb_parts(cache).items() if p not in emb_before and p.parent.name == w
                           for i in ids) for w in views}
-    scored = [i for p, ids in _store_parts(cache / "scores", "heur/*/part-*.parquet").items()
+    scored = [i for p, ids in _store_parts(cache / "scores", "heuristics/*/part-*.parquet").items()
               if p not in sc_before for i in ids]
     assert embedded == {w: sorted(new) for w in views}
     assert sorted(scored) == sorted(new)
@@ -263,10 +263,10 @@ def test_dask_multiprocess_cluster_matches_thread_runner(prefect_api, tmp_path, 
         monkeypatch.setenv("CURATE_TASK_RUNNER", "dask")
         monkeypatch.setenv("CURATE_DASK_ADDRESS", cluster.scheduler_address)
         run = run_flow(recipe.model_copy(update={"out": str(tmp_path / "dask")}))
-    assert run.manifest["flow"]["cached"] == 0
+    assert run.manifest["executor"]["cached"] == 0
     # the shard tasks ran in the worker processes (store part names carry the writer's pid)
     parts = list((tmp_path / "cache-dask").glob("embeddings/*/user/part-*.npy"))  # the sharded view
-    parts += list((tmp_path / "cache-dask").glob("scores/heur/*/part-*.parquet"))
+    parts += list((tmp_path / "cache-dask").glob("scores/heuristics/*/part-*.parquet"))
     pids = {int(p.name.split("-")[2]) for p in parts}
     assert pids and pids <= workers, (pids, workers)
     _same_output(tmp_path / "threads", tmp_path / "dask")
@@ -280,7 +280,7 @@ def test_dask_multiprocess_cluster_matches_thread_runner(prefect_api, tmp_path, 
 def test_runner_settings_and_transient_errors(monkeypatch):
     import httpx
 
-    from flows.pipeline import is_transient, task_runner
+    from flows.runners import is_transient, task_runner
 
     monkeypatch.setenv("CURATE_TASK_RUNNER", "thread")
     monkeypatch.setenv("CURATE_TASK_WORKERS", "3")
@@ -309,3 +309,83 @@ def test_prefect_yaml_deploys_the_flow_with_a_valid_recipe():
     from prefect.client.schemas.schedules import CronSchedule
 
     CronSchedule(cron=dep["schedules"][0]["cron"])
+
+
+# ---------------------------------------------------------------------------------------------- (4) parity
+
+
+def test_local_prefect_and_dask_executors_give_identical_outputs(prefect_api, tmp_path, monkeypatch):
+    """One stage list, three executors: `run_local`, the Prefect flow on threads, the flow on a Dask cluster.
+
+    Each runs on its own empty cache (so each computes everything), for a recipe whose SemDeDup keeps the
+    best-scored copy (`keep: score`, ordered after scoring) and for the iterative strategy (its feedback
+    fine-tunes the scoring LM inside select).
+    """
+    from distributed import Client, LocalCluster
+
+    from curate.lm.testing import make_tiny_model
+    from curate.pipeline import build_pipeline, run_local
+    from flows.pipeline import run_flow
+
+    lm = str(make_tiny_model(tmp_path / "lm"))
+    gsm = _pool(tmp_path / "pool" / "gsm8k.jsonl", "gsm8k_train.jsonl", 300, 70)
+    code = _pool(tmp_path / "pool" / "code.jsonl", "gpteacher_codegen.jsonl", 0, 50)
+    (tmp_path / "pool" / "dup.jsonl").write_text(gsm.read_text().splitlines()[0] + "\n")  # an exact duplicate
+    recipes = {
+        "keep-score": _recipe([str(gsm.parent)], tmp_path / "x", embed={"enabled": True, "model": "minilm"},
+                              score={"scorers": ["heuristics", "perplexity"], "model": lm, "shards": 2},
+                              semdedup={"eps": 0.2, "keep": "score", "keep_score": "perplexity_loss"}),
+        "iterative": _recipe([str(gsm.parent)], tmp_path / "x", embed={"enabled": True, "model": "minilm"},
+                             score={"scorers": ["heuristics", "perplexity"], "model": lm, "shards": 2},
+                             select={"strategy": "iterative", "rounds": 2, "probe_per_cluster": 2, "budget": 40}),
+    }
+    names = [s.name for s in build_pipeline(recipes["keep-score"])]
+    assert names.index("semdedup") > names.index("collect-scores")  # keep: score needs the scores first
+    assert code.exists()
+
+    def fresh_cache(name: str) -> None:
+        c = tmp_path / f"cache-{name}"
+        c.mkdir()
+        (c / "models").symlink_to(os.environ["CURATE_CACHE_DIR"] + "/models")  # the session's test models
+        monkeypatch.setenv("CURATE_CACHE_DIR", str(c))
+
+    session_cache = os.environ["CURATE_CACHE_DIR"]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster):
+        for label, recipe in recipes.items():
+            outs = {}
+            for executor in ("local", "threads", "dask"):
+                monkeypatch.setenv("CURATE_CACHE_DIR", session_cache)
+                fresh_cache(f"{label}-{executor}")
+                r = recipe.model_copy(update={"out": str(tmp_path / f"{label}-{executor}")})
+                if executor == "local":
+                    monkeypatch.delenv("CURATE_TASK_RUNNER", raising=False)
+                    run = run_local(r)
+                else:
+                    monkeypatch.setenv("CURATE_TASK_RUNNER", "thread" if executor == "threads" else "dask")
+                    monkeypatch.setenv("CURATE_DASK_ADDRESS", cluster.scheduler_address)
+                    run = run_flow(r)
+                assert run.manifest["executor"]["cached"] == 0, (label, executor)
+                outs[executor] = run.path
+            sel = pl.read_parquet(outs["local"] / "selected.parquet")
+            assert sel.height == 40 if label == "iterative" else sel.height == 30
+            if label == "keep-score":
+                assert pl.read_parquet(outs["local"] / "semdedup.parquet").height > 0  # the rule had work to do
+            for executor in ("threads", "dask"):
+                _same_output(outs["local"], outs[executor])
+    # Prefect persisted no task results: nothing under the cache is a pickle that a cache hit would load
+    results = Path(session_cache) / "prefect" / "results"
+    assert not (results.exists() and any(results.iterdir())), list(results.iterdir())
+
+
+def test_serve_and_the_yaml_deployment_have_different_names():
+    """Two executors on one deployment name ran each other's runs (one crashed): `curate serve` has its own."""
+    import inspect
+
+    import yaml
+
+    from flows.serve import make_deployment, serve_command
+
+    (dep,) = yaml.safe_load((ROOT / "flows" / "prefect.yaml").read_text())["deployments"]
+    for fn in (make_deployment, serve_command):
+        assert inspect.signature(fn).parameters["name"].default not in (dep["name"], None)

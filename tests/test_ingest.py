@@ -6,9 +6,9 @@ import sys
 
 import polars as pl
 import pytest
-from conftest import CORPUS, ROOT
+from conftest import CORPUS, ROOT, SAMPLE
 
-from curate.ingest import dedup, ingest
+from curate.ingest import EmptyPoolError, dedup, ingest
 from curate.io.readers import InputError
 from curate.run import Run
 from curate.schema import make_record
@@ -33,6 +33,27 @@ def _conserved(run):
     kept = pl.read_parquet(run.file("records.parquet")).height
     assert rows == kept + rej + dup, (rows, kept, rej, dup)
     return rows, kept, rej, dup
+
+
+def test_bundled_sample_ingests_and_conserves(tmp_path):
+    """The repository's own real data: a folder of three native formats, every row a record, none lost."""
+    run, counts = _ingest(tmp_path, SAMPLE)
+    assert _conserved(run) == (3675, 3675, 0, 0)
+    got = {p.rsplit("/", 1)[-1]: (c.rows, c.records, dict(c.formats)) for p, c in counts.items()}
+    assert got == {
+        "gsm8k_train.jsonl": (1500, 1500, {"question_answer": 1500}),
+        "gpteacher_codegen.jsonl": (1000, 1000, {"alpaca": 1000}),
+        "gpteacher_toolformer.jsonl": (1000, 1000, {"alpaca": 1000}),
+        "self_instruct_seed.jsonl": (175, 175, {"self_instruct": 175}),
+    }
+    recs = pl.read_parquet(run.file("records.parquet"))
+    assert recs["id"].n_unique() == recs.height
+    assert (recs["n_turns"] == 1).all() and (recs["response_chars"] > 0).all()
+    first = json.loads((SAMPLE / "self_instruct_seed.jsonl").read_text().splitlines()[1])  # has an input
+    si = recs.filter(pl.col("source").str.ends_with("self_instruct_seed.jsonl") & (pl.col("row") == 2)).row(
+        0, named=True)
+    assert first["instances"][0]["input"] in si["instruction"] and first["instruction"] in si["instruction"]
+    assert si["response"] == first["instances"][0]["output"]
 
 
 def test_every_shared_dataset_ingests_and_conserves(tmp_path, shared_data):
@@ -148,7 +169,9 @@ def test_parquet_hf_disk_and_explicit_format(tmp_path):
     run, counts = _ingest(tmp_path, tmp_path / "p.parquet", tmp_path / "hf")
     rows_, kept, rej, dup = _conserved(run)
     assert (rows_, kept, rej, dup) == (12, 5, 2, 5)
-    with pytest.raises(AssertionError):  # explicit wrong format: every row rejected as missing_field
-        run2, c2 = _ingest(tmp_path / "x", tmp_path / "p.parquet", fmt="alpaca")
-        assert sum(c.records for c in c2.values()) > 0
+    run2 = Run(tmp_path / "x" / "run")  # explicit wrong format: every row rejected as missing_field
+    ingest(run2, [str(tmp_path / "p.parquet")], fmt="alpaca")
+    with pytest.raises(EmptyPoolError, match=r"all 6 rows read from .*p\.parquet were rejected"):
+        dedup(run2)
     assert set(_rejects(run2).values()) == {"missing_field"}
+    assert pl.read_parquet(run2.file("decisions.parquet"))["status"].to_list() == ["rejected"] * 6

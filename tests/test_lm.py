@@ -8,21 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import sample_rows
 
 from curate.lm import LMConfig, LMError, load_engine
 from curate.lm.base import truncate
 from curate.lm.hf import length_batches
 from curate.lm.testing import make_tiny_model
-
-ALPACA = Path("/work/shared/data/alpaca-52k/alpaca_data.jsonl")
-
-
-def _alpaca_rows(n: int) -> list[dict]:
-    if not ALPACA.exists():
-        return [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."}
-                for i in range(n)]
-    with open(ALPACA) as fh:
-        return [json.loads(next(fh)) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +27,7 @@ def engine(tiny):
 
 
 def _pairs(n: int = 12):
-    rows = _alpaca_rows(n)
+    rows = sample_rows(n)
     prompts = [[{"role": "user", "content": (r["instruction"] + "\n" + r["input"]).strip()}] for r in rows]
     prompts.append([
         {"role": "system", "content": "You are terse."},

@@ -6,13 +6,13 @@ Parity tolerance vs transformers: 1e-4 nats per token (float32 on both sides; ob
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import sample_rows
 
 from curate.lm import LMConfig, LMError, load_engine
 from curate.lm.testing import make_tiny_model, sample_texts
@@ -26,15 +26,6 @@ pytestmark = [
 
 TOL = 1e-4
 MAX_LEN = 511
-ALPACA = Path("/work/shared/data/alpaca-52k/alpaca_data.jsonl")
-
-
-def _rows(n: int) -> list[dict]:
-    if not ALPACA.exists():
-        return [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
-                for i in range(1, n + 1)]
-    with open(ALPACA) as fh:
-        return [json.loads(next(fh)) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +49,7 @@ def _engines(model, server, **cfg):
 
 
 def _pairs(n: int = 10):
-    rows = _rows(n)
+    rows = sample_rows(n)
     prompts = [[{"role": "user", "content": (r["instruction"] + "\n" + r["input"]).strip()}] for r in rows]
     responses = [r["output"] for r in rows]
     prompts += [

@@ -13,7 +13,8 @@ SAMPLE = ROOT / "data" / "sample"
 
 def test_plan_counts_rows_and_lists_stages():
     rows = sum(len(p.read_text().splitlines()) for p in SAMPLE.glob("*.jsonl"))
-    stages = {s.stage: s for s in plan(load_recipe(None, {"inputs": [str(SAMPLE)]}))}
+    # the proxy scores ~150 rows/s: the default 5 minutes of LM scoring cover the whole sample (no distillation)
+    stages = {s.stage: s for s in plan(load_recipe(None, {"inputs": [str(SAMPLE)], "score.model": "proxy"}))}
     assert stages["ingest+dedup"].rows == rows
     assert {"embed", "cluster", "semdedup", "score:heuristics", "score:ifd", "select"} <= set(stages)
     assert stages["score:ifd"].calls == 2 * rows  # IFD: conditioned + unconditioned pass
@@ -36,7 +37,8 @@ def test_plan_cli_prints_a_table():
 
 def test_plan_prices_one_off_work_and_the_sample_then_distill_split(tmp_path, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    base = {"inputs": [str(SAMPLE)], "out": str(tmp_path / "run"), "score.scorers": ["heuristics", "ifd"]}
+    base = {"inputs": [str(SAMPLE)], "out": str(tmp_path / "run"), "score.scorers": ["heuristics", "ifd"],
+            "score.model": "proxy"}
     stages = {s.stage: s for s in plan(load_recipe(None, base))}
     assert {"one-off: start-up (imports)", "one-off: Prefect server start", "one-off: train the proxy LM"} <= set(
         stages)
@@ -84,7 +86,7 @@ def test_plan_is_within_a_stated_factor_of_a_real_small_run(tmp_path, monkeypatc
         (pool / name).write_text("\n".join((SAMPLE / name).read_text().splitlines()[:n]) + "\n")
     recipe = load_recipe(None, {"inputs": [str(pool)], "out": str(tmp_path / "run"), "seed": 0,
                                 "score.scorers": ["heuristics", "perplexity"], "embed.model": "minilm-static",
-                                "select.budget": 50, "report": False})
+                                "score.model": "proxy", "select.budget": 50, "report": False})
     stages = {s.stage: s for s in plan(recipe, prefect=False)}
     assert "one-off: train the proxy LM" in stages and "one-off: distil the static embedder" not in stages
     planned = sum(s.seconds for name, s in stages.items() if name != "one-off: start-up (imports)")  # in process

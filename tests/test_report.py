@@ -1,16 +1,17 @@
 """Report and diversity metrics: hand-checkable metric cases, then a real run folder rendered and checked in
 headless Chromium (page renders, plots present, no console errors).
 
-The fixture run is built from real Alpaca and GSM8K rows with the project's own ingest/dedup; its embeddings
-are TF-IDF + SVD (real vectors, cheap enough for a unit test), its clusters k-means, its scores text
-heuristics, its selection a per-cluster quota filled by score, so every file has the shape the pipeline writes.
+The fixture run is built from the bundled sample (data/sample: GSM8K, GPTeacher, Self-Instruct rows) with the
+project's own ingest/dedup; its embeddings are TF-IDF + SVD (real vectors, cheap enough for a unit test), its
+clusters k-means, its scores the project's heuristic flags plus two text statistics, its semantic duplicates
+a cosine threshold, its selection a per-cluster quota filled by score, so every file has the shape the
+pipeline writes (decisions with duplicate_of and similarity, heur_<flag> columns).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -26,10 +27,19 @@ from curate import diversity
 from curate.diversity import cluster_coverage, diversity_summary, mean_nn_similarity, vendi_score
 from curate.ingest import dedup, ingest
 from curate.report import ReportError, write_report
+from curate.report.charts import cluster_columns, esc, tick_formatter
 from curate.run import Run
 
-SHARED = Path(os.environ.get("CURATE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+#: an instruction that would run as script, or break out of an attribute, if the page did not escape it
+HOSTILE = '<script>alert("x")</script> </textarea>" onmouseover="alert(1)'
 CHROMIUM = Path("/usr/bin/chromium")
+N_SECTIONS = 13
+#: a hand-written RUN/eval.json in the shape the evaluation writes (per-arm means, CIs, a verdict)
+EVAL = {"metric": "lima_response_loss", "higher_is_better": False, "n": 300, "ci_level": 0.95,
+        "verdict": "The subset's proxy fine-tune reaches a lower LIMA loss than random (CIs do not overlap).",
+        "arms": {"subset": {"mean": 2.314, "ci": [2.281, 2.347]}, "random": {"mean": 2.402, "ci": [2.366, 2.437]},
+                 "pool": {"mean": 2.376, "ci": [2.344, 2.409]}}}
 
 # ------------------------------------------------------------------------------- diversity metrics
 
@@ -115,26 +125,41 @@ def test_diversity_summary_prefers_spread_over_copies():
 
 
 def _write_inputs(folder: Path) -> list[str]:
-    if not SHARED.exists():
-        pytest.skip(f"shared datasets not found at {SHARED}")
-    alpaca = (SHARED / "alpaca-52k" / "alpaca_data.jsonl").read_text().splitlines()[:320]
-    gsm = (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()[:180]
-    a = folder / "alpaca_slice.jsonl"
-    # real rows, plus what real dumps hold: exact duplicates, a broken line, an empty answer
-    broken = ['{"instruction": "Name a colour", "output": ', json.dumps({"instruction": "Say hi", "output": ""})]
-    a.write_text("\n".join(alpaca + alpaca[:12] + broken) + "\n")
+    """Slices of three bundled sample files, plus what real dumps hold: exact duplicates (one differing only in
+    case and spacing), a broken line, an empty answer, a placeholder answer and a hostile instruction."""
+    def lines(name: str, n: int) -> list[str]:
+        return (SAMPLE / name).read_text().splitlines()[:n]
+
+    code = lines("gpteacher_codegen.jsonl", 160)
+    first = json.loads(code[0])
+    shouty = json.dumps(first | {"instruction": first["instruction"].upper().replace(" ", "  ")})
+    broken = ['{"instruction": "Name a colour", "response": ', json.dumps({"instruction": "Say hi", "response": ""}),
+              json.dumps({"instruction": "Summarise the attached report.", "input": "", "response": "<nooutput>"}),
+              json.dumps({"instruction": HOSTILE, "input": "", "response": "I will not run </script> for you."})]
+    a = folder / "codegen_slice.jsonl"
+    a.write_text("\n".join(code + code[:10] + [shouty] + broken) + "\n")
     g = folder / "gsm8k_slice.jsonl"
+    gsm = lines("gsm8k_train.jsonl", 200)
     g.write_text("\n".join(gsm + gsm[:5]) + "\n")
-    return [str(a), str(g)]
+    t = folder / "toolformer_slice.jsonl"
+    t.write_text("\n".join(lines("gpteacher_toolformer.jsonl", 120)) + "\n")
+    return [str(a), str(g), str(t)]
 
 
 def _heuristic_scores(records: pl.DataFrame) -> pl.DataFrame:
+    """The heuristics scorer's own flags (heur_<flag> booleans + heur_flags) and two continuous text scores."""
+    from scorers.heuristics import FLAGS, HeuristicParams, flag_conversation
+
+    p = HeuristicParams()
+    flags = [flag_conversation(m, p) for m in records["messages"].to_list()]
     resp = records["response"].to_list()
     words = [re.findall(r"\w+", r.lower()) for r in resp]
+    cols = {f"heur_{f}": [row[f] for row in flags] for f in FLAGS}
     return pl.DataFrame({
         "lexical_diversity": [len(set(w)) / len(w) if w else 0.0 for w in words],
         "log_response_chars": np.log1p(records["response_chars"].to_numpy()),
-        "heur_flags": [int(len(r) < 40) + int(r.rstrip()[-1:] not in ".!?0123456789") for r in resp],
+        **cols,
+        "heur_flags": [sum(row.values()) for row in flags],
     })
 
 
@@ -163,13 +188,15 @@ def build_run(folder: Path, *, budget: int = 120, k: int = 12) -> Path:
     scores = _heuristic_scores(rec)
     run.stage("score", rows_in=n, rows_out=n, seconds=0.01)
 
-    # semantic dedup: a later row with cosine >= 0.95 to an earlier kept row
+    # semantic dedup: a later row with cosine >= 0.95 to an earlier kept row (duplicate_of = that row)
     S = X @ X.T
     sem = np.zeros(n, bool)
+    sem_of = np.full(n, -1)
     for i in range(n):
         if not sem[i]:
             later = np.flatnonzero(S[i, i + 1:] >= 0.95) + i + 1
-            sem[later] = True
+            later = later[~sem[later]]
+            sem[later], sem_of[later] = True, i
     run.stage("semantic_dedup", rows_in=n, rows_out=int((~sem).sum()),
               dropped={"semantic_duplicate": int(sem.sum())}, seconds=0.01)
 
@@ -194,9 +221,13 @@ def build_run(folder: Path, *, budget: int = 120, k: int = 12) -> Path:
     run.stage("select", rows_in=n, rows_out=int(sel.sum()), dropped={"not_selected": int((~sel).sum())},
               seconds=0.02, strategy="kmq")
 
+    ids = rec["id"].to_list()
     pool_dec = pl.DataFrame({
         "source": rec["source"], "row": rec["row"], "id": rec["id"],
         "status": status.tolist(), "reason": reason.tolist(),
+        "duplicate_of": [ids[j] if j >= 0 else None for j in sem_of],
+        "similarity": pl.Series([float(S[i, j]) if j >= 0 else None for i, j in enumerate(sem_of)],
+                                dtype=pl.Float32),
         "cluster": pl.Series(clusters.tolist(), dtype=pl.Int64),
         "rank_in_cluster": pl.Series(rank.tolist(), dtype=pl.Int64),
     }).hstack(scores)
@@ -204,14 +235,17 @@ def build_run(folder: Path, *, budget: int = 120, k: int = 12) -> Path:
         "source", "row", pl.lit(None, pl.String).alias("id"), pl.lit("rejected").alias("status"),
         ("rejected:" + pl.col("reason")).alias("reason"))
     dup = pl.read_parquet(run.file("duplicates.parquet")).select(
-        "source", "row", "id", pl.lit("duplicate").alias("status"), pl.lit("duplicate").alias("reason"))
+        "source", "row", "id", pl.lit("duplicate").alias("status"), pl.lit("duplicate").alias("reason"),
+        "duplicate_of")
     decisions = pl.concat([pool_dec, rej, dup], how="diagonal").sort("source", "row")
     decisions.write_parquet(run.file("decisions.parquet"))
+    pl.DataFrame({"id": rec["id"]}).hstack(scores).write_parquet(run.file("scores.parquet"))
     rec.hstack(scores).with_columns(pl.Series("cluster", clusters.tolist())).filter(
         pl.Series(sel)).write_parquet(run.file("selected.parquet"))
     xy = PCA(2, random_state=0).fit_transform(X)
     pl.DataFrame({"id": rec["id"], "x": xy[:, 0], "y": xy[:, 1]}).write_parquet(run.file("map2d.parquet"))
     run.set("diversity", diversity_summary(X, sel, clusters, seed=0))
+    (run.path / "eval.json").write_text(json.dumps(EVAL))
     return run.path
 
 
@@ -322,7 +356,7 @@ PROBE = """(() => {
     paths: document.querySelectorAll("svg.plot path").length,
     per: Object.fromEntries(["funnel", "reasons", "sources", "clusters", "scores", "map", "diversity"]
       .map(id => [id, sec(id) ? sec(id).querySelectorAll("svg.plot").length : -1])),
-    mapDots: (sec("map").querySelector("svg path[stroke='#2563eb']")?.getAttribute("d").match(/M/g) || []).length,
+    mapDots: (sec("map").querySelector("svg path.sel")?.getAttribute("d").match(/M/g) || []).length,
     missing: document.querySelectorAll(".missing").length,
     sorted: [before, afterAsc, afterDesc],
     bodyText: document.body.innerText.length,
@@ -368,13 +402,202 @@ def test_map_is_downsampled(run_dir, tmp_path):
 
 
 def test_cluster_chart_scales():
-    from curate.report import cluster_columns
-
     few = cluster_columns([50, 40, 30], [5, 4, 3], [7, 8, 9])
     assert few.count("<rect") == 6 and "cluster 7: pool 50, subset 5 (10.0%)" in few and "log" not in few
     sizes = sorted((np.random.default_rng(0).zipf(1.5, 800) * 3).tolist(), reverse=True)
     many = cluster_columns(sizes, [s // 10 for s in sizes], list(range(800)))
     assert "<rect" not in many and many.count("<path") == 2 and "(log scale)" in many
+
+
+def test_tick_labels_differ_in_narrow_ranges():
+    from curate.report.charts import histogram, nice_ticks
+
+    ticks = nice_ticks(1.0012, 1.0041)
+    labels = [tick_formatter(ticks)(t) for t in ticks]
+    assert len(set(labels)) == len(labels) >= 3 and "1" not in labels, labels
+    assert [tick_formatter([0, 10_000, 20_000])(t) for t in (0, 10_000, 20_000)] == ["0", "10k", "20k"]
+    assert [tick_formatter([0, 1, 2])(t) for t in (0, 1, 2)] == ["0", "1", "2"]
+    assert [tick_formatter([0, 0.5, 1])(t) for t in (0, 0.5, 1)] == ["0.0", "0.5", "1.0"]
+    tiny = [tick_formatter([1e-9, 2e-9])(t) for t in (1e-9, 2e-9)]
+    assert tiny[0] != tiny[1]
+    # a score that spans 1.0001..1.0009 (a perplexity ratio, say): every x tick of its histogram differs
+    v = np.linspace(1.0001, 1.0009, 500)
+    svg = histogram(v, v[::5], "ratio")
+    xt = re.findall(r'text-anchor="middle">([^<]+)</text>', svg)[:-1]  # the last one is the axis title
+    assert len(xt) >= 3 and len(set(xt)) == len(xt), xt
+    # small integers (a flag count): one bin per value, ticks on the values only
+    svg = histogram(np.array([0, 0, 0, 1, 1, 2.0]), np.array([0, 1.0]), "flags")
+    assert re.findall(r'text-anchor="middle">([^<]+)</text>', svg)[:-1] == ["0", "1", "2"]
+
+
+def test_diversity_verdict():
+    from curate.diversity import diversity_verdict
+
+    readme = {"subset": {"vendi": 32.3, "cluster_coverage": 1.0}, "random": {"vendi": 33.3, "cluster_coverage": 1.0},
+              "random_std": {"vendi": 0.6, "cluster_coverage": 0.0}, "n_random": 3}
+    kind, text = diversity_verdict(readme)
+    assert kind == "less" and "less diverse than random" in text and "32.3 vs 33.3 ± 0.6" in text
+    kind, text = diversity_verdict(readme | {"subset": {"vendi": 35.0, "cluster_coverage": 0.9}})
+    assert kind == "more" and "more diverse than random" in text and "but it covers fewer clusters" in text
+    kind, text = diversity_verdict(readme | {"subset": {"vendi": 32.8, "cluster_coverage": 1.0}})
+    assert kind == "similar" and "no more diverse than random (slightly below" in text  # within one sd
+    kind, text = diversity_verdict(readme | {"subset": {"vendi": 33.5, "cluster_coverage": 1.0}})
+    assert kind == "similar" and "about as diverse as random" in text
+    one_draw = {"subset": {"vendi": 33.0}, "random": {"vendi": 33.1}, "n_random": 1}
+    assert diversity_verdict(one_draw)[0] == "less"  # no spread known: any shortfall counts
+    kind, text = diversity_verdict({"subset": {"cluster_coverage": 0.5}, "random": {"cluster_coverage": 0.9},
+                                    "random_std": {"cluster_coverage": 0.01}, "n_random": 3})
+    assert kind == "less" and "fewer clusters (50% vs 90%" in text
+    assert diversity_verdict({"subset": {"rows": 3}})[0] == "unknown"
+    assert diversity_verdict({"subset": {"rows": 3}, "random": {"rows": 3}})[0] == "unknown"
+
+
+def test_cluster_terms_name_clusters():
+    from curate.report.text import cluster_terms, example
+
+    docs = {0: ["Solve the equation 3x + 2 = 11 for x.", "Solve this equation: x squared equals 49.",
+                "What is the derivative of x squared?"],
+            1: ["Write a poem about the sea.", "Write a short poem about autumn leaves.", "A haiku about rain."],
+            2: ["The the and of"]}  # stop words only: no label, no error
+    terms = cluster_terms(docs)
+    assert terms[0][0] in ("equation", "solve", "squared") and terms[1][0] == "poem" and terms[2] == []
+    assert "write" not in terms[0] and cluster_terms({}) == {}
+    html = example({"instruction": HOSTILE, "response": "x" * 5000})
+    assert "<script>" not in html and "&lt;script&gt;" in html and "…" in html and len(html) < 6000
+
+
+def test_example_markers_are_filled_once_and_cannot_be_forged():
+    from curate.report.text import example_ref, fill_examples
+
+    asked = []
+
+    def lookup(ids):
+        asked.append(set(ids))
+        return {i: {"instruction": HOSTILE, "response": "r"} for i in ids}
+
+    forged = esc("<!--ex:forged:10-->")  # what a row's text becomes on the page: it is not a marker any more
+    odd = 'a:"b<'
+    page = f"<p>{forged}</p>" + example_ref(odd, 50) + example_ref("c1", 80) + example_ref("c1", 80)
+    out = fill_examples(page, lookup)
+    assert asked == [{odd, "c1"}]  # one lookup for every marker, with the ids as they were
+    assert "<!--ex:" not in out and "&lt;!--ex:forged:10--&gt;" in out
+    assert out.count("&lt;script&gt;") == 6 and "<script" not in out  # tooltip and text of each
+    assert 'onmouseover="alert' not in out
+
+
+def test_report_content(run_dir):
+    page = write_report(run_dir).read_text()
+    sec = {m.group(1): m.group(2) for m in re.finditer(r'<section id="([^"]+)">(.*?)</section>', page, re.S)}
+    dec = pl.read_parquet(run_dir / "decisions.parquet")
+    pool = dec.filter(~pl.col("status").is_in(["rejected", "duplicate"]))
+    # the diversity verdict is stated in the summary, in words
+    assert re.search(r'class="verdict (less|more|similar)"><b>Diversity:</b> The subset is '
+                     r'(less|more|about as) diverse', sec["summary"])
+    # clusters: a label per cluster, example rows of the largest ones
+    assert "Example rows of the 8 largest clusters" in sec["clusters"] and "top terms" in sec["clusters"]
+    assert sec["clusters"].count('class="ex"') >= 16
+    assert sec["map"].count('class="maplab"') == 10 and 'class="sel"' in sec["map"]
+    # extremes: the best lexical_diversity row's text is shown (escaped, as the page shows it)
+    top = pool.sort(["lexical_diversity", "id"], descending=[True, False]).row(0, named=True)
+    rec = pl.read_parquet(run_dir / "records.parquet", columns=["id", "instruction"])
+    ins = rec.filter(pl.col("id") == top["id"])["instruction"].item()
+    from curate.report.text import clip
+    assert esc(clip(ins, 220, tail=220 // 3)) in sec["extremes"]
+    assert sec["extremes"].count("<details") == 3  # lexical_diversity, log_response_chars, n_tokens (not heur_flags)
+    # flags: per-flag counts equal the decisions', with examples
+    for f in ("length_ratio", "placeholder_response", "empty_response"):
+        n = int(pool[f"heur_{f}"].sum())
+        assert re.search(rf"<td>{f}</td><td class=\"n\" data-v=\"{float(n)}\">{n:,}</td>", sec["flags"]), f
+    assert int(pool["heur_placeholder_response"].sum()) >= 1  # the injected "<nooutput>" answer
+    # duplicates: counts and pairs (exact ones name the kept row; semantic ones carry their similarity)
+    n_dup = dec.filter(pl.col("status") == "duplicate").height
+    n_sem = dec.filter(pl.col("status") == "semantic_duplicate").height
+    assert n_dup == 16 and n_sem > 0
+    assert f"Exact duplicates: {n_dup:,} rows" in sec["duplicates"]
+    assert f"Semantic duplicates: {n_sem:,} rows" in sec["duplicates"]
+    low = dec.filter(pl.col("status") == "semantic_duplicate")["similarity"].min()
+    assert f"min {low:.4f}" in sec["duplicates"] and "codegen_slice.jsonl:" in sec["duplicates"]
+    # the eval section renders the hand-written eval.json: a whisker plot per metric and the verdict
+    assert 'aria-label="means with confidence intervals"' in sec["eval"] and esc(EVAL["verdict"]) in sec["summary"]
+    # nothing from the data runs as script or breaks out of an attribute
+    assert page.count("<script") == 1 and "<script>alert" not in page and 'onmouseover="alert' not in page
+
+
+@pytest.mark.parametrize("ev, n_rows", [
+    ({"metric": "lima_loss", "higher_is_better": False, "verdict": "subset beats random on LIMA loss",
+      "arms": {"subset": {"mean": 2.31, "ci": [2.25, 2.37]}, "random": {"mean": 2.40, "ci": [2.33, 2.46]}}}, 2),
+    ({"arms": [{"name": "subset", "mean": 0.61, "ci_low": 0.58, "ci_high": 0.64},
+               {"name": "random", "mean": 0.6, "ci_low": None, "ci_high": None}], "verdict": ["no difference"]}, 2),
+    ({"arms": {"subset": {"lima": {"mean": 2.3, "ci": {"lo": 2.2, "hi": 2.4}}, "alpaca": {"mean": 1.9}},
+               "random": {"lima": {"mean": 2.4, "ci95": [2.3, 2.5]}, "alpaca": {"value": 2.0}}}}, 4),
+    ({"metrics": {"lima": {"arms": {"subset": 2.3, "random": 2.4}, "verdict": "x"}}, "verdict": {"text": "ok"}}, 2),
+    ({"arms": {'<img src=x onerror="alert(1)">': {"mean": 1.0, "ci": [0.5, 1.5]}}, "verdict": "<b>bold</b>"}, 1),
+    ({"arms": "not a mapping", "notes": [1, 2]}, 0),
+])
+def test_eval_section_is_tolerant(run_dir, tmp_path, ev, n_rows):
+    from curate.report.sections import eval_metrics
+
+    shutil.copy(run_dir / "decisions.parquet", tmp_path / "decisions.parquet")
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    page = write_report(tmp_path).read_text()
+    section = page.split('<section id="eval">')[1].split("</section>")[0]
+    metrics = eval_metrics(ev)
+    assert sum(len(r) for r in metrics.values()) == n_rows
+    assert section.count('aria-label="means with confidence intervals"') == len(metrics)
+    assert "<img" not in page and "<b>bold</b>" not in page  # arm names and verdicts are escaped
+    if not metrics:
+        assert "holds no arms with a mean" in section
+    elif isinstance(ev.get("verdict"), str):
+        assert "Evaluation:</b> " + esc(ev["verdict"]) in page  # the verdict is in the summary too
+
+
+#: the shape `curate eval` writes today (helper "eval"): per reference set, loss per arm and paired differences
+EVAL_REFS = {
+    "verdict": "no different",
+    "verdict_line": "selected vs random at equal tokens: no different — no different on lima (loss -0.0110 "
+                    "[-0.0300, +0.0080])",
+    "student": "smollm2-135m",
+    "references": {
+        "lima": {"rows": 50, "tokens": 9000, "source": "data/lima.jsonl",
+                 "loss": {"selected": {"mean": 2.301, "ci": [2.28, 2.32], "seeds": [2.3, 2.302]},
+                          "random_tokens": {"mean": 2.312, "ci": [2.29, 2.33], "seeds": [2.31, 2.314]},
+                          "base": {"mean": 2.9, "ci": [2.85, 2.95], "seeds": [2.9]}},
+                 "diff": {"selected - random_tokens": {"mean": -0.011, "ci": [-0.03, 0.008],
+                                                       "verdict": "no different"}}},
+        "gsm8k": {"rows": 40, "tokens": 5000, "source": "data/gsm8k.jsonl",
+                  "loss": {"selected": {"mean": 1.5, "ci": [1.4, 1.6]},
+                           "random_tokens": {"mean": 1.7, "ci": [1.6, 1.8]}},
+                  "diff": {"selected - random_tokens": {"mean": -0.2, "ci": [-0.3, -0.1], "verdict": "better"}},
+                  "accuracy": {"rows": 40, "arms": {"selected": {"mean": 0.1, "ci": [0.05, 0.15]},
+                                                   "random_tokens": {"mean": 0.075, "ci": [0.03, 0.12]}},
+                               "diff": {}}},
+    },
+    "arms": {"selected-seed0": {"seconds": 12.5, "train_tokens": 30000}, "base-seed0": {"seconds": 3.0}},
+}
+
+
+def test_eval_section_reads_curate_eval_output(run_dir, tmp_path):
+    from curate.report.sections import eval_diffs, eval_metrics
+
+    shutil.copy(run_dir / "decisions.parquet", tmp_path / "decisions.parquet")
+    (tmp_path / "eval.json").write_text(json.dumps(EVAL_REFS))
+    metrics = eval_metrics(EVAL_REFS)
+    assert list(metrics) == ["lima loss", "gsm8k loss", "gsm8k accuracy"]  # per-unit bookkeeping is not a metric
+    assert metrics["lima loss"][0] == ("selected", 2.301, 2.28, 2.32)
+    assert [r[-1] for r in eval_diffs(EVAL_REFS)] == ["no different", "better"]
+    page = write_report(tmp_path).read_text()
+    section = page.split('<section id="eval">')[1].split("</section>")[0]
+    assert section.count('aria-label="means with confidence intervals"') == 3
+    assert "lima loss (lower is better)" in section and "gsm8k accuracy (higher is better)" in section
+    assert "Paired differences" in section and "<td>better</td>" in section
+    assert "Evaluation:</b> selected vs random at equal tokens: no different" in page  # the line, not the word
+
+
+def test_eval_json_broken(run_dir, tmp_path):
+    shutil.copy(run_dir / "decisions.parquet", tmp_path / "decisions.parquet")
+    (tmp_path / "eval.json").write_text("{not json")
+    page = write_report(tmp_path).read_text()
+    assert "eval.json is not valid JSON" in page and "No eval.json in the run folder" in page
 
 
 @pytest.mark.parametrize("keep", [
@@ -391,9 +614,11 @@ def test_report_degrades(run_dir, tmp_path, keep):
         else:
             shutil.copy(run_dir / name, tmp_path / name)
     page = write_report(tmp_path).read_text()
-    assert page.count("<section") == 9 and 'class="missing"' in page
+    assert page.count("<section") == N_SECTIONS and 'class="missing"' in page
     if keep == ("selected.parquet",):
         assert 'class="k">pool rows<' not in page and "Only selected.parquet is present" in page
+    if keep == ("decisions.parquet",):  # no manifest diversity: coverage vs random draws from the decisions
+        assert re.search(r"<b>Diversity:</b> The subset is [^<]*covers[^<]*clusters \(\d+% vs \d+%", page)
     if "decisions-bare" in keep:
         assert "the run was not clustered" in page and "the run was not scored" in page
         assert "malformed_json" in page  # rejects still come from the decisions
@@ -436,7 +661,7 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
 
     assert res_deg["errors"] == []
     deg = res_deg["result"]
-    assert deg["sections"] == 9 and deg["plots"] >= 3  # funnel, rejects, per source still drawn
+    assert deg["sections"] == N_SECTIONS and deg["plots"] >= 3  # funnel, rejects, per source still drawn
     text = " ".join(deg["missing"])
     for what in ("decisions.parquet is missing", "map2d.parquet", "cluster", "not scored"):
         assert what in text, (what, text)

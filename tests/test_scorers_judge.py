@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import orjson
 import polars as pl
 import pytest
+from conftest import sample_rows
 
-from scorers import get_scorer
+from curate.scoring import get_scorer
+from curate.scoring.contract import ScoreContext
 from scorers._judge import expected_value, fence, fence_tag, parse_reflection, unfence
-from scorers.base import ScoreContext
 from scorers.clear import (
     agreement_prompt,
     confidence,
@@ -32,6 +32,7 @@ from scorers.deita import (
     COMPLEXITY_TEMPLATE,
     QUALITY_TEMPLATE,
     complexity_prompt,
+    defang,
     digit_score,
     quality_prompt,
     turn_pairs,
@@ -46,9 +47,6 @@ from scorers.instructmining import (
     mtld,
     subset_means,
 )
-
-ALPACA = Path("/work/shared/data/alpaca-52k/alpaca_data.jsonl")
-
 
 # ------------------------------------------------------------------------------------------ arithmetic
 
@@ -231,7 +229,7 @@ def test_all_judge_prompts_fence_row_text():
         (agreement_prompt(q, a, b), {"QUESTION": q, "ANSWER 1": a, "ANSWER 2": b}),
         (pair_prompt(q, a, b), {"INSTRUCTION": q, "RESPONSE A": a, "RESPONSE B": b}),
         (reflection_prompt(q, a, 1, generate=False), {"QUESTION": q, "ANSWER": a}),
-        (quality_prompt(q, a, delimit=True), {"QUESTION": q, "RESPONSE": a}),
+        (quality_prompt(q, a, delimit=True), {"QUESTION": defang(q), "RESPONSE": defang(a)}),  # markers broken
     ]:
         for label, text in labels.items():
             assert unfence(prompt, label) == [text], label
@@ -279,17 +277,15 @@ def hf(tiny):
     return load_engine(LMConfig(tiny, max_length=512))
 
 
-def _alpaca(n: int) -> pl.DataFrame:
+def _sample(n: int) -> pl.DataFrame:
+    """The first n rows of the bundled sample (maths, code, tool use, general tasks) as records."""
     from curate.io.formats import to_messages
     from curate.schema import make_record
 
     recs = []
-    with open(ALPACA, "rb") as fh:
-        for i, line in enumerate(fh):
-            if len(recs) == n:
-                break
-            fmt, msgs = to_messages(orjson.loads(line))
-            recs.append(make_record(msgs, source="alpaca", row=i, fmt=fmt))
+    for i, row in enumerate(sample_rows(n)):
+        fmt, msgs = to_messages(row)
+        recs.append(make_record(msgs, source="sample", row=i, fmt=fmt))
     return pl.DataFrame(recs)
 
 
@@ -311,13 +307,13 @@ def test_deita_engine_multi_turn_sum(hf):
     assert np.all((c >= 1) & (c <= 6)) and np.all((q >= 1) & (q <= 6))
     assert m["deita_score"] == pytest.approx(float(c @ q), rel=1e-5)  # Σ_i c_i q_i, complexity w/o history
     assert m["deita_complexity"] == pytest.approx(c.mean(), rel=1e-5)
-    # the number is the digit expectation over choice_probs on the exact template string
-    probs = hf.choice_probs([complexity_prompt("Name a primary colour.")], ["1", "2", "3", "4", "5", "6"])
+    # the number is the digit expectation over choice_probs on the template string (row text fenced by default)
+    probs = hf.choice_probs([complexity_prompt("Name a primary colour.", delimit=True)], ["1", "2", "3", "4", "5", "6"])
     assert s["deita_complexity"][0] == pytest.approx(float(probs[0] @ np.arange(1, 7)), rel=1e-5)
 
 
 def test_clear_engine_probs_mode_formula(hf):
-    df = _alpaca(3)
+    df = _sample(3)
     scorer = get_scorer("clear", k=2, max_tokens=8, reflection="probs", agreement="judge")
     out = scorer.score(df, ScoreContext(engine=hf))
     assert out.columns == list(scorer.writes) and out.height == 3
@@ -331,7 +327,7 @@ def test_clear_engine_probs_mode_formula(hf):
 
 def test_clear_engine_generate_mode_records_parse_failures(hf):
     """A random tiny judge never writes the template: S and C must be null and the failure recorded."""
-    df = _alpaca(2)
+    df = _sample(2)
     scorer = get_scorer("clear", k=2, max_tokens=8, reflection="generate", reflection_max_tokens=12,
                         agreement="embedding")
     out = scorer.score(df, ScoreContext(engine=hf))
@@ -351,7 +347,7 @@ def test_clear_embedding_agreement_identical_answers():
 
 
 def test_clear_correct_keeps_original(hf):
-    df = _alpaca(2)
+    df = _sample(2)
     out = correct(df, hf, candidates=["A different answer.", df["response"][1]], eta=0.8)
     assert out["clear_original_response"].to_list() == df["response"].to_list()
     assert out["id"].to_list() == df["id"].to_list()
@@ -365,10 +361,10 @@ def test_clear_correct_keeps_original(hf):
 
 
 def test_instructmining_end_to_end(hf, tmp_path):
-    from curate.score import score_pool
-    from curate.store import ScoreStore
+    from curate.scoring.runner import score_pool
+    from curate.scoring.store import ScoreStore
 
-    df = _alpaca(12)
+    df = _sample(12)
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(df.height, 16)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)

@@ -6,37 +6,32 @@ chat template, a direct transformers forward pass, an explicit torch SGD step on
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from conftest import sample_rows
 
 from curate.io.formats import to_messages
-from curate.lm.base import LMConfig, load_engine
+from curate.lm import load_engine
+from curate.lm.base import LMConfig
 from curate.lm.testing import make_tiny_model
 from curate.schema import make_record, normalise_text
-from curate.score import score_pool
-from curate.store import ScoreStore
-from scorers import ScorerError, available, get_scorer
+from curate.scoring import ScorerError, available, get_scorer
+from curate.scoring.runner import score_pool
+from curate.scoring.store import ScoreStore
 from scorers.donod import donod_closeness, donod_update
 from scorers.grape import grape_pick
 
-ALPACA = "/work/shared/data/alpaca-52k/alpaca_data.jsonl"
 MAX_LEN = 512
 
 
-def alpaca_records(n: int, skip: int = 0) -> list[dict]:
+def sample_records(n: int, skip: int = 0) -> list[dict]:
+    """Rows skip..skip+n of the bundled sample (maths, code, tool use, general tasks) as records."""
     out = []
-    with open(ALPACA) as fh:
-        for i, line in enumerate(fh):
-            if i < skip:
-                continue
-            if len(out) == n:
-                break
-            fmt, msgs = to_messages(json.loads(line))
-            out.append(make_record(msgs, source="alpaca", row=i, fmt=fmt))
+    for i, row in enumerate(sample_rows(n, start=skip), start=skip):
+        fmt, msgs = to_messages(row)
+        out.append(make_record(msgs, source="sample", row=i, fmt=fmt))
     return out
 
 
@@ -59,8 +54,8 @@ def model64(tiny):
 
 @pytest.fixture(scope="module")
 def pool() -> pl.DataFrame:
-    recs = alpaca_records(6)
-    # a real multi-turn conversation: two Alpaca exchanges chained, with a system prompt
+    recs = sample_records(6)
+    # a real multi-turn conversation: two sample exchanges chained, with a system prompt
     a, b = recs[0]["messages"], recs[1]["messages"]
     convo = [{"role": "system", "content": "You are a helpful assistant."}, *a, *b]
     recs.append(make_record(convo, source="chain", row=0, fmt="openai"))
@@ -234,7 +229,7 @@ def test_donod_topsis_params_rerank_without_recompute(engine, pool, tmp_path):
 
 
 def test_grape_picks_the_models_own_greedy_output(engine, tmp_path):
-    recs = alpaca_records(4, skip=10)
+    recs = sample_records(4, skip=10)
     prompts = [r["messages"][:-1] for r in recs]
     greedy = [g[0] for g in engine.generate(prompts, temperature=0.0, max_tokens=24)]
     rows = []

@@ -5,7 +5,6 @@ The engine is the real transformers engine on a tiny model; the counting wrapper
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import signal
@@ -17,17 +16,18 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import sample_rows
 from polars.testing import assert_frame_equal
 
 from curate.io.formats import to_messages
-from curate.lm.base import LMConfig, load_engine
+from curate.lm import load_engine
+from curate.lm.base import LMConfig
 from curate.lm.testing import make_tiny_model
 from curate.schema import make_record
-from curate.score import score_pool
-from curate.store import ScoreStore, make_key
-from scorers import Scorer, ScorerError, ScorerParams, get_scorer
+from curate.scoring import Scorer, ScorerError, ScorerParams, get_scorer
+from curate.scoring.runner import score_pool
+from curate.scoring.store import ScoreStore, make_key
 
-ALPACA = "/work/shared/data/alpaca-52k/alpaca_data.jsonl"
 ROOT = Path(__file__).resolve().parent.parent
 N = 24
 
@@ -38,12 +38,12 @@ def same_scores(got: pl.DataFrame, want: pl.DataFrame) -> None:
     assert_frame_equal(got, want, check_exact=False, rel_tol=1e-6, abs_tol=1e-9)
 
 
-def alpaca_pool(n: int) -> pl.DataFrame:
+def sample_pool(n: int) -> pl.DataFrame:
+    """The first n rows of the bundled sample as records (real text of varied length: padding matters)."""
     recs = []
-    with open(ALPACA) as fh:
-        for i, line in zip(range(n), fh, strict=False):
-            fmt, msgs = to_messages(json.loads(line))
-            recs.append(make_record(msgs, source="alpaca", row=i, fmt=fmt))
+    for i, row in enumerate(sample_rows(n)):
+        fmt, msgs = to_messages(row)
+        recs.append(make_record(msgs, source="sample", row=i, fmt=fmt))
     return pl.DataFrame(recs)
 
 
@@ -76,7 +76,7 @@ def engine(tiny):
 
 @pytest.fixture(scope="module")
 def pool() -> pl.DataFrame:
-    return alpaca_pool(N)
+    return sample_pool(N)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_rerun_is_served_from_the_store(engine, pool, reference, tmp_path):
     assert counting.calls == 0 and (again.n_computed, again.n_cached) == (0, N)
     assert again.df.equals(first.df)
     # a new pool sharing half its rows computes only the new half; a reordered pool nothing
-    bigger = pl.concat([pool.slice(N // 2), alpaca_pool(N + 6).slice(N)])
+    bigger = pl.concat([pool.slice(N // 2), sample_pool(N + 6).slice(N)])
     grown = score_pool(bigger, get_scorer("ifd"), engine=counting, store=store)
     assert (grown.n_computed, grown.n_cached) == (6, N - N // 2) and counting.sequences == 12
     shuffled = pool.sample(fraction=1.0, shuffle=True, seed=1)
@@ -111,7 +111,7 @@ def test_rerun_is_served_from_the_store(engine, pool, reference, tmp_path):
 def _score_in_process(tiny: str, root: str, rows: list[int], barrier, out) -> None:
     os.environ["CURATE_PROGRESS"] = "0"
     eng = load_engine(LMConfig(tiny, max_length=256), threads=1)
-    pool = alpaca_pool(N)[rows]
+    pool = sample_pool(N)[rows]
     barrier.wait()  # start scoring together
     run = score_pool(pool, get_scorer("ifd"), engine=eng, store=ScoreStore(root), batch_size=3)
     out.put((run.n_computed, run.n_cached))
@@ -142,10 +142,11 @@ KILLED_RUN = textwrap.dedent("""
     import os, sys, time
     os.environ["CURATE_PROGRESS"] = "0"
     sys.path.insert(0, {tests!r})
-    from test_store import alpaca_pool
-    from curate.lm.base import LMConfig, load_engine
-    from curate.score import score_pool
-    from curate.store import ScoreStore
+    from test_store import sample_pool
+    from curate.lm.base import LMConfig
+    from curate.lm import load_engine
+    from curate.scoring.runner import score_pool
+    from curate.scoring.store import ScoreStore
     from scorers.ifd import IFD
 
     class LoggingIFD(IFD):  # same name, version and params: the same store key as IFD
@@ -159,7 +160,7 @@ KILLED_RUN = textwrap.dedent("""
     scorer = LoggingIFD()
     scorer.n = 0
     eng = load_engine(LMConfig({tiny!r}, max_length=256), threads=1)
-    score_pool(alpaca_pool({n}), scorer, engine=eng, store=ScoreStore({root!r}), batch_size=2)
+    score_pool(sample_pool({n}), scorer, engine=eng, store=ScoreStore({root!r}), batch_size=2)
 """)
 
 
@@ -242,7 +243,7 @@ def test_runner_keys_validation_and_duplicates(tmp_path):
     with pytest.raises(ScorerError, match="reads columns"):
         score_pool(recs.drop("response"), Chars(), store=store)
     with pytest.raises(ScorerError, match="needs a language model"):
-        score_pool(alpaca_pool(2), get_scorer("ifd"), store=store)
+        score_pool(sample_pool(2), get_scorer("ifd"), store=store)
 
     class Broken(Chars):
         def score(self, batch, ctx):

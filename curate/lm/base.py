@@ -1,7 +1,7 @@
 """The LM interface every model-based scorer uses, and the prompt/response encoding both engines share.
 
 Why the encoding lives here: the response-token span is the main reproducibility hazard for IFD, GRAPE and
-DONOD (METHODS.md §9). Both engines get their token ids from `Encoder.encode`, so the transformers and vLLM
+DONOD (docs/methods.md §9). Both engines get their token ids from `Encoder.encode`, so the transformers and vLLM
 engines score exactly the same ids, and a tokeniser never sees prompt and response as one string (a BPE merge
 across the boundary cannot shift the span).
 
@@ -190,7 +190,9 @@ class Encoder:
             # the chat header is what the template emits after BOS; BOS itself only if the template starts with it
             rendered = self._apply([{"role": "user", "content": "x"}], False)
             bos_text = self.tok.bos_token or ""
-            ids = (self.bos if bos_text and rendered.startswith(bos_text) else []) + self._text_ids(text)
+            # ... and not when the header itself starts with it (ChatML models whose BOS is <|im_start|>: SmolLM2)
+            add_bos = bool(bos_text) and rendered.startswith(bos_text) and not text.startswith(bos_text)
+            ids = (self.bos if add_bos else []) + self._text_ids(text)
         else:
             ids = self.bos + self._text_ids(text)
         if not ids:
@@ -298,7 +300,7 @@ def weights_fingerprint(path: str | Path) -> str:
 
 
 class Engine(ABC):
-    """A causal LM behind one small interface (METHODS.md §9): logprobs, generation, choice probabilities."""
+    """A causal LM behind one small interface (docs/methods.md §9): logprobs, generation, choice probabilities."""
 
     config: LMConfig
     encoder: Encoder
@@ -388,20 +390,3 @@ def load_tokenizer(config: LMConfig) -> Any:
         )
     except (OSError, ValueError) as e:
         raise LMError(f"cannot load the tokenizer of {config.model!r}: {e}") from None
-
-
-def load_engine(config: LMConfig, kind: str = "hf", **kw: Any) -> Engine:
-    """An engine for `config`: kind "hf" (transformers, in process) or "vllm" (OpenAI server over HTTP).
-
-    vllm kw: `urls=[...]` of running servers, or `python=` the vLLM environment's interpreter to start one
-    (plus VLLMServer options).
-    """
-    if kind == "hf":
-        from curate.lm.hf import HFEngine
-
-        return HFEngine(config, **kw)
-    if kind == "vllm":
-        from curate.lm.vllm import VLLMEngine
-
-        return VLLMEngine(config, **kw)
-    raise ValueError(f"engine kind must be 'hf' or 'vllm', got {kind!r}")

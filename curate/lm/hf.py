@@ -7,7 +7,13 @@ vLLM engine (`curate.lm.base.Encoder`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import json
 import os
+import platform
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,21 +33,125 @@ from curate.lm.base import (
 from curate.progress import progress
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("auto", *_DTYPES)
 _LOGIT_ROWS = 1 << 26  # cap on rows x vocab floats materialised at once (256 MiB fp32)
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")  # x86 flags of native bf16 dot products (a hint only)
+
+
+def _cpu_info() -> tuple[str, list[str]]:
+    """CPU model name and the bf16-related flags from /proc/cpuinfo (empty where there is none)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() in ("flags", "Features"):
+                    flags |= set(value.split())
+    except OSError:
+        pass
+    return name, sorted(f for f in flags if f in _BF16_FLAGS or f in ("bf16", "sve"))
+
+
+def _time_matmul(dtype: torch.dtype, reps: int) -> float:
+    """Best of `reps` times of a (128 x 576) @ (576 x 1536) matmul (SmolLM2-135M's MLP shape)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(128, 576, generator=g).to(dtype)
+    b = torch.randn(576, 1536, generator=g).to(dtype)
+    torch.matmul(a, b)  # warm-up: oneDNN builds its kernel on the first call
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.lru_cache(maxsize=4)
+def _cpu_bf16_check(threads: int) -> dict[str, Any]:
+    """Does this CPU run bf16 matmuls faster than float32? Measured (best of interleaved runs), not assumed.
+
+    The verdict is kept in the model cache per (CPU, flags, torch, threads), so every run on a machine makes
+    the same choice: a flip would change the score-store key and rescore the pool.
+    """
+    from curate.run import cache_dir, write_json
+
+    name, flags = _cpu_info()
+    key = hashlib.sha256(f"{name}|{flags}|{torch.__version__}|{threads}".encode()).hexdigest()[:12]
+    path = cache_dir() / "models" / f"dtype-check-{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    fp32, bf16 = float("inf"), float("inf")
+    for _ in range(3):  # interleaved, so a burst of load elsewhere hits both
+        fp32 = min(fp32, _time_matmul(torch.float32, 3))
+        bf16 = min(bf16, _time_matmul(torch.bfloat16, 3))
+    ratio = bf16 / fp32
+    verdict = {
+        "dtype": "bfloat16" if ratio < 0.8 else "float32", "device": "cpu", "cpu": name, "cpu_flags": flags,
+        "threads": threads, "fp32_ms": round(fp32 * 1e3, 3), "bf16_ms": round(bf16 * 1e3, 3),
+        "bf16_time_over_fp32": round(ratio, 3), "rule": "bfloat16 when a bf16 matmul takes < 0.8x float32's",
+        "torch": torch.__version__,
+    }
+    write_json(verdict, path)
+    return verdict
+
+
+def default_threads() -> int:
+    """CPU threads an engine uses: $CURATE_TORCH_THREADS, else the cores this process may run on."""
+    return int(os.environ.get("CURATE_TORCH_THREADS", 0)) or len(os.sched_getaffinity(0))
+
+
+def dtype_choice(dtype: str = "auto", device: str | None = None, threads: int | None = None) -> dict[str, Any]:
+    """The dtype to run in and why (for the manifest). `auto`: bf16 on CUDA when supported, and on a CPU
+    whose measured bf16 matmul (at the engine's thread count) is clearly faster than float32's; else float32."""
+    if dtype not in DTYPES:
+        raise ValueError(f"score dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype != "auto":
+        return {"requested": dtype, "dtype": dtype}
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return {"requested": "auto", "dtype": "bfloat16" if ok else "float32", "device": "cuda",
+                "gpu": torch.cuda.get_device_name(dev), "bf16_supported": ok}
+    if dev.type != "cpu":
+        return {"requested": "auto", "dtype": "float32", "device": dev.type}
+    n = max(1, threads or default_threads())
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return {"requested": "auto", **_cpu_bf16_check(n)}
+    finally:
+        torch.set_num_threads(before)
+
+
+def resolve_dtype(dtype: str = "auto", device: str | None = None) -> str:
+    """`dtype_choice(...)["dtype"]`: a concrete dtype name."""
+    return dtype_choice(dtype, device)["dtype"]
 
 
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length: longest first, padded size <= batch_tokens."""
+def length_batches(lengths: Sequence[int], batch_tokens: int, shrink: float = 0.75) -> list[list[int]]:
+    """Indices grouped into batches of similar length: longest first, padded size <= batch_tokens.
+
+    A batch that already holds batch_tokens / 8 padded tokens (big enough to keep matmuls efficient) also
+    ends before a member shorter than `shrink` x its width: otherwise a small or varied pool lands in one
+    batch padded to its longest row (32 Alpaca-like sequences: 2.2x the real tokens, now 1.2x), and on a
+    CPU every padded token costs as much as a real one.
+    """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     cur: list[int] = []
     for i in order:
         width = lengths[cur[0]] if cur else lengths[i]  # longest member (sorted descending)
-        if cur and width * (len(cur) + 1) > batch_tokens:
+        full = width * (len(cur) + 1) > batch_tokens
+        ragged = lengths[i] < shrink * width and width * len(cur) >= batch_tokens // 8
+        if cur and (full or ragged):
             batches.append(cur)
             cur = []
         cur.append(i)
@@ -58,13 +168,15 @@ class HFEngine(Engine):
     def __init__(self, config: LMConfig, *, model: Any = None, tokenizer: Any = None, threads: int | None = None):
         from transformers import AutoModelForCausalLM
 
-        self.config = config
-        if config.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
+        if config.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":
-            n = threads or int(os.environ.get("CURATE_TORCH_THREADS", 0)) or len(os.sched_getaffinity(0))
-            torch.set_num_threads(max(1, n))
+            torch.set_num_threads(max(1, threads or default_threads()))
+        self.dtype_choice = dtype_choice(config.dtype, str(self.device), torch.get_num_threads())
+        if config.dtype == "auto":  # the signature (score-store key) names the dtype actually used
+            config = dataclasses.replace(config, dtype=self.dtype_choice["dtype"])
+        self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
         if model is None:
             try:

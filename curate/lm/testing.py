@@ -32,21 +32,21 @@ _FALLBACK_TEXT = (
     "wavelength. def add(a, b):\n    return a + b\n0123456789 !?.,;:'\"()[]{}<>-_+=*/\\|@#$%^&~`"
 )
 
-_SHARED_DATA = Path("/work/shared/data")
+#: the bundled sample of a source checkout (absent from an installed wheel: then the built-in text is used)
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
 
 
-def sample_texts(limit: int = 400) -> list[str]:
-    """A small slice of real instruction data: shared data if present, else the repo's data/, else built-in."""
-    candidates = [
-        _SHARED_DATA / "alpaca-52k" / "alpaca_data.jsonl",
-        _SHARED_DATA / "gsm8k" / "train.jsonl",
-        Path(__file__).resolve().parents[2] / "data",
-    ]
+def sample_texts(limit: int = 400, source: str | Path | None = None) -> list[str]:
+    """About `limit` texts of real instruction data to train a tokenizer on, the same on every machine.
+
+    From `source` (a JSONL file or a folder of them) if given, else the repository's bundled sample
+    (data/sample), split evenly across its files; the built-in text when neither exists.
+    """
+    path = Path(source) if source is not None else SAMPLE_DIR
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path] if path.exists() else []
     texts: list[str] = []
-    for path in candidates:
-        files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path] if path.exists() else []
-        for f in files:
-            texts.extend(_jsonl_texts(f, limit // 2))
+    for f in files:
+        texts.extend(_jsonl_texts(f, max(1, limit // len(files))))
     return texts or [_FALLBACK_TEXT]
 
 

@@ -3,7 +3,7 @@
 `allocate` is the arithmetic behind "split B over clusters": largest-remainder rounding on top of a
 water-filling share, so a cluster smaller than its share gives its shortfall to the others and the
 sizes always add up to exactly min(budget, capacity). D&C's code uses floor(B/K) per cluster, which
-silently under-fills when clusters are small; this is the fix (METHODS.md section 4).
+silently under-fills when clusters are small; this is the fix (docs/methods.md section 4).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Score fusion: TOPSIS (Hwang & Yoon) or weighted rank over any set of score columns, then top-k.
 
 `topsis` is public because DONOD's scorer combines DON (benefit) and NOD (cost) with it
-(METHODS.md section 1). Weights are normalised to sum 1; TOPSIS closeness does not depend on their scale.
+(docs/methods.md section 1). Weights are normalised to sum 1; TOPSIS closeness does not depend on their scale.
 """
 
 from __future__ import annotations

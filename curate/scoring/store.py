@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 import polars as pl
 
-from curate.run import atomic_path, cache_dir
+from curate.run import atomic_path, cache_dir, remove_stale_tmp
 
 _RETRIES = 5
 
@@ -38,6 +38,7 @@ class ScoreStore:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root) if root is not None else cache_dir() / "scores"
         self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(self.root, 3600.0, "*/*/.*.tmp")  # parts of writers killed mid-write (live ones are new)
 
     def __repr__(self) -> str:
         return f"ScoreStore({str(self.root)!r})"

@@ -13,12 +13,14 @@ import numpy as np
 import polars as pl
 
 from curate.config import Recipe
-from curate.run import Run
+from curate.context import RunContext
 
 #: quality column used by kMQ / deita when `select.score` is not given: the first present, higher = better
 QUALITY_PRIORITY = ("deita_score", "deita_quality", "clear_confidence", "ifd", "grape_logp", "donod")
-#: filters applied by default when their column exists (a defect flag, Cherry's IFD > 1 = misaligned)
-DEFAULT_THRESHOLDS = (("heur_flags", "heur_flags < 1"), ("ifd", "ifd < 1"))
+#: filters applied by default when their column exists: a heuristic defect flag. Cherry's `ifd < 1` is not a
+#: default: with the pool-trained proxy it removed long rows and made subsets worse than random (BENCHMARKS.md,
+#: "subsets"); with SmolLM2 almost no row has IFD > 1. Add it in select.thresholds to use it.
+DEFAULT_THRESHOLDS = (("heur_flags", "heur_flags < 1"),)
 DEFAULT_FRACTION = 0.1  # Diversify-and-Conquer's scripts select 10 % of the pool
 
 
@@ -59,7 +61,7 @@ def token_counts(messages: pl.Series, tokenizer: str) -> np.ndarray:
     return out
 
 
-def _strategy(recipe: Recipe, pool: pl.DataFrame, run: Run | None = None, thresholds: Any = ()) -> Any:
+def _strategy(recipe: Recipe, pool: pl.DataFrame, ctx: RunContext | None = None, thresholds: Any = ()) -> Any:
     from curate.select import make_strategy
 
     cfg = recipe.select
@@ -68,15 +70,14 @@ def _strategy(recipe: Recipe, pool: pl.DataFrame, run: Run | None = None, thresh
     if cfg.strategy == "kmq":
         return make_strategy("kmq", score_col=quality, split=split)
     if cfg.strategy == "iterative":
-        if run is None:
+        if ctx is None:
             raise ValueError("the iterative strategy needs a run folder (its feedback fine-tunes the scoring LM)")
-        from curate.lm.proxy import loss_feedback
-        from curate.scoring import resolve_model
         from curate.select import apply_thresholds, as_thresholds
+        from curate.select.iterative import loss_feedback
 
         # probe only rows the strategy may choose from, so every cluster fed back is one it can draw on
         eligible = pool.filter(apply_thresholds(pool, as_thresholds(thresholds))["passed"]) if thresholds else pool
-        fn = loss_feedback(resolve_model(run, recipe), eligible, probe_per_cluster=cfg.probe_per_cluster,
+        fn = loss_feedback(ctx.model(), eligible, probe_per_cluster=cfg.probe_per_cluster,
                            seed=recipe.seed, max_length=recipe.score.max_length)
         return make_strategy("iterative", rounds=cfg.rounds, temperature=cfg.feedback_temperature,
                              split=split, score_col=quality, feedback_fn=fn)
@@ -93,26 +94,18 @@ def _strategy(recipe: Recipe, pool: pl.DataFrame, run: Run | None = None, thresh
     return make_strategy("random")
 
 
-def pool_embeddings(run: Run, recipe: Recipe, pool: pl.DataFrame) -> np.ndarray:
-    """The clustering view's embeddings of `pool`'s rows, in `pool` order (rows of records.parquet)."""
-    from curate.pipeline import pool_vectors, records
-
-    ids = records(run, ["id"]).with_row_index("_p")
-    pos = pool.select("id").join(ids, on="id", how="left", maintain_order="left")["_p"].to_numpy()
-    return pool_vectors(run, recipe)[pos]
-
-
-def select_pool(run: Run, recipe: Recipe, pool: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, Any]]:
+def select_pool(ctx: RunContext, pool: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Decisions for every pool row plus what the manifest should record about the choice."""
     from curate.select import Quotas, resolve_thresholds, select
 
+    recipe = ctx.recipe
     cfg = recipe.select
     budget, pool = _budget(recipe, pool)
     thresholds = list(cfg.thresholds) or [t for col, t in DEFAULT_THRESHOLDS if col in pool.columns]
-    strategy = _strategy(recipe, pool, run, thresholds)
+    strategy = _strategy(recipe, pool, ctx, thresholds)
     quotas = Quotas(source_weights=cfg.source_weights or None, cluster_min=cfg.cluster_min,
                     cluster_max=cfg.cluster_max)
-    X = pool_embeddings(run, recipe, pool) if recipe.embed.enabled and pool.height else None
+    X = ctx.vectors_of(pool["id"]) if recipe.embed.enabled and pool.height else None
     decisions = select(pool, strategy, budget, quotas=quotas, thresholds=thresholds, seed=recipe.seed,
                        embeddings=X if cfg.strategy == "deita" else None)
     info: dict[str, Any] = {
@@ -129,5 +122,5 @@ def select_pool(run: Run, recipe: Recipe, pool: pl.DataFrame) -> tuple[pl.DataFr
         from curate.diversity import diversity_summary
 
         mask = decisions["selected"].to_numpy()
-        run.set("diversity", diversity_summary(X, mask, pool["cluster"].to_numpy(), seed=recipe.seed))
+        ctx.run.set("diversity", diversity_summary(X, mask, pool["cluster"].to_numpy(), seed=recipe.seed))
     return decisions, info

@@ -2,7 +2,7 @@
 
 A scorer is one class in one module. It declares its name, version, parameters, the record columns it
 reads, what it needs (an engine capability, an embedding view, other scores) and the columns it writes.
-The runner (`curate.score.score_pool`) batches rows, skips what the score store already holds and puts
+The runner (`curate.scoring.runner.score_pool`) batches rows, skips what the score store already holds and puts
 each finished batch in the store; the scorer only turns a batch into columns.
 
 Per-row columns (`writes`) are stored. Columns that depend on the whole pool (TOPSIS closeness, the
@@ -60,6 +60,7 @@ class Scorer:
     """Base class; subclasses set the ClassVars and implement `score` (and `finalize` for pool columns)."""
 
     name: ClassVar[str]
+    prefix: ClassVar[str] = ""  # output column prefix when it differs from `name` (default: the name)
     version: ClassVar[str]
     reads: ClassVar[tuple[str, ...]]
     writes: ClassVar[tuple[str, ...]]
@@ -82,9 +83,10 @@ class Scorer:
         if missing:
             raise TypeError(f"scorer {cls.name!r} does not declare {missing}")
         cols = tuple(cls.writes) + tuple(cls.pool_writes)
-        bad = [c for c in cols if c != cls.name and not c.startswith(cls.name + "_")]
+        prefix = cls.prefix or cls.name
+        bad = [c for c in cols if c != prefix and not c.startswith(prefix + "_")]
         if bad:
-            raise TypeError(f"scorer {cls.name!r}: output columns {bad} must be prefixed with {cls.name!r}")
+            raise TypeError(f"scorer {cls.name!r}: output columns {bad} must be prefixed with {prefix!r}")
         if len(set(cols)) != len(cols):
             raise TypeError(f"scorer {cls.name!r}: duplicate output columns in {cols}")
         unknown = set(cls.higher_is_better) - set(cols)

@@ -15,8 +15,8 @@ import numpy as np
 import polars as pl
 
 from curate.progress import progress
-from curate.store import ScoreStore, make_key
-from scorers.base import ScoreContext, Scorer, ScorerError
+from curate.scoring.contract import ScoreContext, Scorer, ScorerError
+from curate.scoring.store import ScoreStore, make_key
 
 COMPACT_AFTER_PARTS = 64
 

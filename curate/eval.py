@@ -1,0 +1,791 @@
+"""`curate eval RUN`: does this subset train a better model than a random subset of the same size?
+
+Why: most published selection methods do no better than random once the token count is held equal (Ivison et
+al. 2503.01807; MIG 2504.13835), and much of the gain reported at equal row counts is length. So the product
+fine-tunes a student on the run's `selected.parquet` and on baselines drawn from the same pool, and says
+whether the subset is better, no different or worse than random at equal tokens, with error bars.
+
+Arms (each trained with several seeds unless noted):
+- `selected`:       RUN/selected.parquet (the seed changes only the fine-tune's data order)
+- `random_rows`:    uniform draw of the same number of rows
+- `random_tokens`:  uniform draw whose total student tokens is within one row's tokens of `selected`'s
+- `random_length`:  uniform draw inside token-length bins, with `selected`'s length histogram
+- `base`:           the untuned student (one unit: nothing random about it)
+
+The pool the baselines draw from is the run's candidates: records.parquet (after rejects and exact
+duplicates) minus semdedup.parquet, minus the held-out reference slice and any reference row found in it.
+
+Each (arm, seed) is one unit (`run_unit`): it fine-tunes with TRL's `SFTTrainer` (loss on assistant tokens
+only: the student's chat template with `{% generation %}` markers), measures every reference row's summed
+response NLL and token count (the same span `curate.lm` scores: content + end-of-turn), and optionally greedy
+exact-match accuracy on Q/A sets with a checkable final answer (GSM8K `#### n`). It writes
+RUN/eval/<arm>-seed<k>.json; a re-run skips units whose file carries the same key. `summarize` turns the
+units into RUN/eval.json: per arm, the mean over seeds with a bootstrap interval (rows and seeds resampled),
+and the paired difference to each random baseline (the same resampled rows for both arms). With 3 seeds the
+seed part of the interval is rough (resampling 3 values); the verdict only says "better"/"worse" when the whole
+95% interval of the difference to random at equal tokens lies on one side of zero.
+
+Cost: a 135M student fine-tunes at a few hundred tokens/s on an idle 2-core CPU (much less on a shared one:
+bench/results/eval.md), so `--dry-run` calibrates on this machine (a 2-step fine-tune, a forward pass and a
+short greedy decode) and prints the estimate before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+EVAL_VERSION = 1  # bump when a unit's numbers would change for the same inputs
+ARMS = ("selected", "random_rows", "random_tokens", "random_length", "base")
+RANDOM_ARMS = ("random_rows", "random_tokens", "random_length")
+DEFAULT_STUDENT = "smollm2-135m"
+
+Message = dict[str, str]
+_ANSWER_RE = re.compile(r"####\s*(.+?)\s*$", re.S)
+_NUMBER_RE = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything that changes an eval's numbers (all of it goes into each unit's key)."""
+
+    student: str = DEFAULT_STUDENT  # a named packaged model, an HF folder, or a name in the offline HF cache
+    seeds: int = 3
+    arms: tuple[str, ...] = ARMS
+    epochs: float = 1.0
+    max_steps: int | None = None  # caps optimizer steps per fine-tune (None: epochs decide)
+    lr: float = 1e-4
+    batch_size: int = 8
+    max_length: int = 512  # tokens per training and evaluation sequence (longer ones are truncated)
+    lora: bool = False
+    lora_r: int = 16
+    dtype: str = "auto"  # auto | float32 | bfloat16: bf16 autocast where the device runs it natively
+    threads: int = 2  # CPU threads for torch
+    heldout_rows: int = 200  # default reference: this many pool rows no arm trains on
+    reference_rows: int | None = 500  # cap per reference set (seeded sample); None = all
+    accuracy_rows: int = 50  # Q/A rows per reference set for greedy exact match (0 = off)
+    gen_tokens: int = 256  # new tokens per greedy answer
+    length_bins: int = 10
+    bootstrap: int = 2000
+    seed: int = 0  # held-out slice, reference samples, bootstrap
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad:
+            raise ValueError(f"unknown arm(s) {bad}; arms are {', '.join(ARMS)}")
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.max_length < 16:
+            raise ValueError(f"max_length must be >= 16, got {self.max_length}")
+        if self.accuracy_rows and self.gen_tokens >= self.max_length:
+            raise ValueError(f"gen_tokens ({self.gen_tokens}) must be below max_length ({self.max_length})")
+
+    def training_key(self) -> dict[str, Any]:
+        keys = ("epochs", "max_steps", "lr", "batch_size", "max_length", "lora", "lora_r", "dtype")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class Reference:
+    """One reference set: conversations, and gold final answers where the set has them (else None)."""
+
+    name: str
+    convs: list[list[Message]]
+    ids: list[str]
+    answers: list[str | None] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def qa_rows(self) -> list[int]:
+        return [i for i, a in enumerate(self.answers) if a is not None]
+
+
+@dataclass
+class EvalPlan:
+    """What an eval will train and measure; built without touching the student's weights."""
+
+    run_dir: Path
+    config: EvalConfig
+    student: str
+    pool: pl.DataFrame  # id, messages, tokens (student tokens, truncated at max_length)
+    selected: pl.DataFrame  # the same columns
+    references: list[Reference]
+    arms: dict[tuple[str, int], list[str]]  # (arm, seed) -> training ids ([] for base)
+    arm_info: dict[tuple[str, int], dict[str, Any]]
+    dtype: str  # resolved
+
+    def units(self) -> list[tuple[str, int]]:
+        return list(self.arms)
+
+    def rows(self, arm: str, seed: int) -> pl.DataFrame:
+        ids = self.arms[(arm, seed)]
+        src = self.selected if arm == "selected" else self.pool
+        return src.join(pl.DataFrame({"id": ids}, schema={"id": pl.String}), on="id", how="semi")
+
+    def unit_path(self, arm: str, seed: int) -> Path:
+        return self.run_dir / "eval" / f"{arm}-seed{seed}.json"
+
+    def unit_key(self, arm: str, seed: int) -> str:
+        ref = [(r.name, r.ids, r.answers) for r in self.references]
+        payload = {"version": EVAL_VERSION, "student": self.student, "student_id": _student_id(self.student),
+                   "train": self.config.training_key(), "dtype": self.dtype, "arm": arm, "seed": seed,
+                   "ids": sorted(self.arms[(arm, seed)]), "references": ref,
+                   "accuracy_rows": self.config.accuracy_rows, "gen_tokens": self.config.gen_tokens}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# -- student and dtype --------------------------------------------------------------------------------------
+def resolve_student(name: str) -> str:
+    """A local HF folder for `name`: a path as is, a packaged model name through `curate.lm.models`."""
+    from curate.lm.base import LMError
+    from curate.lm.models import model_path
+
+    if Path(name).exists():
+        return str(Path(name))
+    try:
+        return str(model_path(name))  # packaged names (smollm2-135m) are converted once into the model cache
+    except LMError as e:
+        raise ValueError(f"student {name!r}: {e}") from None
+
+
+def _student_id(path: str) -> str:
+    from curate.lm.base import weights_fingerprint
+
+    return weights_fingerprint(path) if Path(path).exists() else path
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX): there bf16 is ~3x float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_dtype(dtype: str) -> str:
+    import torch
+
+    if dtype != "auto":
+        return dtype
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, n))
+
+
+# -- chat template with generation markers -----------------------------------------------------------------
+def _chatml_training_template(bos: bool, default_system: str | None) -> str:
+    sys_block = ("{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n" + default_system
+                 + "<|im_end|>\n{% endif %}") if default_system is not None else ""
+    return (("{{ bos_token }}" if bos else "") + "{% for m in messages %}" + sys_block
+            + "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ m['content'] }}"
+            "<|im_end|>{% endgeneration %}{{ '\\n' }}"  # a literal newline after a block tag would be trimmed
+            "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+_PROBES: list[list[Message]] = [
+    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+     {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2 x"}],
+    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}],
+]
+
+
+def training_chat_template(tokenizer: Any) -> str:
+    """The student's chat template with `{% generation %}` markers around each assistant turn's content and
+    end-of-turn token, rendering byte-identical text (checked on probe conversations).
+
+    Order: the template itself if it has markers; TRL's patched template for families it knows; a ChatML
+    template (curate's test/proxy models, SmolLM2, Qwen-style default system prompt) when it renders the same.
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    own = tokenizer.chat_template
+    if not own:
+        raise ValueError("the student's tokenizer has no chat template; assistant-only loss needs one")
+    if has_generation_markers(own):
+        return own
+    try:
+        patched = get_training_chat_template(tokenizer)
+        if patched:
+            return patched
+    except ValueError:
+        pass
+
+    def render(template: str, msgs: list[Message], gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=template)
+
+    first = render(own, _PROBES[0], False)
+    for bos in (False, True):  # SmolLM2's BOS is <|im_start|> itself: try both readings
+        if bos and not (tokenizer.bos_token and first.startswith(tokenizer.bos_token)):
+            continue
+        body = first[len(tokenizer.bos_token):] if bos else first
+        default_system = None
+        if body.startswith("<|im_start|>system\n") and "<|im_end|>" in body:
+            default_system = body[len("<|im_start|>system\n"):body.index("<|im_end|>")]
+        candidate = _chatml_training_template(bos, default_system)
+        if all(render(own, p, g) == render(candidate, p, g) for p in _PROBES for g in (False, True)):
+            return candidate
+    raise ValueError("cannot add {% generation %} markers to the student's chat template (not ChatML and not one "
+                     "TRL knows); give a student whose template has them")
+
+
+# -- data: pool, selected, references -----------------------------------------------------------------------
+def _read(run_dir: Path, name: str, columns: list[str]) -> pl.DataFrame:
+    path = run_dir / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing (is {run_dir} a finished `curate select` run?)")
+    return pl.read_parquet(path, columns=columns)
+
+
+def _plain(messages: Any) -> list[Message]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def load_pool(run_dir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(candidates, selected): records.parquet minus semdedup.parquet, and selected.parquet; id + messages."""
+    recs = _read(run_dir, "records.parquet", ["id", "messages"])
+    if (run_dir / "semdedup.parquet").exists():
+        recs = recs.join(pl.read_parquet(run_dir / "semdedup.parquet", columns=["id"]), on="id", how="anti")
+    sel = _read(run_dir, "selected.parquet", ["id", "messages"])
+    if sel.height == 0:
+        raise ValueError(f"{run_dir / 'selected.parquet'}: the subset is empty, nothing to evaluate")
+    return recs, sel
+
+
+def final_answer(text: str) -> str | None:
+    """The checkable final answer of a GSM8K-style response (`#### 72`), normalised; None if it has none."""
+    m = _ANSWER_RE.search(text)
+    return _norm_number(m.group(1)) if m else None
+
+
+def _norm_number(s: str) -> str:
+    s = s.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        x = float(s)
+    except ValueError:
+        return s
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def predicted_answer(text: str) -> str | None:
+    """What a generated answer claims: the text after `####`, else its last number."""
+    ans = final_answer(text)
+    if ans is not None:
+        return ans
+    nums = _NUMBER_RE.findall(text)
+    return _norm_number(nums[-1]) if nums else None
+
+
+def load_reference(path: str, *, name: str | None = None) -> Reference:
+    """Any file or folder `curate ingest` reads, normalised the same way (ids comparable with the pool's)."""
+    from curate.io.formats import to_messages
+    from curate.io.readers import expand_inputs, iter_rows
+    from curate.schema import RowError, make_record
+
+    convs, ids = [], []
+    for f in expand_inputs([path]):
+        for raw in iter_rows(f):
+            if isinstance(raw.value, RowError):
+                continue
+            try:
+                fmt, msgs = to_messages(raw.value)
+                rec = make_record(msgs, source=f, row=raw.row, fmt=fmt)
+            except RowError:
+                continue
+            convs.append(rec["messages"])
+            ids.append(rec["id"])
+    if not convs:
+        raise ValueError(f"{path}: no conversation with an answer found (reference sets need responses)")
+    ref = Reference(name or Path(path).name.split(".")[0], convs, ids, source=str(path))
+    _attach_answers(ref)
+    return ref
+
+
+def _attach_answers(ref: Reference) -> None:
+    answers = [final_answer(c[-1]["content"]) for c in ref.convs]
+    # a Q/A set: most rows carry a checkable final answer (a stray "####" in free text does not make one)
+    ref.answers = answers if sum(a is not None for a in answers) >= 0.5 * len(answers) else [None] * len(answers)
+
+
+def _sample(ref: Reference, n: int | None, seed: int) -> Reference:
+    if n is None or len(ref.convs) <= n:
+        return ref
+    idx = sorted(np.random.default_rng(seed).choice(len(ref.convs), n, replace=False).tolist())
+    return Reference(ref.name, [ref.convs[i] for i in idx], [ref.ids[i] for i in idx],
+                     [ref.answers[i] for i in idx], ref.source)
+
+
+def token_lengths(tokenizer: Any, convs: Sequence[Sequence[Message]], max_length: int) -> list[int]:
+    """Tokens the fine-tune sees per conversation: the chat-rendered length, truncated at max_length."""
+    texts = [tokenizer.apply_chat_template(list(c), tokenize=False) for c in convs]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [min(len(x), max_length) for x in ids]
+
+
+# -- arms ---------------------------------------------------------------------------------------------------
+def draw_random_rows(pool_ids: Sequence[str], n: int, seed: int) -> list[str]:
+    """n rows uniformly without replacement."""
+    if n > len(pool_ids):
+        raise ValueError(f"random_rows needs {n} rows but the pool has {len(pool_ids)}")
+    idx = np.random.default_rng(seed).permutation(len(pool_ids))[:n]
+    return [pool_ids[i] for i in sorted(idx)]
+
+
+def draw_random_tokens(pool_ids: Sequence[str], tokens: Sequence[int], target: int, seed: int) -> list[str]:
+    """A uniform shuffle's prefix whose token total is closest to `target`: |total - target| <= the boundary row's
+    tokens / 2, so within one row's tokens (no scan for short rows, which would bias the draw to short ones)."""
+    order = np.random.default_rng(seed).permutation(len(pool_ids))
+    cum = np.cumsum(np.asarray(tokens, dtype=np.int64)[order])
+    if len(cum) == 0 or cum[-1] < target:
+        raise ValueError(f"random_tokens needs {target} tokens but the pool has {int(cum[-1]) if len(cum) else 0}")
+    k = int(np.searchsorted(cum, target))  # first prefix reaching the target: rows order[:k+1]
+    below = int(cum[k - 1]) if k > 0 else 0
+    take = k if target - below <= int(cum[k]) - target else k + 1
+    return [pool_ids[i] for i in sorted(order[:max(1, take)])]
+
+
+def length_bin_edges(lengths: Sequence[int], bins: int) -> np.ndarray:
+    """Interior bin edges: quantiles of the subset's token lengths (unique), so every bin holds subset rows."""
+    q = np.quantile(np.asarray(lengths, dtype=float), np.linspace(0, 1, bins + 1)[1:-1])
+    return np.unique(np.ceil(q))
+
+
+def draw_length_matched(pool_ids: Sequence[str], pool_tokens: Sequence[int], target_tokens: Sequence[int],
+                        bins: int, seed: int) -> tuple[list[str], dict[str, Any]]:
+    """Uniform draws inside length bins, as many per bin as the subset has: the same length histogram. A bin the
+    pool cannot fill takes all it has and the shortfall comes from the nearest bins (reported)."""
+    edges = length_bin_edges(target_tokens, bins)
+    want = np.bincount(np.searchsorted(edges, target_tokens, side="right"), minlength=len(edges) + 1)
+    pool_bin = np.searchsorted(edges, np.asarray(pool_tokens), side="right")
+    rng = np.random.default_rng(seed)
+    members = [rng.permutation(np.flatnonzero(pool_bin == b)).tolist() for b in range(len(want))]
+    chosen: list[int] = []
+    moved = 0
+    for b, n in enumerate(want):
+        take = members[b][:n]
+        members[b] = members[b][n:]
+        chosen += take
+        for nb in sorted(range(len(want)), key=lambda x: (abs(x - b), x)):  # shortfall: nearest bins first
+            while len(take) < n and members[nb]:
+                take.append(members[nb].pop(0))
+                chosen.append(take[-1])
+                moved += 1
+    short = int(want.sum()) - len(chosen)
+    if short:
+        raise ValueError(f"random_length: the pool has {len(pool_ids)} rows, fewer than the subset's "
+                         f"{int(want.sum())}")
+    return [pool_ids[i] for i in sorted(chosen)], {"bin_edges": edges.astype(int).tolist(),
+                                                    "subset_histogram": want.tolist(), "moved_rows": moved}
+
+
+def plan_eval(run_dir: str | Path, config: EvalConfig | None = None,
+              references: Sequence[str] | None = None) -> EvalPlan:
+    """Load the run, the reference sets and the student's tokenizer; draw every (arm, seed)'s training rows."""
+    from transformers import AutoTokenizer
+
+    cfg = config or EvalConfig()
+    run_dir = Path(run_dir)
+    student = resolve_student(cfg.student)
+    try:
+        tok = AutoTokenizer.from_pretrained(student)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the student {cfg.student!r}: {e}") from None
+    pool, sel = load_pool(run_dir)
+    refs = [_sample(load_reference(p), cfg.reference_rows, cfg.seed) for p in references or []]
+    ref_ids = {i for r in refs for i in r.ids}
+    if not refs:  # default: a held-out slice of the pool that no arm trains on
+        rest = pool.join(sel.select("id"), on="id", how="anti").sort("id")
+        n = min(cfg.heldout_rows, rest.height // 4)
+        if n < 1:
+            raise ValueError(f"{run_dir}: the pool has no rows outside the subset to hold out; give --reference")
+        held = rest.sample(n, seed=cfg.seed, shuffle=True).sort("id")
+        ref = Reference("heldout", [_plain(m) for m in held["messages"].to_list()], held["id"].to_list(),
+                        source=f"{run_dir}/records.parquet (held out)")
+        _attach_answers(ref)
+        refs = [ref]
+        ref_ids = set(ref.ids)
+    pool = pool.filter(~pl.col("id").is_in(list(ref_ids))).sort("id")
+    msgs = [_plain(m) for m in pool["messages"].to_list()]
+    pool = pool.with_columns(messages=pl.Series(msgs, dtype=pool.schema["messages"]),
+                             tokens=pl.Series(token_lengths(tok, msgs, cfg.max_length), dtype=pl.Int64))
+    sel = sel.sort("id")
+    smsgs = [_plain(m) for m in sel["messages"].to_list()]
+    sel = sel.with_columns(tokens=pl.Series(token_lengths(tok, smsgs, cfg.max_length), dtype=pl.Int64))
+    overlap = sel.filter(pl.col("id").is_in(list(ref_ids))).height
+    target_tokens = int(sel["tokens"].sum())
+    arms: dict[tuple[str, int], list[str]] = {}
+    info: dict[tuple[str, int], dict[str, Any]] = {}
+    ids, toks = pool["id"].to_list(), pool["tokens"].to_list()
+    for arm in cfg.arms:
+        for s in range(1 if arm == "base" else cfg.seeds):
+            extra: dict[str, Any] = {}
+            if arm == "selected":
+                chosen = sel["id"].to_list()
+                extra["reference_overlap"] = overlap
+            elif arm == "random_rows":
+                chosen = draw_random_rows(ids, sel.height, 1000 + s)
+            elif arm == "random_tokens":
+                chosen = draw_random_tokens(ids, toks, target_tokens, 2000 + s)
+            elif arm == "random_length":
+                chosen, extra = draw_length_matched(ids, toks, sel["tokens"].to_list(), cfg.length_bins, 3000 + s)
+            else:
+                chosen = []
+            arms[(arm, s)] = chosen
+            info[(arm, s)] = extra
+    plan = EvalPlan(run_dir, cfg, student, pool, sel, refs, arms, info, resolve_dtype(cfg.dtype))
+    for key in arms:
+        rows = plan.rows(*key)
+        info[key].update(rows=rows.height, tokens=int(rows["tokens"].sum()) if rows.height else 0)
+    return plan
+
+
+# -- fine-tune ----------------------------------------------------------------------------------------------
+def finetune(student: str, convs: Sequence[Sequence[Message]], config: EvalConfig, seed: int,
+             out_dir: str | Path | None = None, dtype: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """SFT of `student` on `convs` with TRL's SFTTrainer, loss on assistant tokens only (prompt tokens get
+    -100 labels through the chat template's generation markers); LoRA (peft) when config.lora.
+
+    Returns (model, tokenizer, stats); the model is merged (LoRA) and in eval mode, on the training device.
+    """
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    dtype = dtype or resolve_dtype(config.dtype)
+    _set_threads(config.threads)
+    set_seed(seed)
+    tok = AutoTokenizer.from_pretrained(student)
+    tok.chat_template = training_chat_template(tok)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32, use_safetensors=True)
+    ds = datasets.Dataset.from_list([{"messages": [dict(m) for m in c]} for c in convs])
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    with tempfile.TemporaryDirectory(prefix="curate-eval-ft-") as tmp:
+        args = SFTConfig(
+            output_dir=str(out_dir or tmp), assistant_only_loss=True, max_length=config.max_length,
+            per_device_train_batch_size=config.batch_size, num_train_epochs=config.epochs,
+            max_steps=config.max_steps or -1, learning_rate=config.lr, lr_scheduler_type="cosine",
+            warmup_steps=0.1, weight_decay=0.0, seed=seed, data_seed=seed, bf16=dtype == "bfloat16",
+            use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no", logging_steps=10,
+            disable_tqdm=True, dataloader_num_workers=0, packing=False, dataset_num_proc=None,
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config)
+        t0 = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - t0
+        model = trainer.model
+        if config.lora:
+            model = model.merge_and_unload()
+    n_tokens = int(sum(len(x) for x in trainer.train_dataset["input_ids"]))
+    stats = {"rows": len(convs), "steps": int(result.global_step), "train_loss": round(float(result.training_loss), 5),
+             "train_seconds": round(seconds, 2), "epoch_tokens": n_tokens,
+             "tokens_per_second": round(n_tokens * float(result.metrics.get("epoch", 1.0) or 1.0) / seconds, 1)}
+    return model.eval(), tok, stats
+
+
+# -- measure ------------------------------------------------------------------------------------------------
+def _engine(student: str, model: Any, tok: Any, config: EvalConfig, dtype: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from curate.lm.base import LMConfig
+    from curate.lm.hf import HFEngine
+
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32, use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(student)
+    model = model.to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    return HFEngine(LMConfig(student, max_length=config.max_length, dtype=dtype), model=model, tokenizer=tok,
+                    threads=config.threads)
+
+
+def measure(engine: Any, ref: Reference, config: EvalConfig) -> tuple[dict[str, Any], dict[str, float]]:
+    """Per-row summed response NLL and token counts; greedy exact match on the first Q/A rows. Returns
+    (numbers, seconds): the numbers are deterministic, the seconds are not, so they are kept apart."""
+    from curate.lm.proxy import response_losses
+
+    t0 = time.perf_counter()
+    nll, toks = response_losses(engine, ref.convs)
+    out: dict[str, Any] = {"nll": nll.tolist(), "tokens": toks.astype(int).tolist()}
+    secs = {"loss": round(time.perf_counter() - t0, 2)}
+    qa = ref.qa_rows[: config.accuracy_rows]
+    if qa:
+        t0 = time.perf_counter()
+        prompts = [ref.convs[i][:-1] for i in qa]
+        texts = [g[0] for g in engine.generate(prompts, temperature=0.0, max_tokens=config.gen_tokens)]
+        out["qa_rows"] = qa
+        out["correct"] = [int(predicted_answer(t) == ref.answers[i]) for t, i in zip(texts, qa, strict=True)]
+        out["generated"] = [t[-200:] for t in texts[:5]]
+        secs["generate"] = round(time.perf_counter() - t0, 2)
+    return out, secs
+
+
+def run_unit(plan: EvalPlan, arm: str, seed: int, *, force: bool = False) -> dict[str, Any]:
+    """One (arm, seed): fine-tune (not for `base`), measure every reference set, write RUN/eval/<arm>-seed<k>.json.
+
+    Skips the work when that file exists with the same key (a resumed eval), so this is the unit to wrap as a
+    task. Returns the unit's result dict.
+    """
+    path, key = plan.unit_path(arm, seed), plan.unit_key(arm, seed)
+    if path.exists() and not force:
+        done = json.loads(path.read_text())
+        if done.get("key") == key:
+            return done
+    t0 = time.perf_counter()
+    cfg = plan.config
+    _set_threads(cfg.threads)
+    model = tok = None
+    train: dict[str, Any] = {}
+    if arm != "base":
+        convs = [_plain(m) for m in plan.rows(arm, seed)["messages"].to_list()]
+        model, tok, train = finetune(plan.student, convs, cfg, seed, dtype=plan.dtype)
+    engine = _engine(plan.student, model, tok, cfg, plan.dtype)
+    measured = {r.name: measure(engine, r, cfg) for r in plan.references}
+    result = {"key": key, "arm": arm, "seed": seed, **plan.arm_info[(arm, seed)], "train": train,
+              "references": {k: v[0] for k, v in measured.items()},
+              "measure_seconds": {k: v[1] for k, v in measured.items()}, "seconds": round(time.perf_counter() - t0, 2)}
+    from curate.run import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result) + "\n")
+    return result
+
+
+# -- statistics ---------------------------------------------------------------------------------------------
+def _ratio(nll: np.ndarray, tok: np.ndarray) -> float:
+    return float(nll.sum() / max(1.0, tok.sum()))
+
+
+def summarize(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
+    """Per reference set and arm: mean loss over seeds + bootstrap CI; paired differences to the random arms.
+
+    Bootstrap: each replicate resamples the reference rows (the same rows for every arm: paired) and, per arm,
+    its seeds (with replacement), so the interval covers both the reference sample and fine-tune noise.
+    Loss is token-weighted (sum NLL / sum tokens); accuracy is the mean of per-row exact matches.
+    """
+    cfg = plan.config
+    rng = np.random.default_rng(cfg.seed)
+    arms = sorted({a for a, _ in results}, key=ARMS.index)
+    seeds = {a: sorted(s for b, s in results if b == a) for a in arms}
+    out: dict[str, Any] = {}
+    for ref in plan.references:
+        n = len(ref.convs)
+        nll = {a: np.array([results[(a, s)]["references"][ref.name]["nll"] for s in seeds[a]]) for a in arms}
+        tok = np.array(results[(arms[0], seeds[arms[0]][0])]["references"][ref.name]["tokens"], dtype=float)
+        rows = rng.integers(0, n, size=(cfg.bootstrap, n))
+        seed_draw = {a: rng.integers(0, len(seeds[a]), size=(cfg.bootstrap, len(seeds[a]))) for a in arms}
+        # per replicate, per arm: mean over the drawn seeds of sum(nll[rows]) / sum(tok[rows])
+        tok_b = tok[rows].sum(1)
+        boot = {}
+        for a in arms:
+            per_seed = np.stack([nll[a][k][rows].sum(1) for k in range(len(seeds[a]))], 1) / np.maximum(tok_b, 1)[:,
+                                                                                                                None]
+            boot[a] = np.take_along_axis(per_seed, seed_draw[a], 1).mean(1)
+        entry: dict[str, Any] = {"rows": n, "tokens": int(tok.sum()), "source": ref.source, "loss": {}, "diff": {}}
+        for a in arms:
+            per_seed = [_ratio(nll[a][k], tok) for k in range(len(seeds[a]))]
+            entry["loss"][a] = {"mean": round(float(np.mean(per_seed)), 5), "ci": _ci(boot[a]),
+                                "seeds": [round(x, 5) for x in per_seed]}
+        for b in [x for x in RANDOM_ARMS + ("base",) if x in arms]:
+            for a in [x for x in arms if x != b and x != "base"]:
+                d = boot[a] - boot[b]
+                mean = entry["loss"][a]["mean"] - entry["loss"][b]["mean"]
+                entry["diff"][f"{a} - {b}"] = {"mean": round(mean, 5), "ci": _ci(d), "verdict": _verdict(_ci(d), -1)}
+        qa = results[(arms[0], seeds[arms[0]][0])]["references"][ref.name].get("qa_rows")
+        if qa:
+            acc = {a: np.array([results[(a, s)]["references"][ref.name]["correct"] for s in seeds[a]], float)
+                   for a in arms}
+            m = len(qa)
+            rows = rng.integers(0, m, size=(cfg.bootstrap, m))
+            bootacc = {a: np.stack([acc[a][k][rows].mean(1) for k in range(len(seeds[a]))], 1) for a in arms}
+            bootacc = {a: np.take_along_axis(v, seed_draw[a], 1).mean(1) for a, v in bootacc.items()}
+            entry["accuracy"] = {"rows": m, "arms": {a: {"mean": round(float(acc[a].mean()), 4),
+                                                         "ci": _ci(bootacc[a], 4)} for a in arms}, "diff": {}}
+            for b in [x for x in RANDOM_ARMS if x in arms]:
+                for a in [x for x in arms if x not in RANDOM_ARMS and x != "base"]:
+                    ci = _ci(bootacc[a] - bootacc[b], 4)
+                    entry["accuracy"]["diff"][f"{a} - {b}"] = {
+                        "mean": round(float(acc[a].mean() - acc[b].mean()), 4), "ci": ci, "verdict": _verdict(ci, 1)}
+        out[ref.name] = entry
+    return out
+
+
+def _ci(x: np.ndarray, digits: int = 5) -> list[float]:
+    lo, hi = np.percentile(x, [2.5, 97.5])
+    return [round(float(lo), digits), round(float(hi), digits)]
+
+
+def _verdict(ci: list[float], better_sign: int) -> str:
+    """'better' when the whole 95% interval lies on the good side of zero, 'worse' on the bad side."""
+    lo, hi = ci
+    if (hi < 0 and better_sign < 0) or (lo > 0 and better_sign > 0):
+        return "better"
+    if (lo > 0 and better_sign < 0) or (hi < 0 and better_sign > 0):
+        return "worse"
+    return "no different"
+
+
+def verdict_line(summary: dict[str, Any]) -> tuple[str, str]:
+    """(overall, line): the subset against random at equal tokens, over every reference set's loss (and
+    accuracy where measured). Overall: better / worse when some set says so and none says the opposite,
+    no different when all agree on that, else mixed."""
+    parts, words = [], []
+    for name, e in summary.items():
+        d = e["diff"].get("selected - random_tokens")
+        if d:
+            words.append(d["verdict"])
+            parts.append(f"{d['verdict']} on {name} (loss {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}])")
+        a = e.get("accuracy", {}).get("diff", {}).get("selected - random_tokens")
+        if a:
+            words.append(a["verdict"])
+            parts.append(f"{a['verdict']} on {name} exact match ({a['mean']:+.3f} [{a['ci'][0]:+.3f}, "
+                         f"{a['ci'][1]:+.3f}])")
+    if not words:
+        return "n/a", "no verdict: the eval needs the selected and random_tokens arms"
+    s = set(words)
+    overall = ("better" if "better" in s and "worse" not in s else "worse" if "worse" in s and "better" not in s
+               else "no different" if s == {"no different"} else "mixed")
+    return overall, f"selected vs random at equal tokens: {overall} — " + "; ".join(parts)
+
+
+# -- cost ---------------------------------------------------------------------------------------------------
+def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
+    """Measure this machine: fixed seconds per unit (load + trainer set-up + engine), fine-tune tokens/s,
+    forward (loss) tokens/s, greedy generation tokens/s. Cached in RUN/eval/calibration.json per set-up."""
+    cfg = plan.config
+    key = hashlib.sha256(json.dumps([plan.student, _student_id(plan.student), plan.dtype, cfg.batch_size,
+                                     cfg.max_length, cfg.threads, cfg.lora, steps, EVAL_VERSION]).encode()
+                         ).hexdigest()[:16]
+    path = plan.run_dir / "eval" / "calibration.json"
+    if path.exists():
+        c = json.loads(path.read_text())
+        if c.get("key") == key:
+            return c
+    rows = plan.pool.sort("tokens").slice(plan.pool.height // 2 - cfg.batch_size, 2 * cfg.batch_size)
+    convs = [_plain(m) for m in rows["messages"].to_list()]
+    import trl.trainer.sft_trainer  # noqa: F401  (a one-off import cost, not a per-unit one)
+
+    t0 = time.perf_counter()
+    model, tok, st = finetune(plan.student, convs, replace(cfg, max_steps=steps, epochs=1.0), 0, dtype=plan.dtype)
+    engine = _engine(plan.student, model, tok, cfg, plan.dtype)
+    total = time.perf_counter() - t0
+    train_tps = st["rows"] and (min(steps * cfg.batch_size, len(convs)) * float(rows["tokens"].mean())
+                                / st["train_seconds"])
+    from curate.lm.proxy import response_losses
+
+    t1 = time.perf_counter()
+    _, toks = response_losses(engine, convs)
+    fwd_s = time.perf_counter() - t1
+    fwd_tps = float(rows["tokens"].sum()) / max(fwd_s, 1e-6)
+    gen_tps = 0.0
+    if cfg.accuracy_rows and any(r.qa_rows for r in plan.references):
+        ref = next(r for r in plan.references if r.qa_rows)
+        prompts = [ref.convs[i][:-1] for i in ref.qa_rows[: min(8, cfg.accuracy_rows)]]
+        new = 16
+        t2 = time.perf_counter()
+        engine.generate(prompts, temperature=0.0, max_tokens=new)
+        gen_tps = len(prompts) * new / max(time.perf_counter() - t2, 1e-6)
+    c = {"key": key, "setup_seconds": round(total - st["train_seconds"], 2), "train_tps": round(train_tps, 1),
+         "forward_tps": round(fwd_tps, 1), "generate_tps": round(gen_tps, 1),
+         "calibration_seconds": round(time.perf_counter() - t0, 2), "dtype": plan.dtype, "threads": cfg.threads}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(c, indent=2) + "\n")
+    return c
+
+
+def estimate(plan: EvalPlan, calib: dict[str, float]) -> dict[str, Any]:
+    """Seconds per unit from its training tokens (x epochs, or capped by max_steps), the reference tokens it
+    scores, and the answers it generates (assumed full length: an upper bound), at the calibrated rates."""
+    cfg = plan.config
+    tok = _tokenizer(plan.student)
+    ref_tokens = sum(sum(token_lengths(tok, r.convs, cfg.max_length)) for r in plan.references)
+    gen_tokens = sum(min(len(r.qa_rows), cfg.accuracy_rows) for r in plan.references) * cfg.gen_tokens
+    units = {}
+    for (arm, seed), info in plan.arm_info.items():
+        train_tokens = 0.0
+        if arm != "base":
+            train_tokens = info["tokens"] * cfg.epochs
+            if cfg.max_steps:
+                per_row = info["tokens"] / max(1, info["rows"])
+                train_tokens = min(train_tokens, cfg.max_steps * cfg.batch_size * per_row)
+        secs = (calib["setup_seconds"] + train_tokens / max(calib["train_tps"], 1e-6)
+                + ref_tokens / max(calib["forward_tps"], 1e-6)
+                + (gen_tokens / calib["generate_tps"] if gen_tokens and calib["generate_tps"] else 0.0))
+        units[f"{arm}-seed{seed}"] = {"train_tokens": int(train_tokens), "seconds": round(secs, 1)}
+    return {"units": units, "reference_tokens": int(ref_tokens), "generated_tokens": gen_tokens,
+            "seconds": round(sum(u["seconds"] for u in units.values()), 1), "calibration": calib}
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(student: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if student not in _TOKENIZERS:
+        _TOKENIZERS[student] = AutoTokenizer.from_pretrained(student)
+    return _TOKENIZERS[student]
+
+
+# -- the whole eval -----------------------------------------------------------------------------------------
+def run_eval(run_dir: str | Path, config: EvalConfig | None = None, references: Sequence[str] | None = None, *,
+             on_unit: Callable[[str, int, dict[str, Any]], None] | None = None,
+             plan: EvalPlan | None = None) -> dict[str, Any]:
+    """Every unit (resumable), then the summary in RUN/eval.json; returns that dict."""
+    plan = plan or plan_eval(run_dir, config, references)
+    t0 = time.perf_counter()
+    results = {}
+    for arm, seed in plan.units():
+        results[(arm, seed)] = run_unit(plan, arm, seed)
+        if on_unit:
+            on_unit(arm, seed, results[(arm, seed)])
+    summary = summarize(plan, results)
+    overall, line = verdict_line(summary)
+    cfg = plan.config
+    doc = {
+        "verdict": overall, "verdict_line": line, "student": cfg.student, "student_path": plan.student,
+        "dtype": plan.dtype, "config": asdict(cfg), "references": summary,
+        "arms": {f"{a}-seed{s}": {k: v for k, v in r.items() if k not in ("references", "key")}
+                 for (a, s), r in results.items()},
+        "seconds": round(time.perf_counter() - t0, 1),
+        "unit_seconds": round(sum(r["seconds"] for r in results.values()), 1),
+    }
+    from curate.run import atomic_path
+
+    with atomic_path(plan.run_dir / "eval.json") as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+__all__ = ["ARMS", "EvalConfig", "EvalPlan", "Reference", "calibrate", "draw_length_matched", "draw_random_rows",
+           "draw_random_tokens", "estimate", "final_answer", "finetune", "load_reference", "plan_eval",
+           "predicted_answer", "resolve_student", "run_eval", "run_unit", "summarize", "training_chat_template",
+           "verdict_line"]

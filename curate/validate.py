@@ -1,0 +1,151 @@
+"""A recipe checked as a whole before any work: inputs readable, scorers known (named as the user typed them),
+columns named in thresholds/fusion written by the chosen scorers, run folder and cache writable.
+
+Apart from `curate/config.py` (which every stage imports) because it reaches into the scorers, readers and
+selection code: a stage's cache key follows its imports, and no stage should depend on the checks.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from curate.config import Recipe, RecipeError
+
+#: pool columns a threshold, fusion weight or quality score may name besides the scorers' own columns
+POOL_COLUMNS = ("n_tokens", "n_tokens_model", "n_chars", "instruction_chars", "response_chars", "n_turns", "row",
+                "cluster", "distance")
+
+
+def validate_recipe(recipe: Recipe, *, outputs: bool = True, selection: bool = True) -> None:
+    """Everything about a recipe that can be checked before any work; raises RecipeError (or InputError).
+
+    Inputs exist and are readable regular files/folders; scorers exist (named as the user typed them) and
+    their parameters are valid; thresholds parse and, like fusion weights and quality columns, name columns
+    the chosen scorers write; the strategy has what it needs; the run folder and the cache are writable.
+    selection=False (`curate ingest`) skips what only scoring and selection use (and the scorers' imports).
+    """
+    from curate.io.readers import expand_inputs
+
+    if recipe.inputs:
+        expand_inputs(recipe.inputs, recipe.ingest.split)
+    if selection:
+        _check_selection(recipe)
+    if outputs:
+        check_writable_dir(Path(recipe.out), "--out (run folder)")
+        from curate.run import cache_dir
+
+        try:
+            cache = cache_dir()
+        except OSError as e:
+            raise RecipeError(f"cache folder {os.environ.get('CURATE_CACHE_DIR', '.curate')}: cannot be created "
+                              f"({e.strerror or e}); set CURATE_CACHE_DIR to a writable folder") from None
+        check_writable_dir(cache, "cache folder (CURATE_CACHE_DIR)")
+
+
+def _check_selection(recipe: Recipe) -> None:
+    from curate.embed import EmbedError, check_safe_weights
+
+    for field, model in (("embed.model", recipe.embed.enabled and recipe.embed.model),
+                         ("score.model", recipe.score.model)):
+        if model and Path(model).is_dir():  # safetensors only, said before any work
+            try:
+                check_safe_weights(model, field)
+            except EmbedError as e:
+                raise RecipeError(str(e)) from None
+    columns = _check_scorers(recipe)
+    _check_columns(recipe, columns)
+    _check_engine(recipe)
+
+
+def _check_scorers(recipe: Recipe) -> set[str]:
+    """The columns the recipe's scorers write; RecipeError naming the scorer as the user typed it."""
+    from curate.scoring import ScorerError, available, get_scorer
+
+    names = available()
+    cols: set[str] = set()
+    for name in recipe.score.scorers:
+        try:
+            scorer = get_scorer(name, **recipe.score.params.get(name, {}))
+        except ScorerError as e:
+            msg = str(e)
+            if "unknown scorer" in msg:
+                msg = f"unknown scorer {name!r}; available: {', '.join(names)}"
+            raise RecipeError(f"score.scorers: {msg}") from None
+        cols.update(scorer.columns)
+    return cols
+
+
+def _check_engine(recipe: Recipe) -> None:
+    """score.engine vllm without servers starts one: its interpreter (never named by a recipe) must exist."""
+    from curate.scoring import scorer_class
+
+    if recipe.score.engine != "vllm" or recipe.score.vllm_urls:
+        return
+    if not any(scorer_class(n).needs.engine for n in recipe.score.scorers):
+        return
+    from curate.lm.vllm import default_vllm_python
+
+    py = default_vllm_python()
+    if not (os.path.isfile(py) and os.access(py, os.X_OK)):
+        raise RecipeError(f"score.engine vllm: no vLLM interpreter at {py}; build it (bash "
+                          "curate/lm/setup_vllm_env.sh), pass --vllm-python / CURATE_VLLM_PYTHON, or give "
+                          "score.vllm_urls")
+
+
+def _check_columns(recipe: Recipe, scorer_columns: set[str]) -> None:
+    known = scorer_columns | set(POOL_COLUMNS)
+    chosen = ", ".join(recipe.score.scorers) or "none"
+
+    def need(column: str, where: str) -> None:
+        if column not in known:
+            raise RecipeError(f"{where}: column {column!r} is not written by the chosen scorers ({chosen}); "
+                              f"available: {', '.join(sorted(known))}")
+
+    sel = recipe.select
+    if sel.thresholds:  # curate.select imports its strategies: only when there is something to parse
+        from curate.select.budget import SelectionError
+        from curate.select.threshold import Threshold
+    for text in sel.thresholds:
+        try:
+            t = Threshold.parse(text)
+        except SelectionError as e:
+            raise RecipeError(f"select.thresholds: {e}") from None
+        need(t.column, f"select.thresholds {text!r}")
+    for col in sel.fusion:
+        need(col, "select.fusion")
+    if sel.strategy == "fusion" and not sel.fusion:
+        raise RecipeError("select.fusion: the fusion strategy needs {column: weight} (negative = lower is better)")
+    if sel.score:
+        need(sel.score, "select.score")
+    if sel.cluster_max is not None and sel.cluster_max < sel.cluster_min:
+        raise RecipeError(f"select.cluster_max ({sel.cluster_max}) is below select.cluster_min ({sel.cluster_min})")
+    if any(w < 0 for w in sel.source_weights.values()):
+        raise RecipeError("select.source_weights: weights must be >= 0")
+    sd = recipe.semdedup
+    if sd.enabled and recipe.embed.enabled and sd.keep == "score":
+        if not sd.keep_score:
+            raise RecipeError("semdedup.keep_score: semdedup.keep = 'score' needs a score column")
+        need(sd.keep_score, "semdedup.keep_score")
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """`path` is (or can be made) a folder we can write in: not a file, not read-only. Creates it."""
+    if path.exists() and not path.is_dir():
+        raise RecipeError(f"{what} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".curate-write-test-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RecipeError(f"{what} {e.filename or path}: not writable ({e.strerror or e})") from None
+    manifest = path / "manifest.json"
+    if manifest.exists():
+        import json
+
+        try:
+            json.loads(manifest.read_text())
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"{manifest}: corrupt manifest ({e}); delete it or use another run folder") from None

@@ -1,0 +1,294 @@
+"""`curate eval` on the tiny real LLaMA: arm sizes, assistant-only loss, determinism, resume, a planted signal,
+the dry-run estimate against the real time, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import ROOT
+from typer.testing import CliRunner
+
+from curate.config import load_recipe
+from curate.eval import (
+    EvalConfig,
+    calibrate,
+    draw_random_tokens,
+    estimate,
+    final_answer,
+    length_bin_edges,
+    plan_eval,
+    predicted_answer,
+    run_eval,
+    run_unit,
+    training_chat_template,
+)
+from curate.pipeline import run_direct
+
+SAMPLE = ROOT / "data" / "sample"
+# threads=1: on a loaded 2-core machine one thread is several times faster for a model this small
+TINY = dict(seeds=2, lr=3e-3, batch_size=8, max_length=128, threads=1, dtype="float32", heldout_rows=24,
+            accuracy_rows=0, gen_tokens=16, bootstrap=400)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    from curate.lm.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("lm") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real run: 200 GSM8K + 100 code rows (and one near-copy for SemDeDup), 24 selected by `random`."""
+    d = tmp_path_factory.mktemp("pool")
+    gsm = (SAMPLE / "gsm8k_train.jsonl").read_text().splitlines()[:200]
+    near = json.loads(gsm[3])
+    near["answer"] = near["answer"].replace(".", " .", 1)
+    (d / "gsm.jsonl").write_text("\n".join([*gsm, json.dumps(near)]) + "\n")
+    (d / "code.jsonl").write_text("\n".join((SAMPLE / "gpteacher_codegen.jsonl").read_text().splitlines()[:100]) + "\n")
+    out = tmp_path_factory.mktemp("runs") / "a"
+    run_direct(load_recipe(None, {"inputs": [str(d)], "out": str(out), "seed": 0, "score.scorers": ["heuristics"],
+                                  "embed.model": "minilm-static", "select.strategy": "random",
+                                  "select.budget": 24, "report": False}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_lm):
+    return EvalConfig(student=tiny_lm, **TINY)
+
+
+@pytest.fixture(scope="module")
+def plan(run_dir, cfg):
+    return plan_eval(run_dir, cfg)
+
+
+@pytest.fixture(scope="module")
+def evaluated(run_dir, plan):
+    """The whole default eval (5 arms x 2 seeds) after a calibration; wall time and estimate recorded."""
+    est = estimate(plan, calibrate(plan))
+    t0 = time.perf_counter()
+    doc = run_eval(run_dir, plan=plan)
+    return doc, est, time.perf_counter() - t0
+
+
+def test_pool_is_records_minus_semantic_duplicates_and_heldout(run_dir, plan):
+    recs = pl.read_parquet(run_dir / "records.parquet", columns=["id"])
+    sem = pl.read_parquet(run_dir / "semdedup.parquet", columns=["id"])
+    assert sem.height >= 1  # the near-copy
+    held = set(plan.references[0].ids)
+    assert plan.references[0].name == "heldout" and len(held) == 24
+    expected = set(recs["id"]) - set(sem["id"]) - held
+    assert set(plan.pool["id"]) == expected
+    assert not held & set(plan.selected["id"])  # the held-out slice is outside the subset
+    for (arm, _), ids in plan.arms.items():
+        assert not held & set(ids), arm  # and no arm trains on it
+
+
+def test_arms_have_the_promised_sizes(plan):
+    sel = plan.selected
+    target = int(sel["tokens"].sum())
+    tokens = dict(zip(plan.pool["id"], plan.pool["tokens"], strict=True))
+    for seed in range(2):
+        assert len(plan.arms[("random_rows", seed)]) == sel.height  # equal rows: exact
+        ids = plan.arms[("random_tokens", seed)]
+        total = sum(tokens[i] for i in ids)
+        assert abs(total - target) <= max(tokens[i] for i in ids), (total, target)  # within one row's tokens
+        lm = plan.arms[("random_length", seed)]
+        edges = length_bin_edges(sel["tokens"].to_list(), 10)
+        hist = np.bincount(np.searchsorted(edges, [tokens[i] for i in lm], side="right"), minlength=len(edges) + 1)
+        want = np.bincount(np.searchsorted(edges, sel["tokens"].to_list(), side="right"), minlength=len(edges) + 1)
+        assert hist.tolist() == want.tolist()  # the same token-length histogram
+        assert plan.arm_info[("random_length", seed)]["moved_rows"] == 0
+    assert plan.arms[("random_rows", 0)] != plan.arms[("random_rows", 1)]  # seeds draw differently
+    assert plan.arms[("base", 0)] == [] and ("base", 1) not in plan.arms
+
+
+def test_random_tokens_prefix_is_closest_to_target():
+    ids = [str(i) for i in range(200)]
+    toks = np.random.default_rng(0).integers(5, 400, size=200).tolist()
+    for target in (1, 399, 5000, 20000):
+        chosen = draw_random_tokens(ids, toks, target, seed=3)
+        total = sum(toks[int(i)] for i in chosen)
+        assert abs(total - target) <= max(toks[int(i)] for i in chosen)
+    with pytest.raises(ValueError, match="pool has"):
+        draw_random_tokens(ids, toks, sum(toks) + 1, seed=0)
+
+
+def test_plans_are_deterministic(run_dir, cfg, plan):
+    again = plan_eval(run_dir, cfg)
+    assert again.arms == plan.arms
+    assert [r.ids for r in again.references] == [r.ids for r in plan.references]
+
+
+def test_prompt_tokens_get_no_loss(tiny_lm, run_dir, cfg):
+    """The batches SFTTrainer trains on have labels exactly on assistant content + <|im_end|>."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok.chat_template = training_chat_template(tok)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": "2 + 2 = 4."}, {"role": "user", "content": "And 3 + 3?"},
+            {"role": "assistant", "content": "It is 6."}]
+    args = SFTConfig(output_dir=str(run_dir / "tmp-sft"), assistant_only_loss=True, max_length=128, report_to=[],
+                     use_cpu=True, per_device_train_batch_size=1)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_lm), args=args, processing_class=tok,
+                         train_dataset=datasets.Dataset.from_list([{"messages": conv}]))
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels = batch["labels"][0]
+    trained = tok.decode(labels[labels != -100])
+    assert trained == "2 + 2 = 4.<|im_end|>It is 6.<|im_end|>"
+    # and the template renders exactly what the model's own template renders
+    own = type(tok).from_pretrained(tiny_lm)
+    assert tok.apply_chat_template(conv, tokenize=False) == own.apply_chat_template(conv, tokenize=False)
+
+
+def test_smollm2_template_gets_generation_markers():
+    from transformers import AutoTokenizer
+
+    from curate.eval import resolve_student
+
+    try:
+        path = resolve_student("smollm2-135m")
+    except ValueError as e:
+        pytest.skip(f"packaged SmolLM2 not installed: {e}")
+    tok = AutoTokenizer.from_pretrained(path)
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    t = training_chat_template(tok)
+    out = tok.apply_chat_template(conv, chat_template=t, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    ids = [i for i, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    assert tok.decode(ids) == "Hello!<|im_end|>"
+    assert "You are a helpful AI assistant named SmolLM" in tok.apply_chat_template(conv, tokenize=False,
+                                                                                      chat_template=t)
+
+
+def test_eval_reports_every_arm_with_intervals(evaluated, plan):
+    doc, _, _ = evaluated
+    e = doc["references"]["heldout"]
+    assert set(e["loss"]) == {"selected", "random_rows", "random_tokens", "random_length", "base"}
+    for arm, v in e["loss"].items():
+        assert v["ci"][0] <= v["mean"] <= v["ci"][1], arm
+        assert len(v["seeds"]) == (1 if arm == "base" else 2)
+    for a in ("selected", "random_rows", "random_tokens", "random_length"):  # every fine-tune learned something
+        assert e["diff"][f"{a} - base"]["verdict"] == "better"
+    assert {"selected - random_rows", "selected - random_tokens", "selected - random_length"} <= set(e["diff"])
+    assert doc["verdict"] in ("better", "no different", "worse", "mixed")
+    assert doc["verdict_line"].startswith("selected vs random at equal tokens: ")
+    assert json.loads((plan.run_dir / "eval.json").read_text())["references"] == doc["references"]
+
+
+def test_resumed_eval_is_identical_and_skips_finished_units(evaluated, run_dir, plan):
+    doc, _, _ = evaluated
+    victim = plan.unit_path("random_tokens", 1)
+    keep = plan.unit_path("selected", 0)
+    mtime = keep.stat().st_mtime_ns
+    before = json.loads(victim.read_text())
+    victim.unlink()  # as if the eval was killed in this unit
+    again = run_eval(run_dir, plan=plan)
+    assert keep.stat().st_mtime_ns == mtime  # finished units are not redone
+    after = json.loads(victim.read_text())
+    assert after["references"] == before["references"]  # the re-trained unit: same numbers, bit for bit
+    assert again["references"] == doc["references"]
+
+
+def test_fine_tune_is_deterministic_per_seed(plan):
+    a = run_unit(plan, "random_rows", 0, force=True)
+    b = json.loads(plan.unit_path("random_rows", 0).read_text())
+    assert a["references"] == b["references"]
+    c = run_unit(plan, "random_rows", 1)
+    assert c["references"]["heldout"]["nll"] != a["references"]["heldout"]["nll"]  # another seed, another model
+
+
+def test_dry_run_estimate_is_within_a_factor_of_the_real_time(evaluated):
+    """The estimate comes from a short calibration fine-tune; stated factor: 4x either way (the CI machine is
+    shared, so the rates measured in the calibration drift while the eval runs)."""
+    doc, est, wall = evaluated
+    ratio = wall / est["seconds"]
+    assert 0.25 <= ratio <= 4.0, (wall, est["seconds"])
+    assert len(est["units"]) == len(doc["arms"]) == 9
+
+
+def test_planted_reference_is_seen(run_dir, tiny_lm, tmp_path):
+    """The subset IS the reference set: training on it must beat random at equal tokens, clearly."""
+    sel = pl.read_parquet(run_dir / "selected.parquet", columns=["messages"])
+    ref = tmp_path / "planted.jsonl"
+    ref.write_text("".join(json.dumps({"messages": m}) + "\n" for m in sel["messages"].to_list()))
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("records.parquet", "semdedup.parquet", "selected.parquet"):
+        (out / name).write_bytes((run_dir / name).read_bytes())
+    cfg = EvalConfig(student=tiny_lm, **{**TINY, "arms": ("selected", "random_tokens"), "epochs": 12.0,
+                                               "lr": 5e-3})
+    doc = run_eval(out, cfg, [str(ref)])
+    e = doc["references"]["planted"]
+    assert e["rows"] == sel.height
+    d = e["diff"]["selected - random_tokens"]
+    assert d["verdict"] == "better" and d["ci"][1] < -0.1, d
+    assert doc["verdict"] == "better"
+    # the reference rows are in the subset: the eval says so
+    assert doc["arms"]["selected-seed0"]["reference_overlap"] == sel.height
+
+
+def test_exact_match_answers():
+    assert final_answer("so 48+24 = 72 clips.\n#### 72") == "72"
+    assert final_answer("#### 1,200") == "1200"
+    assert final_answer("no answer marker") is None
+    assert predicted_answer("The answer is $1,200.") == "1200"
+    assert predicted_answer("... #### 7.0") == "7"
+    assert predicted_answer("nothing") is None
+
+
+def test_accuracy_on_a_qa_reference(run_dir, tiny_lm, tmp_path):
+    gsm = tmp_path / "gsm_test.jsonl"
+    gsm.write_text("\n".join((SAMPLE / "gsm8k_train.jsonl").read_text().splitlines()[-12:]) + "\n")
+    cfg = EvalConfig(student=tiny_lm, **{**TINY, "arms": ("base",), "accuracy_rows": 4})
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("records.parquet", "semdedup.parquet", "selected.parquet"):
+        (out / name).write_bytes((run_dir / name).read_bytes())
+    doc = run_eval(out, cfg, [str(gsm)])
+    acc = doc["references"]["gsm_test"]["accuracy"]
+    assert acc["rows"] == 4 and 0.0 <= acc["arms"]["base"]["mean"] <= 1.0
+
+
+def test_cli_dry_run_and_errors(run_dir, tiny_lm, tmp_path):
+    from curate.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", str(run_dir), "--student", tiny_lm, "--dry-run", "--threads", "1",
+                              "--max-length", "128", "--accuracy-rows", "0", "--seeds", "2"])
+    assert res.exit_code == 0, res.output
+    assert "estimated time" in res.output and "random_tokens seed 1" in res.output
+    res = runner.invoke(app, ["eval", str(tmp_path), "--student", tiny_lm, "--dry-run"])
+    assert res.exit_code == 2 and "records.parquet: missing" in " ".join(res.output.split())
+    res = runner.invoke(app, ["eval", str(run_dir), "--student", tiny_lm, "--arms", "selected,bogus"])
+    assert res.exit_code == 2 and "unknown arm" in " ".join(res.output.split())
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="seeds"):
+        EvalConfig(seeds=0)
+    with pytest.raises(ValueError, match="gen_tokens"):
+        replace(EvalConfig(), max_length=64, gen_tokens=64)
+
+
+def test_lora_fine_tune_merges_and_learns(plan, tiny_lm):
+    from curate.eval import _engine, finetune
+    from curate.lm.proxy import response_losses
+
+    convs = plan.references[0].convs[:8]
+    cfg = replace(plan.config, lora=True, lora_r=8, epochs=6.0, lr=2e-2)
+    model, tok, stats = finetune(tiny_lm, convs, cfg, 0, dtype="float32")
+    assert not any("lora" in n for n, _ in model.named_parameters())  # merged back into a plain model
+    tuned = response_losses(_engine(tiny_lm, model, tok, cfg, "float32"), convs)
+    base = response_losses(_engine(tiny_lm, None, None, cfg, "float32"), convs)
+    assert tuned[0].sum() / tuned[1].sum() < base[0].sum() / base[1].sum() - 0.05
+    assert stats["steps"] == 6
