@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from curate.lm import LMConfig, load_engine  # noqa: E402
-from curate.lm.proxy import ensure_default_proxy, proxy_quality  # noqa: E402
+from curate.lm.evaluate import proxy_quality  # noqa: E402
+from curate.lm.proxy import ensure_default_proxy  # noqa: E402
 
 ALPACA = Path("/work/shared/data/alpaca-52k/alpaca_data.jsonl")
 N_ALPACA = 52002

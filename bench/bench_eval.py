@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from curate.eval import EvalConfig, _engine, finetune, plan_eval, resolve_student, run_eval  # noqa: E402
-from curate.lm.proxy import load_conversations, response_losses  # noqa: E402
+from curate.lm.evaluate import response_losses  # noqa: E402
+from curate.lm.proxy import load_conversations  # noqa: E402
 
 SHARED = Path(os.environ.get("CURATE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 if not SHARED.exists():

@@ -55,8 +55,9 @@ from curate.config import load_recipe  # noqa: E402
 from curate.context import RunContext  # noqa: E402
 from curate.diversity import cluster_coverage, mean_nn_similarity, vendi_score  # noqa: E402
 from curate.lm.base import LMConfig  # noqa: E402
+from curate.lm.evaluate import eval_proxy  # noqa: E402
 from curate.lm.hf import HFEngine  # noqa: E402
-from curate.lm.proxy import eval_proxy, finetune_proxy, train_proxy  # noqa: E402
+from curate.lm.proxy import finetune_proxy, train_proxy  # noqa: E402
 from curate.pipeline import run_local  # noqa: E402
 from curate.run import Run  # noqa: E402
 from curate.select import Budget, RandomSubset, select  # noqa: E402

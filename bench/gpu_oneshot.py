@@ -71,7 +71,7 @@ def sample_pairs(limit: int) -> list[tuple[str, str]]:
 def make_lm(texts: list[str], shape: dict, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from curate.lm.testing import train_tokenizer
+    from curate.lm.tiny import train_tokenizer
 
     tok = train_tokenizer(texts, vocab_size=min(8192, shape["vocab_size"]))
     cfg = LlamaConfig(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

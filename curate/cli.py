@@ -451,7 +451,7 @@ def proxy_eval(
     reference: str = typer.Argument(..., help="Reference set with answers (e.g. LIMA, MT-Bench references)."),
 ) -> None:
     """Mean response loss (nats/token) of MODEL on REFERENCE: lower is better."""
-    from curate.lm.proxy import eval_proxy
+    from curate.lm.evaluate import eval_proxy
 
     out.print(f"loss {_guard(eval_proxy, model_dir, reference):.4f}")
 

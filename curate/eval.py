@@ -530,7 +530,7 @@ def _engine(student: str, model: Any, tok: Any, config: EvalConfig, dtype: str) 
 def measure(engine: Any, ref: Reference, config: EvalConfig) -> tuple[dict[str, Any], dict[str, float]]:
     """Per-row summed response NLL and token counts; greedy exact match on the first Q/A rows. Returns
     (numbers, seconds): the numbers are deterministic, the seconds are not, so they are kept apart."""
-    from curate.lm.proxy import response_losses
+    from curate.lm.evaluate import response_losses
 
     t0 = time.perf_counter()
     nll, toks = response_losses(engine, ref.convs)
@@ -699,7 +699,7 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
     total = time.perf_counter() - t0
     train_tps = st["rows"] and (min(steps * cfg.batch_size, len(convs)) * float(rows["tokens"].mean())
                                 / st["train_seconds"])
-    from curate.lm.proxy import response_losses
+    from curate.lm.evaluate import response_losses
 
     t1 = time.perf_counter()
     _, toks = response_losses(engine, convs)

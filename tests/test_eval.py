@@ -37,7 +37,7 @@ TINY = dict(seeds=2, lr=3e-3, batch_size=8, max_length=128, threads=1, dtype="fl
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    from curate.lm.testing import make_tiny_model
+    from curate.lm.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("lm") / "tiny")
 
@@ -282,7 +282,7 @@ def test_config_is_checked():
 
 def test_lora_fine_tune_merges_and_learns(plan, tiny_lm):
     from curate.eval import _engine, finetune
-    from curate.lm.proxy import response_losses
+    from curate.lm.evaluate import response_losses
 
     convs = plan.references[0].convs[:8]
     cfg = replace(plan.config, lora=True, lora_r=8, epochs=6.0, lr=2e-2)

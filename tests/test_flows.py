@@ -323,7 +323,7 @@ def test_local_prefect_and_dask_executors_give_identical_outputs(prefect_api, tm
     """
     from distributed import Client, LocalCluster
 
-    from curate.lm.testing import make_tiny_model
+    from curate.lm.tiny import make_tiny_model
     from curate.pipeline import build_pipeline, run_local
     from flows.pipeline import run_flow
 

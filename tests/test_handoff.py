@@ -166,7 +166,7 @@ def test_trl_sft_trainer_trains_on_selected_parquet_as_is(run_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from curate.lm.testing import make_tiny_model
+    from curate.lm.tiny import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / "tiny")
     ds = datasets.load_dataset("parquet", data_files=str(run_dir / "selected.parquet"), split="train")

@@ -13,7 +13,7 @@ from conftest import sample_rows
 from curate.lm import LMConfig, LMError, load_engine
 from curate.lm.base import truncate
 from curate.lm.hf import length_batches
-from curate.lm.testing import make_tiny_model
+from curate.lm.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")

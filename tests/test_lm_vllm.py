@@ -15,7 +15,7 @@ import pytest
 from conftest import sample_rows
 
 from curate.lm import LMConfig, LMError, load_engine
-from curate.lm.testing import make_tiny_model, sample_texts
+from curate.lm.tiny import make_tiny_model, sample_texts
 from curate.lm.vllm import VLLMBatchError, VLLMEngine, VLLMServer, default_vllm_python
 
 pytestmark = [

@@ -30,7 +30,7 @@ def pool_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    from curate.lm.testing import make_tiny_model
+    from curate.lm.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("lm") / "tiny")
 

@@ -14,15 +14,8 @@ from conftest import ROOT, sample_rows
 
 from curate.lm import LMConfig
 from curate.lm.base import Encoder, load_tokenizer
-from curate.lm.proxy import (
-    ensure_default_proxy,
-    eval_proxy,
-    finetune_proxy,
-    load_conversations,
-    proxy_quality,
-    sft_examples,
-    train_proxy,
-)
+from curate.lm.evaluate import eval_proxy, proxy_quality
+from curate.lm.proxy import ensure_default_proxy, finetune_proxy, load_conversations, sft_examples, train_proxy
 
 NOT_MATHS = ("gpteacher_codegen", "gpteacher_toolformer", "self_instruct_seed")
 

@@ -1,6 +1,6 @@
 """Judge and rule scorers: arithmetic, strict parsing, prompt delimiting, and real engine runs.
 
-The engine runs use a tiny random-weight LLaMA (curate.lm.testing), so the scores mean nothing; what is
+The engine runs use a tiny random-weight LLaMA (curate.lm.tiny), so the scores mean nothing; what is
 tested is the machinery: exact templates, digit expectations, multi-turn sums, the BSDetector formula,
 null-on-parse-failure, and both engines.
 """
@@ -265,7 +265,7 @@ def test_turn_pairs_multi_turn():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
-    from curate.lm.testing import make_tiny_model
+    from curate.lm.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("judge") / "tiny", seed=3)
 
@@ -405,7 +405,7 @@ def test_instructmining_unieval_model_matches_unieval_scoring(tmp_path):
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from curate.lm.testing import train_tokenizer
+    from curate.lm.tiny import train_tokenizer
 
     tok = train_tokenizer(["Yes No question: Is this a natural response in the dialogue? response: hello"] * 20,
                           300)

@@ -15,7 +15,7 @@ from conftest import sample_rows
 from curate.io.formats import to_messages
 from curate.lm import load_engine
 from curate.lm.base import LMConfig
-from curate.lm.testing import make_tiny_model
+from curate.lm.tiny import make_tiny_model
 from curate.schema import make_record, normalise_text
 from curate.scoring import ScorerError, available, get_scorer
 from curate.scoring.runner import score_pool

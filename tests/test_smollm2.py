@@ -152,7 +152,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 
 def test_dtype_auto_is_measured_and_recorded(tmp_path):
-    from curate.lm.testing import make_tiny_model
+    from curate.lm.tiny import make_tiny_model
 
     choice = dtype_choice("auto")
     assert choice["requested"] == "auto" and choice["dtype"] in DTYPES[1:]

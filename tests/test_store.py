@@ -22,7 +22,7 @@ from polars.testing import assert_frame_equal
 from curate.io.formats import to_messages
 from curate.lm import load_engine
 from curate.lm.base import LMConfig
-from curate.lm.testing import make_tiny_model
+from curate.lm.tiny import make_tiny_model
 from curate.schema import make_record
 from curate.scoring import Scorer, ScorerError, ScorerParams, get_scorer
 from curate.scoring.runner import score_pool

@@ -229,8 +229,9 @@ def loss_feedback(
     import tempfile
 
     from curate.lm.base import LMConfig
+    from curate.lm.evaluate import response_losses
     from curate.lm.hf import HFEngine
-    from curate.lm.proxy import finetune_proxy, response_losses
+    from curate.lm.proxy import finetune_proxy
 
     if probe_per_cluster < 1:
         raise ValueError(f"probe_per_cluster must be >= 1, got {probe_per_cluster}")
