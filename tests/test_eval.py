@@ -231,7 +231,8 @@ def test_planted_reference_is_seen(run_dir, tiny_lm, tmp_path):
     e = doc["references"]["planted"]
     assert e["rows"] == sel.height
     d = e["diff"]["selected - random_tokens"]
-    assert d["verdict"] == "better" and d["ci"][1] < -0.1, d
+    # the interval excludes zero and the mean gain is large (random arms differ by ~0): the eval sees it
+    assert d["verdict"] == "better" and d["ci"][1] < 0 and d["mean"] < -0.1, d
     assert doc["verdict"] == "better"
     # the reference rows are in the subset: the eval says so
     assert doc["arms"]["selected-seed0"]["reference_overlap"] == sel.height
