@@ -319,7 +319,8 @@ def test_local_prefect_and_dask_executors_give_identical_outputs(prefect_api, tm
 
     Each runs on its own empty cache (so each computes everything), for a recipe whose SemDeDup keeps the
     best-scored copy (`keep: score`, ordered after scoring) and for the iterative strategy (its feedback
-    fine-tunes the scoring LM inside select).
+    fine-tunes the scoring LM inside select). float32: bf16 sums differ in the 3rd digit with the number of torch
+    threads (a Dask worker has one), which is arithmetic, not the executor.
     """
     from distributed import Client, LocalCluster
 
@@ -333,10 +334,12 @@ def test_local_prefect_and_dask_executors_give_identical_outputs(prefect_api, tm
     (tmp_path / "pool" / "dup.jsonl").write_text(gsm.read_text().splitlines()[0] + "\n")  # an exact duplicate
     recipes = {
         "keep-score": _recipe([str(gsm.parent)], tmp_path / "x", embed={"enabled": True, "model": "minilm"},
-                              score={"scorers": ["heuristics", "perplexity"], "model": lm, "shards": 2},
+                              score={"scorers": ["heuristics", "perplexity"], "model": lm, "shards": 2,
+                                     "dtype": "float32"},
                               semdedup={"eps": 0.2, "keep": "score", "keep_score": "perplexity_loss"}),
         "iterative": _recipe([str(gsm.parent)], tmp_path / "x", embed={"enabled": True, "model": "minilm"},
-                             score={"scorers": ["heuristics", "perplexity"], "model": lm, "shards": 2},
+                             score={"scorers": ["heuristics", "perplexity"], "model": lm, "shards": 2,
+                                    "dtype": "float32"},
                              select={"strategy": "iterative", "rounds": 2, "probe_per_cluster": 2, "budget": 40}),
     }
     names = [s.name for s in build_pipeline(recipes["keep-score"])]
