@@ -50,11 +50,11 @@ def quiet_third_party() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     std = sys.modules.get("tqdm.std")
-    if std is not None and not getattr(std.tqdm.__init__, "_curate_quiet", False):
+    # look in the class's own dict: `std.tqdm.__init__` of a partialmethod is a fresh function on every access,
+    # so a marker set on it is never seen and each call would wrap again (RecursionError after many calls)
+    if std is not None and not isinstance(std.tqdm.__dict__.get("__init__"), functools.partialmethod):
         # imported before us: the env var came too late, so default `disable` to True the way tqdm's env does
-        init = functools.partialmethod(std.tqdm.__init__, disable=True)
-        init._curate_quiet = True  # type: ignore[attr-defined]
-        std.tqdm.__init__ = init
+        std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
 
 
 def _every() -> float:

@@ -575,7 +575,9 @@ def test_models_load_from_safetensors_only_unless_the_user_opts_out(tmp_path, mo
 
 
 def test_vllm_interpreter_comes_from_the_command_line_and_is_checked_before_work(tmp_path, monkeypatch):
-    monkeypatch.delenv("CURATE_VLLM_PYTHON", raising=False)  # --vllm-python sets it: restored after the test
+    # --vllm-python sets it in this process: setenv first so that monkeypatch restores the original (absent) state
+    monkeypatch.setenv("CURATE_VLLM_PYTHON", "unset")
+    monkeypatch.delenv("CURATE_VLLM_PYTHON")
     cfg = tmp_path / "r.yaml"
     cfg.write_text("score: {engine: vllm, scorers: [perplexity]}\n")
     src = _jsonl(tmp_path / "a.jsonl", [ROW])
