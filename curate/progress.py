@@ -51,8 +51,10 @@ def quiet_third_party() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     std = sys.modules.get("tqdm.std")
     # look in the class's own dict: `std.tqdm.__init__` of a partialmethod is a fresh function on every access,
-    # so a marker set on it is never seen and each call would wrap again (RecursionError after many calls)
-    if std is not None and not isinstance(std.tqdm.__dict__.get("__init__"), functools.partialmethod):
+    # so a marker set on it is never seen and each call would wrap again (RecursionError after many calls).
+    # tqdm's own env handling already makes __init__ a partialmethod (no keywords): ours is the one with disable.
+    init = std.tqdm.__dict__.get("__init__") if std is not None else None
+    if std is not None and not (isinstance(init, functools.partialmethod) and init.keywords.get("disable") is True):
         # imported before us: the env var came too late, so default `disable` to True the way tqdm's env does
         std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
 
