@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 #: top-level packages whose source counts (third-party code is pinned by version in the manifest instead)
@@ -43,9 +44,13 @@ def module_file(name: str, roots: dict[str, Path] | None = None) -> Path | None:
     return None
 
 
+_PARSE_LOCK = threading.Lock()  # CPython 3.11's ast.parse is not safe in concurrent threads
+
+
 def _imports(path: Path, module: str, roots: dict[str, Path] | None) -> set[str]:
     """Project modules imported anywhere in a file (`import a.b`, `from a import b`, `from a.b import c`)."""
-    tree = ast.parse(path.read_bytes(), filename=str(path))
+    with _PARSE_LOCK:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):

@@ -353,6 +353,8 @@ def test_local_prefect_and_dask_executors_give_identical_outputs(prefect_api, tm
         monkeypatch.setenv("CURATE_CACHE_DIR", str(c))
 
     session_cache = os.environ["CURATE_CACHE_DIR"]
+    results = Path(session_cache) / "prefect" / "results"
+    before = set(results.iterdir()) if results.exists() else set()
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster):
         for label, recipe in recipes.items():
@@ -377,8 +379,8 @@ def test_local_prefect_and_dask_executors_give_identical_outputs(prefect_api, tm
             for executor in ("threads", "dask"):
                 _same_output(outs["local"], outs[executor])
     # Prefect persisted no task results: nothing under the cache is a pickle that a cache hit would load
-    results = Path(session_cache) / "prefect" / "results"
-    assert not (results.exists() and any(results.iterdir())), list(results.iterdir())
+    after = set(results.iterdir()) if results.exists() else set()
+    assert after == before, sorted(after - before)
 
 
 def test_serve_and_the_yaml_deployment_have_different_names():
