@@ -2,7 +2,7 @@
 
 Test data comes from the repository: `sample_rows` reads the bundled sample (data/sample, MIT/Apache, see
 data/ATTRIBUTION.md) and tests/corpus holds broken inputs. A test that needs a large real pool takes it from
-the `shared_data` fixture ($CURATE_SHARED_DATA, default ../shared/data beside the checkout) and skips, saying
+the `shared_data` fixture ($CURATE_SHARED_DATA, unset by default) and skips, saying
 so, when that folder is absent.
 """
 
@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ os.environ.setdefault("CURATE_PROGRESS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("CURATE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED = Path(os.environ["CURATE_SHARED_DATA"]) if os.environ.get("CURATE_SHARED_DATA") else None
 CORPUS = Path(__file__).parent / "corpus"
 SAMPLE = ROOT / "data" / "sample"
 #: the bundled sample's files (stems), in the order `sample_rows` interleaves them
@@ -32,10 +33,10 @@ def _cache_dir(tmp_path_factory):
     """One cache (embeddings, scores) per test session, isolated from the user's.
 
     Models (the distilled static embedder, trained proxies) are deterministic and slow to build, so they
-    are shared across sessions in $CURATE_TEST_MODELS (default /tmp/curate-test-models).
+    are shared across sessions in $CURATE_TEST_MODELS (default: curate-test-models in the system temp folder).
     """
     path = tmp_path_factory.mktemp("curate-cache")
-    models = Path(os.environ.get("CURATE_TEST_MODELS", "/tmp/curate-test-models"))
+    models = Path(os.environ.get("CURATE_TEST_MODELS") or Path(tempfile.gettempdir()) / "curate-test-models")
     models.mkdir(parents=True, exist_ok=True)
     (path / "models").symlink_to(models, target_is_directory=True)
     os.environ["CURATE_CACHE_DIR"] = str(path)
@@ -45,7 +46,7 @@ def _cache_dir(tmp_path_factory):
 @pytest.fixture
 def shared_data() -> Path:
     """The large real datasets (e.g. all of Alpaca-52k), which are not in the repository: skip without them."""
-    if not SHARED.exists():
+    if SHARED is None or not SHARED.exists():
         pytest.skip(f"shared datasets not found at {SHARED} (set CURATE_SHARED_DATA to run this test)")
     return SHARED
 
