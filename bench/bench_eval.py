@@ -123,9 +123,29 @@ def make_run(args: argparse.Namespace) -> Path:
     return run_dir
 
 
+def heldout_from_run(run_dir: Path, rows: int = 2000) -> Path:
+    """Alpaca rows the run did not select (its candidates, seeded): the held-out reference when the run's pool is
+    all of Alpaca. Reference ids are removed from every random arm's pool, so no arm trains on them."""
+    import polars as pl
+
+    held = run_dir.parent / f"{run_dir.name}-heldout.jsonl"
+    if not held.exists():
+        recs = pl.read_parquet(run_dir / "records.parquet", columns=["id", "messages"])
+        sel = pl.read_parquet(run_dir / "selected.parquet", columns=["id"])
+        rest = recs.join(sel, on="id", how="anti").sort("id").sample(rows, seed=0, shuffle=True)
+        with held.open("w") as fh:
+            for m in rest["messages"].to_list():
+                fh.write(json.dumps({"messages": [{"role": x["role"], "content": x["content"]} for x in m]}) + "\n")
+    return held
+
+
 def evaluate(args: argparse.Namespace) -> None:
-    run_dir = make_run(args)
-    refs = [str(LIMA), str(OUT / "alpaca-heldout.jsonl"), str(GSM8K)]
+    if args.run:
+        run_dir = Path(args.run)
+        refs = [str(LIMA), str(heldout_from_run(run_dir)), str(GSM8K)]
+    else:
+        run_dir = make_run(args)
+        refs = [str(LIMA), str(OUT / "alpaca-heldout.jsonl"), str(GSM8K)]
     cfg = EvalConfig(student=args.student, seeds=args.seeds, epochs=args.epochs, max_steps=args.max_steps,
                      lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, threads=args.threads,
                      reference_rows=args.reference_rows, accuracy_rows=args.accuracy_rows,
@@ -141,10 +161,16 @@ def evaluate(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - t0
     m = json.loads((run_dir / "manifest.json").read_text())
     cmd = " ".join(["nice -n 15 .venv/bin/python bench/bench_eval.py eval", *sys.argv[2:]])
-    body = [f"`{cmd}`", "", f"Load at the end: `{uptime()}`.", "",
-            f"Run folder: `curate select {Path(m['config']['inputs'][0]).name} --no-prefect --model proxy --budget "
-            f"{args.budget} --seed 0` on a seeded {args.slice:,}-row Alpaca slice "
-            f"({(run_dir / 'select-seconds.txt').read_text().strip()} s); default recipe otherwise (kMQ).",
+    if args.run:
+        where = (f"Run folder `{run_dir}`: `curate select {Path(m['config']['inputs'][0]).name}` with recipe "
+                 f"strategy `{m['config']['select']['strategy']}`, scorers {m['config']['score']['scorers']}, model "
+                 f"`{m['config']['score']['model']}`, budget {m['config']['select']['budget']}; held-out reference: "
+                 "2,000 seeded Alpaca rows the run did not select (no arm trains on them).")
+    else:
+        where = (f"Run folder: `curate select {Path(m['config']['inputs'][0]).name} --no-prefect --model proxy "
+                 f"--budget {args.budget} --seed 0` on a seeded {args.slice:,}-row Alpaca slice "
+                 f"({(run_dir / 'select-seconds.txt').read_text().strip()} s); default recipe otherwise (kMQ).")
+    body = [f"`{cmd}`", "", f"Load at the end: `{uptime()}`.", "", where,
             f"Student `{Path(args.student).name}`, {plan.dtype}, {args.threads} threads; {args.seeds} seeds per arm; "
             f"{args.epochs} epoch(s), lr {args.lr}, batch {args.batch_size}, max_length {args.max_length}.",
             f"Reference sets ({args.reference_rows} rows each, seeded sample): LIMA train answers, Alpaca rows outside "
@@ -170,7 +196,9 @@ def evaluate(args: argparse.Namespace) -> None:
                 body.append(f"| {name} | {k} | {d['mean']:+.4f} | [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] | "
                             f"{d['verdict']} |")
     body += ["", f"**Verdict:** {doc['verdict_line']}"]
-    write_section(f"2. curate eval: Alpaca slice {args.slice:,}, budget {args.budget}", "\n".join(body))
+    title = (f"2. curate eval: {args.title or run_dir.name}" if args.run
+             else f"2. curate eval: Alpaca slice {args.slice:,}, budget {args.budget}")
+    write_section(title, "\n".join(body))
 
 
 def dry_run(args: argparse.Namespace) -> None:
@@ -227,6 +255,8 @@ def main() -> None:
     sp.add_argument("--threads", type=int, default=2)
     ev = sub.add_parser("eval")
     ev.add_argument("--student", default="smollm2-135m", help="Packaged name or an HF folder (e.g. a proxy).")
+    ev.add_argument("--run", default=None, help="Evaluate this existing run folder (pool = its records).")
+    ev.add_argument("--title", default=None, help="Section title for --run.")
     ev.add_argument("--slice", type=int, default=4000)
     ev.add_argument("--budget", type=int, default=200)
     ev.add_argument("--seeds", type=int, default=2)
