@@ -66,12 +66,13 @@ def prepare(work: Path) -> pl.DataFrame:
     from curate.cluster import default_k, kmeans
     from curate.config import load_recipe
     from curate.embed import embed
+    from curate.context import RunContext
     from curate.pipeline import open_run, stage_ingest
 
     t0 = time.perf_counter()
     recipe = load_recipe(None, {"inputs": [str(ALPACA)], "out": str(work / "run"), "report": False})
     run = open_run(recipe)
-    stage_ingest(run, recipe)
+    stage_ingest(RunContext(run, recipe))
     rec = pl.read_parquet(run.file("records.parquet"))
     log(f"ingested {rec.height} records in {time.perf_counter() - t0:.0f} s")
     X = embed(rec, model="minilm-static", view="user").vectors

@@ -142,6 +142,7 @@ def heldout_from_run(run_dir: Path, rows: int = 2000) -> Path:
 def evaluate(args: argparse.Namespace) -> None:
     if args.run:
         run_dir = Path(args.run)
+        OUT.mkdir(parents=True, exist_ok=True)
         refs = [str(LIMA), str(heldout_from_run(run_dir)), str(GSM8K)]
     else:
         run_dir = make_run(args)

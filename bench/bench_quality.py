@@ -285,7 +285,13 @@ def main() -> None:
     # the same source (and so the same cached proxy) as bench/bench_scorers.py
     proxy = args.model or ensure_default_proxy([{"messages": m} for m in read_alpaca(0, 40_000)], size="tiny")
     proxy_s = time.perf_counter() - t0
-    engine = load_engine(LMConfig(proxy, max_length=MAX_LENGTH))
+    dtype = "float32"
+    if args.model == "smollm2-135m":  # the packaged default scoring model, bf16 where this CPU runs it natively
+        from curate.lm.hf import resolve_dtype
+        from curate.lm.models import model_path
+
+        proxy, dtype = model_path("smollm2-135m"), resolve_dtype("auto")
+    engine = load_engine(LMConfig(proxy, max_length=MAX_LENGTH, dtype=dtype))
     n_params = sum(p.numel() for p in engine.model.parameters())
     embedder = load_embedder("minilm")
 
