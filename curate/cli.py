@@ -342,6 +342,7 @@ def plan(
     budget: int = typer.Option(None, "--budget", help="Rows to select."),
 ) -> None:
     """Estimate rows, tokens, engine calls, time and memory per stage, without running anything."""
+    from curate.plan import lm_rate_note
     from curate.plan import plan as make_plan
 
     recipe = _guard(_recipe, inputs, config, {
@@ -356,6 +357,9 @@ def plan(
     out.print(t)
     total = sum(s.seconds for s in stages)
     out.print(f"total: about {total / 60:.1f} min on 2 CPU cores (GPU: embed and score stages are far faster)")
+    note = lm_rate_note(recipe)
+    if note:
+        out.print(note)
 
 
 @app.command("eval")

@@ -1,7 +1,7 @@
 """The pipeline: one ordered list of stages, built once from the recipe, run the same way by every executor.
 
-    ingest -> embed[shard] -> cluster -> semdedup -> model -> score:<name>[shard] -> collect-scores -> select
-           -> export -> report            (semdedup moves after collect-scores when `semdedup.keep: score`)
+    ingest -> embed[shard] -> cluster -> semdedup -> model -> sample -> score:<name>[shard] -> collect-scores
+           -> select -> export -> report            (semdedup moves after collect-scores when `semdedup.keep: score`)
 
 A `Stage` declares what it reads and writes in the run folder (or in a store, as `@name`), the recipe sections
 and code modules its output depends on, and whether it runs per shard of the records. Everything an executor
@@ -167,10 +167,18 @@ def stage_model(ctx: RunContext) -> dict[str, Any]:
     return {"model": model, "fingerprint": model}
 
 
-def stage_sample(ctx: RunContext) -> dict[str, Any]:
+def stage_sample(ctx: RunContext, timed: tuple[str, ...] = ()) -> dict[str, Any]:
     """Which rows the LM scores: the whole pool, or (score.sample / score.minutes on a large pool) a sample
-    stratified by cluster -> score_sample.parquet. The rest is predicted after scoring (curate.distill)."""
-    from curate.distill import choose_sample, sample_size
+    stratified by cluster -> score_sample.parquet. The rest is predicted after scoring (curate.distill).
+
+    When `score.minutes` decides (no score.sample, no GPU, a pool over the whole-pool threshold), the rows that
+    fit are minutes x the rate MEASURED here: the `timed` scorers run through the run's engine on a fixed
+    calibration batch of pool rows (`CALIBRATION_ROWS`, chosen by the seed). With the assumed rate (curate.plan,
+    measured once on an idle machine) the README's main command took 25 min instead of ~10 on a loaded CPU
+    (issue #15). The rate, its calibration and
+    the assumed rate it replaced go to the manifest; the stage result is cached, so a re-run of the folder
+    reuses them. Only when the timing itself fails is the assumed rate used, and the manifest says why."""
+    from curate.distill import SMALL_POOL, choose_sample, sample_size
     from curate.plan import gpu_available, lm_rows_per_second
 
     cfg, run = ctx.recipe.score, ctx.run
@@ -179,13 +187,48 @@ def stage_sample(ctx: RunContext) -> dict[str, Any]:
     if run.file("clusters.parquet").exists():
         clusters = recs.join(pl.read_parquet(run.file("clusters.parquet")), on="id", how="left")["cluster"]
         clusters = clusters.fill_null(-1).to_numpy()
-    n = sample_size(recs.height, sample=cfg.sample, minutes=cfg.minutes, engine_is_gpu=gpu_available(),
-                    rows_per_second=lm_rows_per_second(ctx.recipe) if cfg.minutes else None)
+    gpu = gpu_available()
+    rate: dict[str, Any] | None = None
+    if cfg.minutes and cfg.sample is None and not gpu and recs.height > SMALL_POOL:
+        rate = _lm_rate(ctx, recs["id"], list(timed), lm_rows_per_second(ctx.recipe))
+    n = sample_size(recs.height, sample=cfg.sample, minutes=cfg.minutes, engine_is_gpu=gpu,
+                    rows_per_second=rate["rows_per_second"] if rate else None)
     ids = recs["id"].to_list() if n >= recs.height else choose_sample(recs["id"], clusters, n, ctx.recipe.seed)
     write_parquet(pl.DataFrame({"id": ids}, schema={"id": pl.String}).to_arrow(), run.file("score_sample.parquet"))
     run.set("score_sample", {"pool": recs.height, "sample": len(ids), "sample_option": cfg.sample,
-                             "minutes": cfg.minutes, "stratified_by": "cluster" if clusters is not None else None})
+                             "minutes": cfg.minutes, "stratified_by": "cluster" if clusters is not None else None,
+                             "rate": rate})
     return {"sample": len(ids), "pool": recs.height}
+
+
+#: pool rows timed to measure the LM scoring rate (after a warm-up on the first WARMUP_ROWS of them)
+CALIBRATION_ROWS = 32
+WARMUP_ROWS = 4
+
+
+def _lm_rate(ctx: RunContext, ids: pl.Series, timed: list[str], assumed: float | None) -> dict[str, Any]:
+    """Rows/s of the timed scorers together, measured on CALIBRATION_ROWS pool rows (lowest seeded hash rank,
+    so the same rows for the same pool and seed), or the assumed rate with the reason it was not measured.
+    The engine is loaded outside the timing: a model that cannot load fails the run here, as scoring would."""
+    from curate.distill import hash_rank
+    from curate.scoring.recipe import measure_rate
+
+    order = np.argsort(hash_rank(ids.to_list(), ctx.recipe.seed), kind="stable")[:CALIBRATION_ROWS]
+    calib = ids.gather(np.sort(order))
+    info: dict[str, Any] = {"source": "measured", "scorers": timed, "assumed_rows_per_second": assumed,
+                            "assumed_from": f"curate.plan PASS_RATES[{ctx.recipe.score.model!r}] / passes per row"}
+    if timed:
+        ctx.engine()  # load errors are the user's to see, not a reason to assume a rate
+    try:
+        if not timed:
+            raise ValueError("no scorer to time")
+        info.update(measure_rate(ctx, calib, timed, warmup=WARMUP_ROWS))
+        info["rows_per_second"] = round(info["rows_per_second"], 4)
+    except Exception as e:  # noqa: BLE001 - any failure of the timing falls back to the assumed rate, said so
+        if not assumed:
+            raise
+        info.update(source="assumed", rows_per_second=assumed, error=f"{type(e).__name__}: {e}")
+    return info
 
 
 def stage_score(ctx: RunContext, scorer_name: str, shard: Shard | None = None) -> dict[str, Any]:
@@ -286,14 +329,11 @@ def build_pipeline(recipe: Recipe) -> list[Stage]:
         stages.append(semdedup)
     names = ordered(recipe, recipe.score.scorers)
     lm = sampled(recipe)
-    if lm:
-        stages.append(S("sample", stage_sample, reads=("records.parquet", "clusters.parquet"),
-                        writes=("score_sample.parquet",), sections=("score.sample", "score.minutes", "score.model",
-                                                                    "seed"),
-                        modules=("curate.distill", "curate.plan")))
     if names and uses_engine(recipe):
         stages.append(S("model", stage_model, reads=("records.parquet",), writes=("@model",),
                         sections=("score.model", "seed"), modules=("curate.context",), cached=False))
+    if lm:
+        stages.append(sample_stage(recipe))
     for name in names:
         scorer = make_scorer(recipe, name)
         reads = ["records.parquet"] + ["@model"] * bool(scorer.needs.engine) + ["score_sample.parquet"] * (name in lm)
@@ -322,6 +362,26 @@ def build_pipeline(recipe: Recipe) -> list[Stage]:
         stages.append(S("report", stage_report, reads=("selected.parquet", "decisions.parquet", *pool_files),
                         writes=("report.html",), modules=("curate.report",)))
     return stages
+
+
+def sample_stage(recipe: Recipe) -> Stage:
+    """The sample stage. With `score.minutes` deciding (no `score.sample`) it times the LM scorers on the
+    run's model, so it reads the model (and the embeddings a timed scorer needs) and its key follows what
+    changes the rate: the scorers timed (its args), their params, engine kind, dtype and max_length."""
+    from curate.scoring.recipe import make_scorer, timed_scorers
+
+    sections: tuple[str, ...] = ("score.sample", "score.minutes", "score.model", "seed")
+    reads: tuple[str, ...] = ("records.parquet", "clusters.parquet")
+    modules: tuple[str, ...] = ("curate.distill", "curate.plan")
+    timed: tuple[str, ...] = ()
+    if recipe.score.minutes is not None and recipe.score.sample is None:
+        timed = tuple(timed_scorers(recipe))
+        scorers = [make_scorer(recipe, n) for n in timed]
+        sections += ("score.engine", "score.dtype", "score.max_length", *(f"score.params.{n}" for n in timed))
+        reads += ("@model",) + ("@embeddings",) * any(s.needs.embeddings for s in scorers)
+        modules += ("curate.scoring.recipe", "curate.context", *sorted({type(s).__module__ for s in scorers}))
+    return Stage("sample", stage_sample, reads=reads, writes=("score_sample.parquet",), sections=sections,
+                 modules=modules, args=(timed,) if timed else ())
 
 
 def dependencies(stages: list[Stage]) -> dict[str, list[str]]:

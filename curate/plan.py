@@ -7,7 +7,8 @@ changes the embed and score rows. Treat the output as an order of magnitude, not
 One-off work is priced too, only when it will happen (issue #13: a 200-row run planned at 6 s took 5 min):
 start-up (imports), the Prefect server, distilling the static embedder, training the proxy LM, converting a
 packaged model (SmolLM2). With `score.sample` / `score.minutes` the LM scores a stratified sample and
-`curate.distill` predicts the rest: the plan prices both parts.
+`curate.distill` predicts the rest: the plan prices both parts. The LM rate here is an assumption
+(`lm_rate_note` says so in the output); a run measures it before sizing the sample.
 """
 
 from __future__ import annotations
@@ -96,9 +97,26 @@ def pass_rate(model: str, bytes_per_row: float = REF_BYTES_PER_ROW) -> float:
 def lm_rows_per_second(recipe: Recipe, bytes_per_row: float = REF_BYTES_PER_ROW) -> float | None:
     """Rows per second through every LM scorer of the recipe together (None when no scorer uses the LM).
 
-    This is the assumed rate `score.minutes` is turned into rows with (curate.distill.sample_size)."""
+    Assumed (no model is loaded to plan): a run measures the rate instead (curate.pipeline.stage_sample) and
+    falls back to this only when that timing fails."""
     passes = sum(CALLS_PER_ROW.get(n, 1) for n in recipe.score.scorers)
     return pass_rate(recipe.score.model, bytes_per_row) / passes if passes else None
+
+
+def lm_rate_note(recipe: Recipe, bytes_per_row: float = REF_BYTES_PER_ROW) -> str | None:
+    """The plan's LM rate is ASSUMED (PASS_RATES, measured once on an idle machine; no model is loaded to
+    plan). A run does not use it: its sample stage times the scorers on the real engine and sizes the sample
+    by `score.minutes` from that (curate.pipeline.stage_sample). None when no scorer uses an LM."""
+    rps = lm_rows_per_second(recipe, bytes_per_row)
+    if rps is None:
+        return None
+    lm = ", ".join(n for n in recipe.score.scorers if CALLS_PER_ROW.get(n, 1))
+    note = (f"LM scoring rate assumed, not measured: {rps:.1f} rows/s on Alpaca-sized rows for {lm} with "
+            f"{recipe.score.model!r} on 2 idle CPU cores.")
+    if recipe.score.minutes is not None and recipe.score.sample is None:
+        note += (f" The run measures the real rate on a few pool rows and scores as many rows as fit in "
+                 f"score.minutes ({recipe.score.minutes:g}); the manifest's score_sample.rate records it.")
+    return note
 
 
 def gpu_available() -> bool:

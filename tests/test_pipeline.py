@@ -175,3 +175,51 @@ def test_sample_then_distill_is_deterministic_and_resumes_from_the_store(sampled
     assert again.manifest["scoring"]["scorers"]["ifd"]["computed"] == 0  # the LM part came from the store
     assert pl.read_parquet(run.file("selected.parquet"))["id"].sort().equals(
         pl.read_parquet(again.file("selected.parquet"))["id"].sort())
+
+
+@pytest.fixture(scope="module")
+def timed_run(tiny_lm, tmp_path_factory):
+    """The whole bundled sample (3,675 rows, over the whole-pool threshold) with `score.minutes` deciding the
+    sample: the run measures the LM rate itself."""
+    out = tmp_path_factory.mktemp("runs") / "timed"
+    recipe = load_recipe(None, {"inputs": [str(SAMPLE)], "out": str(out), "seed": 0, "score.model": tiny_lm,
+                                "score.scorers": ["heuristics", "ifd"], "score.minutes": 0.25,
+                                "embed.model": "minilm-static", "select.budget": 200, "report": False})
+    return run_direct(recipe), recipe
+
+
+def test_score_minutes_uses_the_rate_measured_in_the_run(timed_run):
+    """Issue #15: `score.minutes` is turned into rows with a rate timed on the run's engine (not the assumed
+    one), recorded in the manifest; the sample is exactly what that rate buys, within sample_size's clamps."""
+    from curate.distill import MIN_SAMPLE, SMALL_POOL
+    from curate.pipeline import CALIBRATION_ROWS
+    from curate.plan import lm_rows_per_second
+
+    run, recipe = timed_run
+    info = run.manifest["score_sample"]
+    rate = info["rate"]
+    assert info["pool"] > SMALL_POOL
+    assert rate["source"] == "measured" and "error" not in rate
+    assert rate["rows_per_second"] > 0 and rate["calibration_rows"] == CALIBRATION_ROWS
+    assert rate["calibration_seconds"] > 0 and rate["scorers"] == ["ifd"]
+    assert rate["assumed_rows_per_second"] == lm_rows_per_second(recipe)  # what it replaced
+    assert abs(rate["rows_per_second"] - CALIBRATION_ROWS / rate["calibration_seconds"]) < 0.01 * rate[
+        "rows_per_second"] + 0.01
+    want = min(info["pool"], max(MIN_SAMPLE, int(0.25 * 60 * rate["rows_per_second"])))
+    sample = pl.read_parquet(run.file("score_sample.parquet"))
+    assert info["sample"] == sample.height == want
+    sc = pl.read_parquet(run.file("scores.parquet"))
+    assert sc.filter(~pl.col("score_predicted")).height == want  # exactly the sample was computed
+
+
+def test_a_rerun_reuses_the_measured_rate(timed_run):
+    """The measurement is the sample stage's cached result: a re-run of the folder does not time again and
+    gives the same sample, scores and selection."""
+    run, recipe = timed_run
+    before = {n: run.file(n).read_bytes() for n in ("score_sample.parquet", "scores.parquet", "selected.parquet")}
+    rate = run.manifest["score_sample"]
+    again = run_direct(recipe)
+    assert again.manifest["executor"]["tasks"]["sample"] == "Cached"
+    assert again.manifest["score_sample"] == rate
+    for name, data in before.items():
+        assert again.file(name).read_bytes() == data, name

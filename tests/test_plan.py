@@ -33,6 +33,7 @@ def test_plan_cli_prints_a_table():
     res = CliRunner().invoke(app, ["plan", str(SAMPLE), "--strategy", "iterative", "--budget", "500"])
     assert res.exit_code == 0, res.output
     assert "select:feedback" in res.output and "total: about" in res.output
+    assert "LM scoring rate assumed, not measured" in res.output  # the run measures it (issue #15)
 
 
 def test_plan_prices_one_off_work_and_the_sample_then_distill_split(tmp_path, monkeypatch):

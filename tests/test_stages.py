@@ -43,9 +43,12 @@ def test_dependencies_follow_reads_and_writes():
     deps = dependencies(stages)
     assert deps["score:heuristics"] == ["ingest"]  # runs beside the embedding shards
     assert deps["score:ifd"] == ["ingest", "model", "sample"]
-    assert deps["sample"] == ["cluster", "ingest"]
+    assert deps["sample"] == ["cluster", "ingest", "model"]  # score.minutes: it times the LM scorers
     assert set(deps["select"]) >= {"ingest", "embed", "cluster", "semdedup", "collect-scores", "model"}
     assert deps["cluster"] == ["embed", "ingest"]
+    # a sample size given in rows needs no timing, so no model
+    fixed = dependencies(build_pipeline(load_recipe(None, {"score.scorers": ["ifd"], "score.sample": 500})))
+    assert fixed["sample"] == ["cluster", "ingest"]
 
 
 def test_unknown_scorer_is_named_as_typed():

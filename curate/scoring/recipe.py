@@ -51,6 +51,65 @@ def sampled(recipe: Any) -> list[str]:
     return out
 
 
+def timed_scorers(recipe: Any) -> list[str]:
+    """The scorers whose work grows with the LM sample, in the order they run: the sampled scorers and the
+    unconfigured scorers they read (computed on the same rows). Their summed time per row is what
+    `score.minutes` buys (`measure_rate`)."""
+    lm = sampled(recipe)
+    configured = set(recipe.score.scorers)
+    return [n for n in ordered(recipe, _with_deps(recipe, lm)) if n in lm or n not in configured]
+
+
+def measure_rate(ctx: RunContext, ids: pl.Series | list[str], scorers: list[str], warmup: int = 4) -> dict[str, Any]:
+    """Rows per second of `scorers` together on this machine, now: each scorer is run as the score stage runs
+    it (the run's engine, its batch code, the same record columns) on the rows `ids`, once untimed on the first
+    `warmup` rows (the first call pays for kernel set-up), then timed on all of them.
+
+    The score store is neither read nor written: a stored row would time as free. Scorers the timed ones read
+    but that are not timed (configured rule scorers, computed for every row anyway) run untimed.
+    Returns {rows_per_second, calibration_rows, calibration_seconds, warmup_seconds, scorer_seconds}.
+    """
+    from curate.scoring.contract import ScoreContext
+
+    recipe = ctx.recipe
+    names = ordered(recipe, _with_deps(recipe, list(scorers)))
+    rows = ctx.records().join(pl.DataFrame({"id": pl.Series(ids, dtype=pl.String)}), on="id", how="semi")
+    if rows.height == 0:
+        raise ValueError("no calibration rows")
+    instances = {n: make_scorer(ctx, n) for n in names}
+    engine = ctx.engine() if any(s.needs.engine for s in instances.values()) else None
+
+    def run_all(batch: pl.DataFrame) -> dict[str, float]:
+        outs: dict[str, pl.DataFrame] = {}
+        secs: dict[str, float] = {}
+        for n in names:
+            scorer = instances[n]
+            kw: dict[str, Any] = {"engine": engine if scorer.needs.engine else None}
+            if scorer.needs.embeddings:
+                kw["pool_embeddings"] = ctx.vectors(scorer.needs.embeddings)
+                kw["embeddings"] = ctx.vectors_of(batch["id"], scorer.needs.embeddings)
+            if scorer.needs.scores:
+                kw["scores"] = pl.concat([outs[d] for d in scorer.needs.scores], how="horizontal")
+            t0 = time.perf_counter()
+            out = scorer.score(batch, ScoreContext(**kw)).select(scorer.writes)
+            secs[n] = time.perf_counter() - t0
+            if scorer.pool_writes:  # what a reader of this scorer gets: per-row and pool columns
+                out = scorer.finalize(out.insert_column(0, batch["id"])).select(scorer.columns)
+            outs[n] = out
+        return secs
+
+    t0 = time.perf_counter()
+    run_all(rows.head(max(1, warmup)))
+    warm = time.perf_counter() - t0
+    secs = run_all(rows)
+    total = sum(secs[n] for n in scorers)
+    if not total > 0:
+        raise ValueError(f"calibration took {total} s")
+    return {"rows_per_second": rows.height / total, "calibration_rows": rows.height,
+            "calibration_seconds": round(total, 3), "warmup_seconds": round(warm, 3),
+            "scorer_seconds": {n: round(secs[n], 3) for n in scorers}}
+
+
 def sample_ids(ctx: RunContext) -> pl.Series | None:
     """The ids the LM scores (score_sample.parquet, written by the sample stage), or None: every row."""
     path = ctx.run.file("score_sample.parquet")
