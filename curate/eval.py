@@ -600,6 +600,7 @@ def summarize(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]]) ->
     arms = sorted({a for a, _ in results}, key=ARMS.index)
     seeds = {a: sorted(s for b, s in results if b == a) for a in arms}
     out: dict[str, Any] = {}
+    family: list[tuple[dict[str, Any], np.ndarray, int, int]] = []  # (diff entry, bootstrap, sign, digits)
     for ref in plan.references:
         n = len(ref.convs)
         nll = {a: np.array([results[(a, s)]["references"][ref.name]["nll"] for s in seeds[a]]) for a in arms}
@@ -623,6 +624,8 @@ def summarize(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]]) ->
                 d = boot[a] - boot[b]
                 mean = entry["loss"][a]["mean"] - entry["loss"][b]["mean"]
                 entry["diff"][f"{a} - {b}"] = {"mean": round(mean, 5), "ci": _ci(d), "verdict": _verdict(_ci(d), -1)}
+                if (a, b) == ("selected", "random_tokens"):
+                    family.append((entry["diff"][f"{a} - {b}"], d, -1, 5))
         qa = results[(arms[0], seeds[arms[0]][0])]["references"][ref.name].get("qa_rows")
         if qa:
             acc = {a: np.array([results[(a, s)]["references"][ref.name]["correct"] for s in seeds[a]], float)
@@ -638,12 +641,19 @@ def summarize(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]]) ->
                     ci = _ci(bootacc[a] - bootacc[b], 4)
                     entry["accuracy"]["diff"][f"{a} - {b}"] = {
                         "mean": round(float(acc[a].mean() - acc[b].mean()), 4), "ci": ci, "verdict": _verdict(ci, 1)}
+                    if (a, b) == ("selected", "random_tokens"):
+                        family.append((entry["accuracy"]["diff"][f"{a} - {b}"], bootacc[a] - bootacc[b], 1, 4))
         out[ref.name] = entry
+    # the overall verdict weighs m comparisons (every reference's loss, and exact match where measured): each
+    # gets a (1 - 0.05/m) interval (Bonferroni), so one lucky set out of several does not make a "better"
+    for d, boot, sign, digits in family:
+        ci = _ci(boot, digits, alpha=0.05 / len(family))
+        d["family"] = {"comparisons": len(family), "ci": ci, "verdict": _verdict(ci, sign)}
     return out
 
 
-def _ci(x: np.ndarray, digits: int = 5) -> list[float]:
-    lo, hi = np.percentile(x, [2.5, 97.5])
+def _ci(x: np.ndarray, digits: int = 5, alpha: float = 0.05) -> list[float]:
+    lo, hi = np.percentile(x, [50 * alpha, 100 - 50 * alpha])
     return [round(float(lo), digits), round(float(hi), digits)]
 
 
@@ -659,17 +669,18 @@ def _verdict(ci: list[float], better_sign: int) -> str:
 
 def verdict_line(summary: dict[str, Any]) -> tuple[str, str]:
     """(overall, line): the subset against random at equal tokens, over every reference set's loss (and
-    accuracy where measured). Overall: better / worse when some set says so and none says the opposite,
+    accuracy where measured). Each set's own verdict uses its 95% interval; the overall one uses the
+    Bonferroni-widened intervals (`family`): better / worse when some set says so and none says the opposite,
     no different when all agree on that, else mixed."""
     parts, words = [], []
     for name, e in summary.items():
         d = e["diff"].get("selected - random_tokens")
         if d:
-            words.append(d["verdict"])
+            words.append(d.get("family", d)["verdict"])
             parts.append(f"{d['verdict']} on {name} (loss {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}])")
         a = e.get("accuracy", {}).get("diff", {}).get("selected - random_tokens")
         if a:
-            words.append(a["verdict"])
+            words.append(a.get("family", a)["verdict"])
             parts.append(f"{a['verdict']} on {name} exact match ({a['mean']:+.3f} [{a['ci'][0]:+.3f}, "
                          f"{a['ci'][1]:+.3f}])")
     if not words:
@@ -677,7 +688,8 @@ def verdict_line(summary: dict[str, Any]) -> tuple[str, str]:
     s = set(words)
     overall = ("better" if "better" in s and "worse" not in s else "worse" if "worse" in s and "better" not in s
                else "no different" if s == {"no different"} else "mixed")
-    return overall, f"selected vs random at equal tokens: {overall} — " + "; ".join(parts)
+    how = f" (over {len(words)} comparisons, Bonferroni)" if len(words) > 1 else ""
+    return overall, f"selected vs random at equal tokens: {overall}{how} — " + "; ".join(parts)
 
 
 # -- cost ---------------------------------------------------------------------------------------------------

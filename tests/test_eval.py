@@ -293,3 +293,33 @@ def test_lora_fine_tune_merges_and_learns(plan, tiny_lm):
     base = response_losses(_engine(tiny_lm, None, None, cfg, "float32"), convs)
     assert tuned[0].sum() / tuned[1].sum() < base[0].sum() / base[1].sum() - 0.05
     assert stats["steps"] == 6
+
+
+def test_overall_verdict_is_corrected_for_several_comparisons():
+    """One reference set whose 95% interval just excludes zero, among several that do not, is not 'better'
+    overall: the overall verdict uses Bonferroni-widened intervals from the same bootstrap."""
+    import numpy as np
+
+    from curate.eval import _ci, _verdict, verdict_line
+
+    rng = np.random.default_rng(0)
+    boot = rng.normal(-0.006, 0.0027, 20000)  # 95% CI about [-0.0113, -0.0007]: 'better' on its own
+    ci95, ci_fam = _ci(boot), _ci(boot, alpha=0.05 / 4)
+    assert ci95[1] < 0 < ci_fam[1] and ci_fam[0] < ci95[0]
+
+    def entry(b: np.ndarray, m: int) -> dict:
+        ci = _ci(b)
+        fam = _ci(b, alpha=0.05 / m)
+        return {"diff": {"selected - random_tokens": {"mean": float(b.mean()), "ci": ci, "verdict": _verdict(ci, -1),
+                                                       "family": {"ci": fam, "verdict": _verdict(fam, -1)}}}}
+
+    flat = [rng.normal(0.0, 0.003, 20000) for _ in range(3)]
+    summary = {"a": entry(boot, 4), **{f"r{i}": entry(b, 4) for i, b in enumerate(flat)}}
+    assert summary["a"]["diff"]["selected - random_tokens"]["verdict"] == "better"
+    overall, line = verdict_line(summary)
+    assert overall == "no different", line
+    assert "over 4 comparisons, Bonferroni" in line and "better on a" in line
+    # a difference far beyond every interval stays 'better' after the correction
+    strong = rng.normal(-0.05, 0.003, 20000)
+    overall, _ = verdict_line({"a": entry(strong, 4), **{f"r{i}": entry(b, 4) for i, b in enumerate(flat)}})
+    assert overall == "better"
