@@ -195,7 +195,9 @@ def start_migrated(srv: Any, timeout: int) -> None:
     if ready.exists() and (db is None or db.exists()):
         srv.start(timeout=timeout)
         return
-    with _exclusive(home / ".curate-migrate.lock", wait=2 * timeout + 60,
+    # the holder's own start is bounded by `timeout`, counted by Prefect in sleeps that a starved 2-core box
+    # stretches many times over (seen: a migration of ~20 s idle took over 5 min): wait generously, never forever
+    with _exclusive(home / ".curate-migrate.lock", wait=10 * timeout,
                     holder="another curate run that is creating Prefect's database"):
         srv.start(timeout=timeout)  # migrates (a no-op if a run that held the lock before did it)
         ready.touch()
