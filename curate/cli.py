@@ -496,9 +496,12 @@ def serve(
     config: Path = ConfigOpt,
 ) -> None:
     """Serve the scheduled flow: on each tick, embed/score only new rows and re-select over the whole pool."""
+    from curate.validate import watch_recipe
+
+    recipe = _guard(watch_recipe, watch, out_dir, config)  # checked as `curate select` checks, before Prefect
     from flows.serve import serve_command
 
-    _guard(serve_command, watch, out_dir, cron=cron, config=config)
+    _guard(serve_command, recipe, cron=cron)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from curate.config import Recipe, RecipeError
 
@@ -42,6 +43,29 @@ def validate_recipe(recipe: Recipe, *, outputs: bool = True, selection: bool = T
             raise RecipeError(f"cache folder {os.environ.get('CURATE_CACHE_DIR', '.curate')}: cannot be created "
                               f"({e.strerror or e}); set CURATE_CACHE_DIR to a writable folder") from None
         check_writable_dir(cache, "cache folder (CURATE_CACHE_DIR)")
+
+
+def watch_recipe(watch: str | Path, out: str | Path, config: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> Recipe:
+    """The recipe `curate serve` schedules: `config` (optional YAML) + overrides, inputs = [watch], out = out.
+
+    Checked as a whole like `curate select`'s (validate_recipe) before any Prefect work, so a bad recipe is one
+    line at start-up, not a failed run at every tick; only the folder's files are not checked: it may be empty
+    until data lands, and each run reports what it cannot read.
+    """
+    from curate.config import load_recipe
+    from curate.io.readers import InputError
+
+    folder = Path(watch).expanduser()
+    if not folder.is_dir():
+        raise RecipeError(f"{folder}: watched folder not found (create it; new data files land there)")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise InputError(f"{folder}: permission denied (the watched folder must be readable)")
+    recipe = load_recipe(config, overrides)
+    recipe.inputs = [str(folder.resolve())]
+    recipe.out = str(Path(out).expanduser().resolve())
+    validate_recipe(recipe.model_copy(update={"inputs": []}))
+    return recipe
 
 
 def _check_selection(recipe: Recipe) -> None:

@@ -30,7 +30,7 @@ from curate import pipeline as P
 from curate.config import Recipe
 from curate.run import Run
 from flows.runners import _default_runner, _retry_transient, task_runner
-from flows.server import ensure_api
+from flows.server import ensure_api, settle_task_runs
 
 _RETRY: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": _retry_transient}
 
@@ -151,6 +151,11 @@ def run_flow(recipe: Recipe) -> Run:
     url = ensure_api()
     runner = task_runner(recipe)
     with temporary_settings({PREFECT_API_URL: url}):
-        curate_flow.with_options(task_runner=runner, flow_run_name=f"curate-{Path(recipe.out).name}")(
-            recipe.model_dump(mode="json"))
+        state = curate_flow.with_options(task_runner=runner, flow_run_name=f"curate-{Path(recipe.out).name}")(
+            recipe.model_dump(mode="json"), return_state=True)
+        tasks = None
+        try:
+            tasks = len(state.result()["tasks"])  # raises the failing stage's own exception
+        finally:  # our ephemeral server stops at exit: first let it record the last task runs
+            settle_task_runs(state.state_details.flow_run_id, tasks)
     return Run(recipe.out)

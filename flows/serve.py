@@ -13,23 +13,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from curate.config import Recipe, load_recipe
+from curate.config import Recipe
+from curate.validate import watch_recipe  # noqa: F401  (the recipe serve_command takes, checked before Prefect)
 from flows.pipeline import curate_flow  # sets Prefect's environment before prefect is imported
-
-
-def watch_recipe(watch: str | Path, out: str | Path, config: str | Path | None = None,
-                 overrides: dict[str, Any] | None = None) -> Recipe:
-    """The recipe of a watched folder: `config` (optional YAML) + overrides, inputs = [watch], out = out."""
-    folder = Path(watch).expanduser()
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: watched folder not found (create it; new data files land there)")
-    recipe = load_recipe(config, overrides)
-    recipe.inputs = [str(folder.resolve())]
-    recipe.out = str(Path(out).expanduser().resolve())
-    return recipe
 
 
 def check_cron(cron: str) -> str:
@@ -86,13 +74,12 @@ def start_local_server(port: int = 4200, timeout: float = 120.0) -> tuple[subpro
     raise ValueError(f"prefect server did not answer on {url} within {timeout:.0f} s")
 
 
-def serve_command(watch: Path, out: Path, cron: str = "0 * * * *", config: Path | None = None,
-                  name: str = "curate-serve", port: int = 4200) -> None:
-    """Serve the scheduled deployment until interrupted (Ctrl-C); starts a local server when none is set."""
+def serve_command(recipe: Recipe, cron: str = "0 * * * *", name: str = "curate-serve", port: int = 4200) -> None:
+    """Serve the scheduled deployment of `recipe` (from `watch_recipe`: already checked) until interrupted
+    (Ctrl-C); starts a local server when none is set."""
     from prefect import serve
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    recipe = watch_recipe(watch, out, config)
     deployment = make_deployment(recipe, cron, name)
     server, url = None, os.environ.get("PREFECT_API_URL")
     if not url:

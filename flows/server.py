@@ -7,8 +7,11 @@ module is imported, before anything imports prefect (flows.pipeline imports this
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +125,7 @@ def ensure_api() -> str:
     record: list[Path] = []
     atexit.register(lambda: [p.unlink(missing_ok=True) for p in record])  # runs after the server's own stop
     srv = SubprocessASGIServer()
-    srv.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+    start_migrated(srv, int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
     me, proc = psutil.Process(), srv.server_process
     if proc is not None:
         path = _servers_dir() / f"{proc.pid}.json"
@@ -132,6 +135,104 @@ def ensure_api() -> str:
     _OWN_SERVER = srv
     os.environ["PREFECT_API_URL"] = srv.api_url  # inherited by worker processes spawned from here on
     return srv.api_url
+
+
+def settle_task_runs(flow_run_id: Any, expected: int | None, timeout: float = 60.0) -> bool:
+    """Before our ephemeral server stops: wait until it has recorded the flow run's task runs.
+
+    Task runs reach the DB as events that the server's task-run recorder writes one at a time, behind the flow.
+    A fast (fully cached) run ended while the recorder was still writing; stopping the server then cancelled the
+    write, which Prefect logs as "Error flushing N events" with a traceback (and the task runs were lost). So
+    wait until `expected` task runs are final, or, after a failure (some tasks never ran, so never end), until
+    what is recorded stops changing between two polls. A server we did not start keeps running: no wait.
+    Returns whether it settled within `timeout`.
+    """
+    if _OWN_SERVER is None or flow_run_id is None:
+        return True
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    deadline, previous = time.monotonic() + timeout, None
+    try:
+        with get_client(sync_client=True) as client:
+            while True:
+                runs, page = [], None
+                while page is None or len(page) == 200:
+                    page = client.read_task_runs(flow_run_filter=only, limit=200, offset=len(runs))
+                    runs += page
+                if expected is not None:
+                    if len(runs) >= expected and all(r.state is not None and r.state.is_final() for r in runs):
+                        return True
+                else:
+                    seen = sorted((str(r.id), str(r.state_type), str(r.state_name)) for r in runs)
+                    if seen == previous:
+                        return True
+                    previous = seen
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.25 if expected is not None else 0.5)
+    except Exception:  # noqa: BLE001 - a server that cannot answer has nothing left to record
+        return False
+
+
+def start_migrated(srv: Any, timeout: int) -> None:
+    """Start an ephemeral server; the first one on a Prefect home creates and migrates its DB under a file lock.
+
+    Each server runs Prefect's migrations when it starts. Two first runs at once on one cache both migrated the
+    new SQLite DB: one failed ("duplicate column name", a traceback on the terminal) and could leave the DB half
+    migrated. So until a server of this Prefect version has started once on this home, starting one holds an
+    exclusive lock (fcntl, released by the kernel if the process dies); later starts find the DB at head and
+    take no lock, so concurrent runs on a migrated cache do not queue behind each other.
+    """
+    import prefect
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    ready = home / f".curate-migrated-{prefect.__version__}"
+    db = _sqlite_file()
+    if ready.exists() and (db is None or db.exists()):
+        srv.start(timeout=timeout)
+        return
+    # the holder's own start is bounded by `timeout`, counted by Prefect in sleeps that a starved 2-core box
+    # stretches many times over (seen: a migration of ~20 s idle took over 5 min): wait generously, never forever
+    with _exclusive(home / ".curate-migrate.lock", wait=10 * timeout,
+                    holder="another curate run that is creating Prefect's database"):
+        srv.start(timeout=timeout)  # migrates (a no-op if a run that held the lock before did it)
+        ready.touch()
+
+
+def _sqlite_file() -> Path | None:
+    """The SQLite file of Prefect's server DB (None: another database, whose migrations are not ours to guard)."""
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+    from sqlalchemy.engine import make_url
+
+    url = make_url(str(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()))
+    return Path(url.database).expanduser() if url.get_backend_name() == "sqlite" and url.database else None
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, wait: float, holder: str) -> Iterator[None]:
+    """An exclusive fcntl lock on `path`, waited for at most `wait` seconds (then a clear error, not a hang)."""
+    import errno
+    import fcntl
+
+    with open(path, "a+") as fh:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(errno.ETIMEDOUT, f"still locked after {wait:.0f} s by {holder}",
+                                       str(path)) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _check_reachable(url: str) -> None:
