@@ -143,11 +143,13 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.run:
         run_dir = Path(args.run)
         OUT.mkdir(parents=True, exist_ok=True)
-        refs = [str(LIMA), str(heldout_from_run(run_dir)), str(GSM8K)]
+        held = Path(args.heldout) if args.heldout else heldout_from_run(run_dir)
+        refs = [str(LIMA), str(held), str(GSM8K)]
     else:
         run_dir = make_run(args)
         refs = [str(LIMA), str(OUT / "alpaca-heldout.jsonl"), str(GSM8K)]
-    cfg = EvalConfig(student=args.student, seeds=args.seeds, epochs=args.epochs, max_steps=args.max_steps,
+    arms = {"arms": tuple(args.arms.split(","))} if args.arms else {}
+    cfg = EvalConfig(student=args.student, seeds=args.seeds, epochs=args.epochs, max_steps=args.max_steps, **arms,
                      lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, threads=args.threads,
                      reference_rows=args.reference_rows, accuracy_rows=args.accuracy_rows,
                      gen_tokens=args.gen_tokens)
@@ -161,12 +163,15 @@ def evaluate(args: argparse.Namespace) -> None:
     doc = run_eval(run_dir, plan=plan, on_unit=lambda a, s, r: print(a, s, r["seconds"], flush=True))
     wall = time.perf_counter() - t0
     m = json.loads((run_dir / "manifest.json").read_text())
-    cmd = " ".join(["nice -n 15 .venv/bin/python bench/bench_eval.py eval", *sys.argv[2:]])
+    cmd = " ".join([".venv/bin/python bench/bench_eval.py eval", *sys.argv[2:]])
     if args.run:
         where = (f"Run folder `{run_dir}`: `curate select {Path(m['config']['inputs'][0]).name}` with recipe "
                  f"strategy `{m['config']['select']['strategy']}`, scorers {m['config']['score']['scorers']}, model "
                  f"`{m['config']['score']['model']}`, budget {m['config']['select']['budget']}; held-out reference: "
-                 "2,000 seeded Alpaca rows the run did not select (no arm trains on them).")
+                 + (f"`{Path(args.heldout).name}` (rows another run did not select, shared so that strategies are "
+                    "compared on the same rows; random arms never train on them, the subset's overlap is "
+                    f"{doc['arms']['selected-seed0'].get('reference_overlap', '?')} rows)" if args.heldout else
+                    "2,000 seeded Alpaca rows the run did not select (no arm trains on them)."))
     else:
         where = (f"Run folder: `curate select {Path(m['config']['inputs'][0]).name} --no-prefect --model proxy "
                  f"--budget {args.budget} --seed 0` on a seeded {args.slice:,}-row Alpaca slice "
@@ -258,6 +263,9 @@ def main() -> None:
     ev.add_argument("--student", default="smollm2-135m", help="Packaged name or an HF folder (e.g. a proxy).")
     ev.add_argument("--run", default=None, help="Evaluate this existing run folder (pool = its records).")
     ev.add_argument("--title", default=None, help="Section title for --run.")
+    ev.add_argument("--heldout", default=None, help="Held-out reference file for --run (default: drawn from the "
+                    "run's unselected rows); give another run's to compare strategies on the same rows.")
+    ev.add_argument("--arms", default=None, help="Comma-separated arms (default: all).")
     ev.add_argument("--slice", type=int, default=4000)
     ev.add_argument("--budget", type=int, default=200)
     ev.add_argument("--seeds", type=int, default=2)
