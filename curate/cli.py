@@ -437,11 +437,13 @@ def proxy_finetune(
     data: str = typer.Argument(..., help="The subset to fine-tune on, e.g. RUN/selected.parquet."),
     out_dir: Path = typer.Option(..., "--out", "-o"),
     epochs: float = typer.Option(1.0, "--epochs"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Supervised fine-tuning on a subset (prompt tokens masked): the feedback signal for selection."""
+    """Supervised fine-tuning on a subset (loss on answer tokens only; the fine-tune `curate eval` runs)."""
     from curate.lm.proxy import finetune_proxy
 
-    out.print(f"wrote {_guard(finetune_proxy, base, data, out_dir, epochs=epochs)}")
+    out.print(f"wrote {_guard(finetune_proxy, base, data, out_dir, epochs=epochs, lr=lr, seed=seed)}")
 
 
 @proxy_app.command("eval")

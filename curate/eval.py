@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -44,6 +43,9 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+
+# the one fine-tune path (also `curate proxy finetune` and the iterative feedback); re-exported under these names
+from curate.lm.finetune import FinetuneConfig, _set_threads, finetune, resolve_dtype, training_chat_template
 
 EVAL_VERSION = 2  # bump when a unit's numbers would change for the same inputs
 ARMS = ("selected", "random_rows", "random_tokens", "random_length", "base")
@@ -91,6 +93,10 @@ class EvalConfig:
             raise ValueError(f"max_length must be >= 16, got {self.max_length}")
         if self.accuracy_rows and self.gen_tokens >= self.max_length:
             raise ValueError(f"gen_tokens ({self.gen_tokens}) must be below max_length ({self.max_length})")
+
+    def finetune_config(self) -> FinetuneConfig:
+        """The fine-tune settings of each unit (`curate.lm.finetune`)."""
+        return FinetuneConfig.of(self)
 
     def training_key(self) -> dict[str, Any]:
         keys = ("epochs", "max_steps", "lr", "batch_size", "max_length", "lora", "lora_r", "dtype")
@@ -164,90 +170,6 @@ def _student_id(path: str) -> str:
     from curate.lm.base import weights_fingerprint
 
     return weights_fingerprint(path) if Path(path).exists() else path
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX): there bf16 is ~3x float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def resolve_dtype(dtype: str) -> str:
-    import torch
-
-    if dtype != "auto":
-        return dtype
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if cpu_has_bf16() else "float32"
-
-
-def _set_threads(n: int) -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, n))
-
-
-# -- chat template with generation markers -----------------------------------------------------------------
-def _chatml_training_template(bos: bool, default_system: str | None) -> str:
-    sys_block = ("{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n" + default_system
-                 + "<|im_end|>\n{% endif %}") if default_system is not None else ""
-    return (("{{ bos_token }}" if bos else "") + "{% for m in messages %}" + sys_block
-            + "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ m['content'] }}"
-            "<|im_end|>{% endgeneration %}{{ '\\n' }}"  # a literal newline after a block tag would be trimmed
-            "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-            "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-_PROBES: list[list[Message]] = [
-    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-     {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2 x"}],
-    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}],
-]
-
-
-def training_chat_template(tokenizer: Any) -> str:
-    """The student's chat template with `{% generation %}` markers around each assistant turn's content and
-    end-of-turn token, rendering byte-identical text (checked on probe conversations).
-
-    Order: the template itself if it has markers; TRL's patched template for families it knows; a ChatML
-    template (curate's test/proxy models, SmolLM2, Qwen-style default system prompt) when it renders the same.
-    """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    own = tokenizer.chat_template
-    if not own:
-        raise ValueError("the student's tokenizer has no chat template; assistant-only loss needs one")
-    if has_generation_markers(own):
-        return own
-    try:
-        patched = get_training_chat_template(tokenizer)
-        if patched:
-            return patched
-    except ValueError:
-        pass
-
-    def render(template: str, msgs: list[Message], gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=template)
-
-    first = render(own, _PROBES[0], False)
-    for bos in (False, True):  # SmolLM2's BOS is <|im_start|> itself: try both readings
-        if bos and not (tokenizer.bos_token and first.startswith(tokenizer.bos_token)):
-            continue
-        body = first[len(tokenizer.bos_token):] if bos else first
-        default_system = None
-        if body.startswith("<|im_start|>system\n") and "<|im_end|>" in body:
-            default_system = body[len("<|im_start|>system\n"):body.index("<|im_end|>")]
-        candidate = _chatml_training_template(bos, default_system)
-        if all(render(own, p, g) == render(candidate, p, g) for p in _PROBES for g in (False, True)):
-            return candidate
-    raise ValueError("cannot add {% generation %} markers to the student's chat template (not ChatML and not one "
-                     "TRL knows); give a student whose template has them")
 
 
 # -- data: pool, selected, references -----------------------------------------------------------------------
@@ -458,61 +380,6 @@ def plan_eval(run_dir: str | Path, config: EvalConfig | None = None,
         rows = plan.rows(*key)
         info[key].update(rows=rows.height, tokens=int(rows["tokens"].sum()) if rows.height else 0)
     return plan
-
-
-# -- fine-tune ----------------------------------------------------------------------------------------------
-def finetune(student: str, convs: Sequence[Sequence[Message]], config: EvalConfig, seed: int,
-             out_dir: str | Path | None = None, dtype: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """SFT of `student` on `convs` with TRL's SFTTrainer, loss on assistant tokens only (prompt tokens get
-    -100 labels through the chat template's generation markers); LoRA (peft) when config.lora.
-
-    Returns (model, tokenizer, stats); the model is merged (LoRA) and in eval mode, on the training device.
-    """
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import SFTConfig, SFTTrainer
-
-    dtype = dtype or resolve_dtype(config.dtype)
-    _set_threads(config.threads)
-    set_seed(seed)
-    tok = AutoTokenizer.from_pretrained(student)
-    tok.chat_template = training_chat_template(tok)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32, use_safetensors=True)
-    ds = datasets.Dataset.from_list([{"messages": [dict(m) for m in c]} for c in convs])
-    peft_config = None
-    if config.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
-    with tempfile.TemporaryDirectory(prefix="curate-eval-ft-") as tmp:
-        args = SFTConfig(
-            output_dir=str(out_dir or tmp), assistant_only_loss=True, max_length=config.max_length,
-            per_device_train_batch_size=config.batch_size, num_train_epochs=config.epochs,
-            max_steps=config.max_steps or -1, learning_rate=config.lr, lr_scheduler_type="cosine",
-            warmup_steps=0.1, weight_decay=0.0, seed=seed, data_seed=seed, bf16=dtype == "bfloat16",
-            use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no", logging_steps=10,
-            disable_tqdm=True, dataloader_num_workers=0, packing=False, dataset_num_proc=None,
-            # speed (bench/results/eval.md, same rows and run): batches of similar length pad less (1.7x tokens/s
-            # on Alpaca rows); activation checkpointing (TRL's default) saves memory a small student on a CPU
-            # does not need and costs a recomputed forward, so it is on only on a GPU
-            train_sampling_strategy="group_by_length", gradient_checkpointing=torch.cuda.is_available(),
-        )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config)
-        t0 = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - t0
-        model = trainer.model
-        if config.lora:
-            model = model.merge_and_unload()
-    n_tokens = int(sum(len(x) for x in trainer.train_dataset["input_ids"]))
-    stats = {"rows": len(convs), "steps": int(result.global_step), "train_loss": round(float(result.training_loss), 5),
-             "train_seconds": round(seconds, 2), "epoch_tokens": n_tokens,
-             "tokens_per_second": round(n_tokens * float(result.metrics.get("epoch", 1.0) or 1.0) / seconds, 1)}
-    return model.eval(), tok, stats
 
 
 # -- measure ------------------------------------------------------------------------------------------------
