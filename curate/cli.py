@@ -380,8 +380,12 @@ def eval_cmd(
     accuracy_rows: int = typer.Option(50, "--accuracy-rows", help="Q/A rows answered greedily (0 = off)."),
     gen_tokens: int = typer.Option(256, "--gen-tokens", help="New tokens per greedy answer."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Estimate the time, run nothing."),
+    no_prefect: bool = typer.Option(False, "--no-prefect", help="Run the units directly, without Prefect."),
 ) -> None:
-    """Fine-tune a student on the subset and on random baselines; is the subset better than random?"""
+    """Fine-tune a student on the subset and on random baselines; is the subset better than random?
+
+    Each (arm, seed) is a Prefect task (a killed eval resumes at the unit it was in); `--no-prefect` runs the
+    same units in this process."""
     from curate.eval import EvalConfig, calibrate, estimate, plan_eval, run_eval
 
     cfg = _guard(EvalConfig, student=student, seeds=seeds, arms=tuple(a for a in arms.split(",") if a),
@@ -399,7 +403,13 @@ def eval_cmd(
     out.print(f"estimated time: {est['seconds'] / 60:.1f} min (finished units are skipped)")
     if dry_run:
         return
-    doc = _guard(run_eval, run_dir, plan=plan)
+    if no_prefect:
+        doc = _guard(run_eval, run_dir, plan=plan)
+    else:
+        from flows.eval import run_eval_flow
+
+        with _quiet_prefect():
+            doc = _guard(run_eval_flow, plan, reference or None)
     t = Table("reference", "arm", "loss (95% CI)", "exact match", title="curate eval")
     for name, e in doc["references"].items():
         acc = e.get("accuracy", {}).get("arms", {})

@@ -94,6 +94,11 @@ class EvalConfig:
         if self.accuracy_rows and self.gen_tokens >= self.max_length:
             raise ValueError(f"gen_tokens ({self.gen_tokens}) must be below max_length ({self.max_length})")
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EvalConfig:
+        """Back from `asdict` after a JSON round trip (the Prefect flow's parameter): lists become tuples."""
+        return cls(**{**d, "arms": tuple(d.get("arms", ARMS))})
+
     def finetune_config(self) -> FinetuneConfig:
         """The fine-tune settings of each unit (`curate.lm.finetune`)."""
         return FinetuneConfig.of(self)
@@ -419,17 +424,29 @@ def measure(engine: Any, ref: Reference, config: EvalConfig) -> tuple[dict[str, 
     return out, secs
 
 
+def unit_done(plan: EvalPlan, arm: str, seed: int) -> dict[str, Any] | None:
+    """The unit's stored result when RUN/eval/<arm>-seed<k>.json carries this plan's key (else None): the unit
+    files are the eval's cache, as stage results are for `curate select`."""
+    path = plan.unit_path(arm, seed)
+    if not path.exists():
+        return None
+    try:
+        done = json.loads(path.read_text())
+    except ValueError:  # not written by atomic_path: recompute
+        return None
+    return done if done.get("key") == plan.unit_key(arm, seed) else None
+
+
 def run_unit(plan: EvalPlan, arm: str, seed: int, *, force: bool = False) -> dict[str, Any]:
     """One (arm, seed): fine-tune (not for `base`), measure every reference set, write RUN/eval/<arm>-seed<k>.json.
 
-    Skips the work when that file exists with the same key (a resumed eval), so this is the unit to wrap as a
-    task. Returns the unit's result dict.
+    Skips the work when that file exists with the same key (a resumed eval), so this is the unit both
+    executors run (`run_eval` in process, `flows.eval` as a Prefect task). Returns the unit's result dict.
     """
     path, key = plan.unit_path(arm, seed), plan.unit_key(arm, seed)
-    if path.exists() and not force:
-        done = json.loads(path.read_text())
-        if done.get("key") == key:
-            return done
+    done = None if force else unit_done(plan, arm, seed)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     cfg = plan.config
     _set_threads(cfg.threads)
@@ -630,14 +647,24 @@ def _tokenizer(student: str) -> Any:
 def run_eval(run_dir: str | Path, config: EvalConfig | None = None, references: Sequence[str] | None = None, *,
              on_unit: Callable[[str, int, dict[str, Any]], None] | None = None,
              plan: EvalPlan | None = None) -> dict[str, Any]:
-    """Every unit (resumable), then the summary in RUN/eval.json; returns that dict."""
+    """The in-process executor (`curate eval --no-prefect`): every unit in order (finished ones are read back),
+    then the summary in RUN/eval.json; returns that dict. `flows.eval` runs the same units as Prefect tasks."""
     plan = plan or plan_eval(run_dir, config, references)
     t0 = time.perf_counter()
-    results = {}
+    results, states = {}, {}
     for arm, seed in plan.units():
+        cached = unit_done(plan, arm, seed) is not None
         results[(arm, seed)] = run_unit(plan, arm, seed)
+        states[f"{arm}-seed{seed}"] = "Cached" if cached else "Completed"
         if on_unit:
             on_unit(arm, seed, results[(arm, seed)])
+    return write_eval(plan, results, time.perf_counter() - t0, executor={"kind": "local", "units": states})
+
+
+def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], seconds: float, *,
+               executor: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Summarize the units' results into RUN/eval.json (written atomically); returns that dict. `executor`
+    records how the units ran (which were read back from their files: "Cached")."""
     summary = summarize(plan, results)
     overall, line = verdict_line(summary)
     cfg = plan.config
@@ -646,9 +673,11 @@ def run_eval(run_dir: str | Path, config: EvalConfig | None = None, references: 
         "dtype": plan.dtype, "config": asdict(cfg), "references": summary,
         "arms": {f"{a}-seed{s}": {k: v for k, v in r.items() if k not in ("references", "key")}
                  for (a, s), r in results.items()},
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(seconds, 1),
         "unit_seconds": round(sum(r["seconds"] for r in results.values()), 1),
     }
+    if executor is not None:
+        doc["executor"] = executor
     from curate.run import atomic_path
 
     with atomic_path(plan.run_dir / "eval.json") as tmp:
@@ -659,4 +688,4 @@ def run_eval(run_dir: str | Path, config: EvalConfig | None = None, references: 
 __all__ = ["ARMS", "EvalConfig", "EvalPlan", "Reference", "calibrate", "draw_length_matched", "draw_random_rows",
            "draw_random_tokens", "estimate", "final_answer", "finetune", "load_reference", "plan_eval",
            "predicted_answer", "resolve_student", "run_eval", "run_unit", "summarize", "training_chat_template",
-           "verdict_line"]
+           "unit_done", "verdict_line", "write_eval"]
