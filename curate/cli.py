@@ -340,22 +340,30 @@ def plan(
     scorers: str = typer.Option(None, "--scorers", help="Comma-separated scorers."),
     strategy: str = typer.Option(None, "--strategy", help="kmq | iterative | deita | fusion | threshold | random"),
     budget: int = typer.Option(None, "--budget", help="Rows to select."),
+    with_eval: bool = typer.Option(False, "--eval", help="Also price `curate eval` of the subset (default arms "
+                                   "and seeds, SmolLM2 student, at assumed rates)."),
 ) -> None:
     """Estimate rows, tokens, engine calls, time and memory per stage, without running anything."""
+    from curate.plan import eval_plan
     from curate.plan import plan as make_plan
 
     recipe = _guard(_recipe, inputs, config, {
         "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None,
         "select.strategy": strategy, "select.budget": budget}, outputs=False)
     stages = _guard(make_plan, recipe)
+    evals = _guard(eval_plan, recipe) if with_eval else []
     t = Table("stage", "rows", "engine calls", "time (2-core CPU)", "peak memory", title="plan")
-    for s in stages:
+    for s in stages + evals:
         mins = f"{s.seconds / 60:.1f} min" if s.seconds >= 60 else f"{s.seconds:.0f} s"
         t.add_row(s.stage, f"{s.rows:,}", f"{s.calls:,}" if s.calls else "-",
                   mins if s.seconds else "-", f"{s.memory_mb:,.0f} MB" if s.memory_mb else "-")
     out.print(t)
     total = sum(s.seconds for s in stages)
     out.print(f"total: about {total / 60:.1f} min on 2 CPU cores (GPU: embed and score stages are far faster)")
+    if evals:
+        secs = sum(s.seconds for s in evals)
+        out.print(f"eval: about {secs / 60:.1f} min more (engine calls = units; rates assumed: curate/plan.py "
+                  "EVAL_RATES; `curate eval RUN --dry-run` measures)")
 
 
 @app.command("eval")

@@ -99,6 +99,10 @@ class EvalConfig:
         """Back from `asdict` after a JSON round trip (the Prefect flow's parameter): lists become tuples."""
         return cls(**{**d, "arms": tuple(d.get("arms", ARMS))})
 
+    def units(self) -> list[tuple[str, int]]:
+        """Every (arm, seed) in run order: `seeds` per arm, one for `base` (nothing random about it)."""
+        return [(arm, s) for arm in self.arms for s in range(1 if arm == "base" else self.seeds)]
+
     def finetune_config(self) -> FinetuneConfig:
         """The fine-tune settings of each unit (`curate.lm.finetune`)."""
         return FinetuneConfig.of(self)
@@ -364,22 +368,21 @@ def plan_eval(run_dir: str | Path, config: EvalConfig | None = None,
     arms: dict[tuple[str, int], list[str]] = {}
     info: dict[tuple[str, int], dict[str, Any]] = {}
     ids, toks = pool["id"].to_list(), pool["tokens"].to_list()
-    for arm in cfg.arms:
-        for s in range(1 if arm == "base" else cfg.seeds):
-            extra: dict[str, Any] = {}
-            if arm == "selected":
-                chosen = sel["id"].to_list()
-                extra["reference_overlap"] = overlap
-            elif arm == "random_rows":
-                chosen = draw_random_rows(ids, sel.height, 1000 + s)
-            elif arm == "random_tokens":
-                chosen = draw_random_tokens(ids, toks, target_tokens, 2000 + s)
-            elif arm == "random_length":
-                chosen, extra = draw_length_matched(ids, toks, sel["tokens"].to_list(), cfg.length_bins, 3000 + s)
-            else:
-                chosen = []
-            arms[(arm, s)] = chosen
-            info[(arm, s)] = extra
+    for arm, s in cfg.units():
+        extra: dict[str, Any] = {}
+        if arm == "selected":
+            chosen = sel["id"].to_list()
+            extra["reference_overlap"] = overlap
+        elif arm == "random_rows":
+            chosen = draw_random_rows(ids, sel.height, 1000 + s)
+        elif arm == "random_tokens":
+            chosen = draw_random_tokens(ids, toks, target_tokens, 2000 + s)
+        elif arm == "random_length":
+            chosen, extra = draw_length_matched(ids, toks, sel["tokens"].to_list(), cfg.length_bins, 3000 + s)
+        else:
+            chosen = []
+        arms[(arm, s)] = chosen
+        info[(arm, s)] = extra
     plan = EvalPlan(run_dir, cfg, student, pool, sel, refs, arms, info, resolve_dtype(cfg.dtype))
     for key in arms:
         rows = plan.rows(*key)
@@ -609,24 +612,33 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
     return c
 
 
+def unit_cost(config: EvalConfig, arm: str, rows: int, tokens: float, reference_tokens: float,
+              generated_tokens: float, rates: dict[str, float]) -> tuple[float, float]:
+    """(training tokens, seconds) of one unit: its training tokens (x epochs, or capped by max_steps), the
+    reference tokens it scores and the answers it generates, at `rates` (setup_seconds, train_tps, forward_tps,
+    generate_tps: a calibration, or `curate plan`'s assumed rates). The one formula behind both estimates."""
+    train_tokens = 0.0
+    if arm != "base":
+        train_tokens = tokens * config.epochs
+        if config.max_steps:
+            per_row = tokens / max(1, rows)
+            train_tokens = min(train_tokens, config.max_steps * config.batch_size * per_row)
+    secs = (rates["setup_seconds"] + train_tokens / max(rates["train_tps"], 1e-6)
+            + reference_tokens / max(rates["forward_tps"], 1e-6)
+            + (generated_tokens / rates["generate_tps"] if generated_tokens and rates["generate_tps"] else 0.0))
+    return train_tokens, secs
+
+
 def estimate(plan: EvalPlan, calib: dict[str, float]) -> dict[str, Any]:
-    """Seconds per unit from its training tokens (x epochs, or capped by max_steps), the reference tokens it
-    scores, and the answers it generates (assumed full length: an upper bound), at the calibrated rates."""
+    """Seconds per unit (`unit_cost`) at the calibrated rates; generated answers are assumed full length (an
+    upper bound)."""
     cfg = plan.config
     tok = _tokenizer(plan.student)
     ref_tokens = sum(sum(token_lengths(tok, r.convs, cfg.max_length)) for r in plan.references)
     gen_tokens = sum(min(len(r.qa_rows), cfg.accuracy_rows) for r in plan.references) * cfg.gen_tokens
     units = {}
     for (arm, seed), info in plan.arm_info.items():
-        train_tokens = 0.0
-        if arm != "base":
-            train_tokens = info["tokens"] * cfg.epochs
-            if cfg.max_steps:
-                per_row = info["tokens"] / max(1, info["rows"])
-                train_tokens = min(train_tokens, cfg.max_steps * cfg.batch_size * per_row)
-        secs = (calib["setup_seconds"] + train_tokens / max(calib["train_tps"], 1e-6)
-                + ref_tokens / max(calib["forward_tps"], 1e-6)
-                + (gen_tokens / calib["generate_tps"] if gen_tokens and calib["generate_tps"] else 0.0))
+        train_tokens, secs = unit_cost(cfg, arm, info["rows"], info["tokens"], ref_tokens, gen_tokens, calib)
         units[f"{arm}-seed{seed}"] = {"train_tokens": int(train_tokens), "seconds": round(secs, 1)}
     return {"units": units, "reference_tokens": int(ref_tokens), "generated_tokens": gen_tokens,
             "seconds": round(sum(u["seconds"] for u in units.values()), 1), "calibration": calib}
@@ -688,4 +700,4 @@ def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], s
 __all__ = ["ARMS", "EvalConfig", "EvalPlan", "Reference", "calibrate", "draw_length_matched", "draw_random_rows",
            "draw_random_tokens", "estimate", "final_answer", "finetune", "load_reference", "plan_eval",
            "predicted_answer", "resolve_student", "run_eval", "run_unit", "summarize", "training_chat_template",
-           "unit_done", "verdict_line", "write_eval"]
+           "unit_cost", "unit_done", "verdict_line", "write_eval"]
