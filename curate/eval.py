@@ -15,15 +15,18 @@ Arms (each trained with several seeds unless noted):
 The pool the baselines draw from is the run's candidates: records.parquet (after rejects and exact
 duplicates) minus semdedup.parquet, minus the held-out reference slice and any reference row found in it.
 
-Each (arm, seed) is one unit (`run_unit`): it fine-tunes with TRL's `SFTTrainer` (loss on assistant tokens
-only: the student's chat template with `{% generation %}` markers), measures every reference row's summed
-response NLL and token count (the same span `curate.lm` scores: content + end-of-turn), and optionally greedy
-exact-match accuracy on Q/A sets with a checkable final answer (GSM8K `#### n`). It writes
-RUN/eval/<arm>-seed<k>.json; a re-run skips units whose file carries the same key. `summarize` turns the
-units into RUN/eval.json: per arm, the mean over seeds with a bootstrap interval (rows and seeds resampled),
-and the paired difference to each random baseline (the same resampled rows for both arms). With 3 seeds the
-seed part of the interval is rough (resampling 3 values); the verdict only says "better"/"worse" when the whole
-95% interval of the difference to random at equal tokens lies on one side of zero.
+Each (arm, seed) is one unit (`run_unit`): it fine-tunes with TRL's `SFTTrainer` through `curate.lm.finetune` (the
+one fine-tune path; loss on assistant tokens only: the student's chat template with `{% generation %}` markers),
+measures every reference row's summed response NLL and token count (the same span `curate.lm` scores: content +
+end-of-turn), and optionally greedy exact-match accuracy on Q/A sets with a checkable final answer
+(GSM8K `#### n`). It writes RUN/eval/<arm>-seed<k>.json; a re-run skips units whose file carries the same key.
+Two executors run the units: `run_eval` in this process (`--no-prefect`) and `flows.eval` as Prefect tasks (the
+default); the unit files are the cache of both.
+
+`summarize` turns the units into RUN/eval.json: per arm, the mean over seeds with a bootstrap interval (rows and
+seeds resampled), and the paired difference to each random baseline (the same resampled rows for both arms). With 3
+seeds the seed part of the interval is rough (resampling 3 values); the verdict only says "better"/"worse" when the
+whole 95% interval of the difference to random at equal tokens lies on one side of zero.
 
 Cost: a 135M student fine-tunes at a few hundred tokens/s on an idle 2-core CPU (much less on a shared one:
 bench/results/eval.md), so `--dry-run` calibrates on this machine (a 2-step fine-tune, a forward pass and a
