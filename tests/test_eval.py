@@ -313,7 +313,8 @@ def test_killed_prefect_eval_resumes_at_its_unit(evaluated, run_dir, tiny_lm, tm
         (out / name).write_bytes((run_dir / name).read_bytes())
     cache = tmp_path / "cache"
     _seed_home(cache)  # offline ephemeral Prefect, as a user's second run finds it (minus the DB migration)
-    env = _clean_env(CURATE_CACHE_DIR=str(cache))
+    # the server's start-up limit raised from curate's 120 s: on a shared 2-core machine at nice 19 it once took longer
+    env = _clean_env(CURATE_CACHE_DIR=str(cache), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600")
     cmd = [sys.executable, "-m", "curate.cli", "eval", str(out), "--student", tiny_lm,
            "--arms", "selected,random_tokens", "--seeds", "2", "--lr", "3e-3", "--batch-size", "8",
            "--max-length", "128", "--threads", "1", "--dtype", "float32", "--heldout", "24",
