@@ -46,7 +46,9 @@ PASS_RATES = {"proxy": PROXY_PASS_RATE, "smollm2-135m": 9.7, "other": 5.0}
 REF_BYTES_PER_ROW = 415.0  # Alpaca-52k: 21.6 MB / 52,002 rows
 RULE_RATE = 20_000.0
 # rows/s of one proxy fine-tune epoch: iterative feedback on 1000 vs 2000 rows took 21.1 vs 38.6 s, i.e. ~57 rows/s
-# (bench/results/subsets.md, 3,000-row budget)
+# (bench/results/subsets.md, 3,000-row budget). Measured with the hand-written loop the feedback used before it moved
+# onto curate.lm.finetune (SFTTrainer); not yet re-measured on that path (the machine was shared when it moved):
+# `nice -n 19 .venv/bin/python bench/bench_finetune.py` on an idle machine gives the number to put here
 FINETUNE_RATE = 57.0
 # one-off costs, seconds on 2 idle cores
 ONE_OFF = {
