@@ -65,8 +65,8 @@ def prepare(work: Path) -> pl.DataFrame:
         return pl.read_parquet(out)
     from curate.cluster import default_k, kmeans
     from curate.config import load_recipe
-    from curate.embed import embed
     from curate.context import RunContext
+    from curate.embed import embed
     from curate.pipeline import open_run, stage_ingest
 
     t0 = time.perf_counter()

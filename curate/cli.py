@@ -340,17 +340,20 @@ def plan(
     scorers: str = typer.Option(None, "--scorers", help="Comma-separated scorers."),
     strategy: str = typer.Option(None, "--strategy", help="kmq | iterative | deita | fusion | threshold | random"),
     budget: int = typer.Option(None, "--budget", help="Rows to select."),
+    with_eval: bool = typer.Option(False, "--eval", help="Also price `curate eval` of the subset (default arms "
+                                   "and seeds, SmolLM2 student, at assumed rates)."),
 ) -> None:
     """Estimate rows, tokens, engine calls, time and memory per stage, without running anything."""
-    from curate.plan import lm_rate_note
+    from curate.plan import eval_plan, lm_rate_note
     from curate.plan import plan as make_plan
 
     recipe = _guard(_recipe, inputs, config, {
         "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None,
         "select.strategy": strategy, "select.budget": budget}, outputs=False)
     stages = _guard(make_plan, recipe)
+    evals = _guard(eval_plan, recipe) if with_eval else []
     t = Table("stage", "rows", "engine calls", "time (2-core CPU)", "peak memory", title="plan")
-    for s in stages:
+    for s in stages + evals:
         mins = f"{s.seconds / 60:.1f} min" if s.seconds >= 60 else f"{s.seconds:.0f} s"
         t.add_row(s.stage, f"{s.rows:,}", f"{s.calls:,}" if s.calls else "-",
                   mins if s.seconds else "-", f"{s.memory_mb:,.0f} MB" if s.memory_mb else "-")
@@ -360,6 +363,10 @@ def plan(
     note = lm_rate_note(recipe)
     if note:
         out.print(note)
+    if evals:
+        secs = sum(s.seconds for s in evals)
+        out.print(f"eval: about {secs / 60:.1f} min more (engine calls = units; rates assumed: curate/plan.py "
+                  "EVAL_RATES; `curate eval RUN --dry-run` measures)")
 
 
 @app.command("eval")
@@ -384,8 +391,12 @@ def eval_cmd(
     accuracy_rows: int = typer.Option(50, "--accuracy-rows", help="Q/A rows answered greedily (0 = off)."),
     gen_tokens: int = typer.Option(256, "--gen-tokens", help="New tokens per greedy answer."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Estimate the time, run nothing."),
+    no_prefect: bool = typer.Option(False, "--no-prefect", help="Run the units directly, without Prefect."),
 ) -> None:
-    """Fine-tune a student on the subset and on random baselines; is the subset better than random?"""
+    """Fine-tune a student on the subset and on random baselines; is the subset better than random?
+
+    Each (arm, seed) is a Prefect task (a killed eval resumes at the unit it was in); `--no-prefect` runs the
+    same units in this process."""
     from curate.eval import EvalConfig, calibrate, estimate, plan_eval, run_eval
 
     cfg = _guard(EvalConfig, student=student, seeds=seeds, arms=tuple(a for a in arms.split(",") if a),
@@ -403,7 +414,13 @@ def eval_cmd(
     out.print(f"estimated time: {est['seconds'] / 60:.1f} min (finished units are skipped)")
     if dry_run:
         return
-    doc = _guard(run_eval, run_dir, plan=plan)
+    if no_prefect:
+        doc = _guard(run_eval, run_dir, plan=plan)
+    else:
+        from flows.eval import run_eval_flow
+
+        with _quiet_prefect():
+            doc = _guard(run_eval_flow, plan, reference or None)
     t = Table("reference", "arm", "loss (95% CI)", "exact match", title="curate eval")
     for name, e in doc["references"].items():
         acc = e.get("accuracy", {}).get("arms", {})
@@ -441,11 +458,13 @@ def proxy_finetune(
     data: str = typer.Argument(..., help="The subset to fine-tune on, e.g. RUN/selected.parquet."),
     out_dir: Path = typer.Option(..., "--out", "-o"),
     epochs: float = typer.Option(1.0, "--epochs"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Supervised fine-tuning on a subset (prompt tokens masked): the feedback signal for selection."""
+    """Supervised fine-tuning on a subset (loss on answer tokens only; the fine-tune `curate eval` runs)."""
     from curate.lm.proxy import finetune_proxy
 
-    out.print(f"wrote {_guard(finetune_proxy, base, data, out_dir, epochs=epochs)}")
+    out.print(f"wrote {_guard(finetune_proxy, base, data, out_dir, epochs=epochs, lr=lr, seed=seed)}")
 
 
 @proxy_app.command("eval")

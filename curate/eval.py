@@ -15,15 +15,18 @@ Arms (each trained with several seeds unless noted):
 The pool the baselines draw from is the run's candidates: records.parquet (after rejects and exact
 duplicates) minus semdedup.parquet, minus the held-out reference slice and any reference row found in it.
 
-Each (arm, seed) is one unit (`run_unit`): it fine-tunes with TRL's `SFTTrainer` (loss on assistant tokens
-only: the student's chat template with `{% generation %}` markers), measures every reference row's summed
-response NLL and token count (the same span `curate.lm` scores: content + end-of-turn), and optionally greedy
-exact-match accuracy on Q/A sets with a checkable final answer (GSM8K `#### n`). It writes
-RUN/eval/<arm>-seed<k>.json; a re-run skips units whose file carries the same key. `summarize` turns the
-units into RUN/eval.json: per arm, the mean over seeds with a bootstrap interval (rows and seeds resampled),
-and the paired difference to each random baseline (the same resampled rows for both arms). With 3 seeds the
-seed part of the interval is rough (resampling 3 values); the verdict only says "better"/"worse" when the whole
-95% interval of the difference to random at equal tokens lies on one side of zero.
+Each (arm, seed) is one unit (`run_unit`): it fine-tunes with TRL's `SFTTrainer` through `curate.lm.finetune` (the
+one fine-tune path; loss on assistant tokens only: the student's chat template with `{% generation %}` markers),
+measures every reference row's summed response NLL and token count (the same span `curate.lm` scores: content +
+end-of-turn), and optionally greedy exact-match accuracy on Q/A sets with a checkable final answer
+(GSM8K `#### n`). It writes RUN/eval/<arm>-seed<k>.json; a re-run skips units whose file carries the same key.
+Two executors run the units: `run_eval` in this process (`--no-prefect`) and `flows.eval` as Prefect tasks (the
+default); the unit files are the cache of both.
+
+`summarize` turns the units into RUN/eval.json: per arm, the mean over seeds with a bootstrap interval (rows and
+seeds resampled), and the paired difference to each random baseline (the same resampled rows for both arms). With 3
+seeds the seed part of the interval is rough (resampling 3 values); the verdict only says "better"/"worse" when the
+whole 95% interval of the difference to random at equal tokens lies on one side of zero.
 
 Cost: a 135M student fine-tunes at a few hundred tokens/s on an idle 2-core CPU (much less on a shared one:
 bench/results/eval.md), so `--dry-run` calibrates on this machine (a 2-step fine-tune, a forward pass and a
@@ -35,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -44,6 +46,9 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+
+# the one fine-tune path (also `curate proxy finetune` and the iterative feedback); re-exported under these names
+from curate.lm.finetune import FinetuneConfig, _set_threads, finetune, resolve_dtype, training_chat_template
 
 EVAL_VERSION = 2  # bump when a unit's numbers would change for the same inputs
 ARMS = ("selected", "random_rows", "random_tokens", "random_length", "base")
@@ -91,6 +96,19 @@ class EvalConfig:
             raise ValueError(f"max_length must be >= 16, got {self.max_length}")
         if self.accuracy_rows and self.gen_tokens >= self.max_length:
             raise ValueError(f"gen_tokens ({self.gen_tokens}) must be below max_length ({self.max_length})")
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EvalConfig:
+        """Back from `asdict` after a JSON round trip (the Prefect flow's parameter): lists become tuples."""
+        return cls(**{**d, "arms": tuple(d.get("arms", ARMS))})
+
+    def units(self) -> list[tuple[str, int]]:
+        """Every (arm, seed) in run order: `seeds` per arm, one for `base` (nothing random about it)."""
+        return [(arm, s) for arm in self.arms for s in range(1 if arm == "base" else self.seeds)]
+
+    def finetune_config(self) -> FinetuneConfig:
+        """The fine-tune settings of each unit (`curate.lm.finetune`)."""
+        return FinetuneConfig.of(self)
 
     def training_key(self) -> dict[str, Any]:
         keys = ("epochs", "max_steps", "lr", "batch_size", "max_length", "lora", "lora_r", "dtype")
@@ -164,90 +182,6 @@ def _student_id(path: str) -> str:
     from curate.lm.base import weights_fingerprint
 
     return weights_fingerprint(path) if Path(path).exists() else path
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX): there bf16 is ~3x float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def resolve_dtype(dtype: str) -> str:
-    import torch
-
-    if dtype != "auto":
-        return dtype
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if cpu_has_bf16() else "float32"
-
-
-def _set_threads(n: int) -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, n))
-
-
-# -- chat template with generation markers -----------------------------------------------------------------
-def _chatml_training_template(bos: bool, default_system: str | None) -> str:
-    sys_block = ("{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n" + default_system
-                 + "<|im_end|>\n{% endif %}") if default_system is not None else ""
-    return (("{{ bos_token }}" if bos else "") + "{% for m in messages %}" + sys_block
-            + "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ m['content'] }}"
-            "<|im_end|>{% endgeneration %}{{ '\\n' }}"  # a literal newline after a block tag would be trimmed
-            "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-            "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-_PROBES: list[list[Message]] = [
-    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-     {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2 x"}],
-    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}],
-]
-
-
-def training_chat_template(tokenizer: Any) -> str:
-    """The student's chat template with `{% generation %}` markers around each assistant turn's content and
-    end-of-turn token, rendering byte-identical text (checked on probe conversations).
-
-    Order: the template itself if it has markers; TRL's patched template for families it knows; a ChatML
-    template (curate's test/proxy models, SmolLM2, Qwen-style default system prompt) when it renders the same.
-    """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    own = tokenizer.chat_template
-    if not own:
-        raise ValueError("the student's tokenizer has no chat template; assistant-only loss needs one")
-    if has_generation_markers(own):
-        return own
-    try:
-        patched = get_training_chat_template(tokenizer)
-        if patched:
-            return patched
-    except ValueError:
-        pass
-
-    def render(template: str, msgs: list[Message], gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=template)
-
-    first = render(own, _PROBES[0], False)
-    for bos in (False, True):  # SmolLM2's BOS is <|im_start|> itself: try both readings
-        if bos and not (tokenizer.bos_token and first.startswith(tokenizer.bos_token)):
-            continue
-        body = first[len(tokenizer.bos_token):] if bos else first
-        default_system = None
-        if body.startswith("<|im_start|>system\n") and "<|im_end|>" in body:
-            default_system = body[len("<|im_start|>system\n"):body.index("<|im_end|>")]
-        candidate = _chatml_training_template(bos, default_system)
-        if all(render(own, p, g) == render(candidate, p, g) for p in _PROBES for g in (False, True)):
-            return candidate
-    raise ValueError("cannot add {% generation %} markers to the student's chat template (not ChatML and not one "
-                     "TRL knows); give a student whose template has them")
 
 
 # -- data: pool, selected, references -----------------------------------------------------------------------
@@ -437,82 +371,26 @@ def plan_eval(run_dir: str | Path, config: EvalConfig | None = None,
     arms: dict[tuple[str, int], list[str]] = {}
     info: dict[tuple[str, int], dict[str, Any]] = {}
     ids, toks = pool["id"].to_list(), pool["tokens"].to_list()
-    for arm in cfg.arms:
-        for s in range(1 if arm == "base" else cfg.seeds):
-            extra: dict[str, Any] = {}
-            if arm == "selected":
-                chosen = sel["id"].to_list()
-                extra["reference_overlap"] = overlap
-            elif arm == "random_rows":
-                chosen = draw_random_rows(ids, sel.height, 1000 + s)
-            elif arm == "random_tokens":
-                chosen = draw_random_tokens(ids, toks, target_tokens, 2000 + s)
-            elif arm == "random_length":
-                chosen, extra = draw_length_matched(ids, toks, sel["tokens"].to_list(), cfg.length_bins, 3000 + s)
-            else:
-                chosen = []
-            arms[(arm, s)] = chosen
-            info[(arm, s)] = extra
+    for arm, s in cfg.units():
+        extra: dict[str, Any] = {}
+        if arm == "selected":
+            chosen = sel["id"].to_list()
+            extra["reference_overlap"] = overlap
+        elif arm == "random_rows":
+            chosen = draw_random_rows(ids, sel.height, 1000 + s)
+        elif arm == "random_tokens":
+            chosen = draw_random_tokens(ids, toks, target_tokens, 2000 + s)
+        elif arm == "random_length":
+            chosen, extra = draw_length_matched(ids, toks, sel["tokens"].to_list(), cfg.length_bins, 3000 + s)
+        else:
+            chosen = []
+        arms[(arm, s)] = chosen
+        info[(arm, s)] = extra
     plan = EvalPlan(run_dir, cfg, student, pool, sel, refs, arms, info, resolve_dtype(cfg.dtype))
     for key in arms:
         rows = plan.rows(*key)
         info[key].update(rows=rows.height, tokens=int(rows["tokens"].sum()) if rows.height else 0)
     return plan
-
-
-# -- fine-tune ----------------------------------------------------------------------------------------------
-def finetune(student: str, convs: Sequence[Sequence[Message]], config: EvalConfig, seed: int,
-             out_dir: str | Path | None = None, dtype: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """SFT of `student` on `convs` with TRL's SFTTrainer, loss on assistant tokens only (prompt tokens get
-    -100 labels through the chat template's generation markers); LoRA (peft) when config.lora.
-
-    Returns (model, tokenizer, stats); the model is merged (LoRA) and in eval mode, on the training device.
-    """
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import SFTConfig, SFTTrainer
-
-    dtype = dtype or resolve_dtype(config.dtype)
-    _set_threads(config.threads)
-    set_seed(seed)
-    tok = AutoTokenizer.from_pretrained(student)
-    tok.chat_template = training_chat_template(tok)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32, use_safetensors=True)
-    ds = datasets.Dataset.from_list([{"messages": [dict(m) for m in c]} for c in convs])
-    peft_config = None
-    if config.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
-    with tempfile.TemporaryDirectory(prefix="curate-eval-ft-") as tmp:
-        args = SFTConfig(
-            output_dir=str(out_dir or tmp), assistant_only_loss=True, max_length=config.max_length,
-            per_device_train_batch_size=config.batch_size, num_train_epochs=config.epochs,
-            max_steps=config.max_steps or -1, learning_rate=config.lr, lr_scheduler_type="cosine",
-            warmup_steps=0.1, weight_decay=0.0, seed=seed, data_seed=seed, bf16=dtype == "bfloat16",
-            use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no", logging_steps=10,
-            disable_tqdm=True, dataloader_num_workers=0, packing=False, dataset_num_proc=None,
-            # speed (bench/results/eval.md, same rows and run): batches of similar length pad less (1.7x tokens/s
-            # on Alpaca rows); activation checkpointing (TRL's default) saves memory a small student on a CPU
-            # does not need and costs a recomputed forward, so it is on only on a GPU
-            train_sampling_strategy="group_by_length", gradient_checkpointing=torch.cuda.is_available(),
-        )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config)
-        t0 = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - t0
-        model = trainer.model
-        if config.lora:
-            model = model.merge_and_unload()
-    n_tokens = int(sum(len(x) for x in trainer.train_dataset["input_ids"]))
-    stats = {"rows": len(convs), "steps": int(result.global_step), "train_loss": round(float(result.training_loss), 5),
-             "train_seconds": round(seconds, 2), "epoch_tokens": n_tokens,
-             "tokens_per_second": round(n_tokens * float(result.metrics.get("epoch", 1.0) or 1.0) / seconds, 1)}
-    return model.eval(), tok, stats
 
 
 # -- measure ------------------------------------------------------------------------------------------------
@@ -552,17 +430,29 @@ def measure(engine: Any, ref: Reference, config: EvalConfig) -> tuple[dict[str, 
     return out, secs
 
 
+def unit_done(plan: EvalPlan, arm: str, seed: int) -> dict[str, Any] | None:
+    """The unit's stored result when RUN/eval/<arm>-seed<k>.json carries this plan's key (else None): the unit
+    files are the eval's cache, as stage results are for `curate select`."""
+    path = plan.unit_path(arm, seed)
+    if not path.exists():
+        return None
+    try:
+        done = json.loads(path.read_text())
+    except ValueError:  # not written by atomic_path: recompute
+        return None
+    return done if done.get("key") == plan.unit_key(arm, seed) else None
+
+
 def run_unit(plan: EvalPlan, arm: str, seed: int, *, force: bool = False) -> dict[str, Any]:
     """One (arm, seed): fine-tune (not for `base`), measure every reference set, write RUN/eval/<arm>-seed<k>.json.
 
-    Skips the work when that file exists with the same key (a resumed eval), so this is the unit to wrap as a
-    task. Returns the unit's result dict.
+    Skips the work when that file exists with the same key (a resumed eval), so this is the unit both
+    executors run (`run_eval` in process, `flows.eval` as a Prefect task). Returns the unit's result dict.
     """
     path, key = plan.unit_path(arm, seed), plan.unit_key(arm, seed)
-    if path.exists() and not force:
-        done = json.loads(path.read_text())
-        if done.get("key") == key:
-            return done
+    done = None if force else unit_done(plan, arm, seed)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     cfg = plan.config
     _set_threads(cfg.threads)
@@ -737,24 +627,33 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
     return c
 
 
+def unit_cost(config: EvalConfig, arm: str, rows: int, tokens: float, reference_tokens: float,
+              generated_tokens: float, rates: dict[str, float]) -> tuple[float, float]:
+    """(training tokens, seconds) of one unit: its training tokens (x epochs, or capped by max_steps), the
+    reference tokens it scores and the answers it generates, at `rates` (setup_seconds, train_tps, forward_tps,
+    generate_tps: a calibration, or `curate plan`'s assumed rates). The one formula behind both estimates."""
+    train_tokens = 0.0
+    if arm != "base":
+        train_tokens = tokens * config.epochs
+        if config.max_steps:
+            per_row = tokens / max(1, rows)
+            train_tokens = min(train_tokens, config.max_steps * config.batch_size * per_row)
+    secs = (rates["setup_seconds"] + train_tokens / max(rates["train_tps"], 1e-6)
+            + reference_tokens / max(rates["forward_tps"], 1e-6)
+            + (generated_tokens / rates["generate_tps"] if generated_tokens and rates["generate_tps"] else 0.0))
+    return train_tokens, secs
+
+
 def estimate(plan: EvalPlan, calib: dict[str, float]) -> dict[str, Any]:
-    """Seconds per unit from its training tokens (x epochs, or capped by max_steps), the reference tokens it
-    scores, and the answers it generates (assumed full length: an upper bound), at the calibrated rates."""
+    """Seconds per unit (`unit_cost`) at the calibrated rates; generated answers are assumed full length (an
+    upper bound)."""
     cfg = plan.config
     tok = _tokenizer(plan.student)
     ref_tokens = sum(sum(token_lengths(tok, r.convs, cfg.max_length)) for r in plan.references)
     gen_tokens = sum(min(len(r.qa_rows), cfg.accuracy_rows) for r in plan.references) * cfg.gen_tokens
     units = {}
     for (arm, seed), info in plan.arm_info.items():
-        train_tokens = 0.0
-        if arm != "base":
-            train_tokens = info["tokens"] * cfg.epochs
-            if cfg.max_steps:
-                per_row = info["tokens"] / max(1, info["rows"])
-                train_tokens = min(train_tokens, cfg.max_steps * cfg.batch_size * per_row)
-        secs = (calib["setup_seconds"] + train_tokens / max(calib["train_tps"], 1e-6)
-                + ref_tokens / max(calib["forward_tps"], 1e-6)
-                + (gen_tokens / calib["generate_tps"] if gen_tokens and calib["generate_tps"] else 0.0))
+        train_tokens, secs = unit_cost(cfg, arm, info["rows"], info["tokens"], ref_tokens, gen_tokens, calib)
         units[f"{arm}-seed{seed}"] = {"train_tokens": int(train_tokens), "seconds": round(secs, 1)}
     return {"units": units, "reference_tokens": int(ref_tokens), "generated_tokens": gen_tokens,
             "seconds": round(sum(u["seconds"] for u in units.values()), 1), "calibration": calib}
@@ -775,14 +674,24 @@ def _tokenizer(student: str) -> Any:
 def run_eval(run_dir: str | Path, config: EvalConfig | None = None, references: Sequence[str] | None = None, *,
              on_unit: Callable[[str, int, dict[str, Any]], None] | None = None,
              plan: EvalPlan | None = None) -> dict[str, Any]:
-    """Every unit (resumable), then the summary in RUN/eval.json; returns that dict."""
+    """The in-process executor (`curate eval --no-prefect`): every unit in order (finished ones are read back),
+    then the summary in RUN/eval.json; returns that dict. `flows.eval` runs the same units as Prefect tasks."""
     plan = plan or plan_eval(run_dir, config, references)
     t0 = time.perf_counter()
-    results = {}
+    results, states = {}, {}
     for arm, seed in plan.units():
+        cached = unit_done(plan, arm, seed) is not None
         results[(arm, seed)] = run_unit(plan, arm, seed)
+        states[f"{arm}-seed{seed}"] = "Cached" if cached else "Completed"
         if on_unit:
             on_unit(arm, seed, results[(arm, seed)])
+    return write_eval(plan, results, time.perf_counter() - t0, executor={"kind": "local", "units": states})
+
+
+def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], seconds: float, *,
+               executor: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Summarize the units' results into RUN/eval.json (written atomically); returns that dict. `executor`
+    records how the units ran (which were read back from their files: "Cached")."""
     summary = summarize(plan, results)
     overall, line = verdict_line(summary)
     cfg = plan.config
@@ -791,9 +700,11 @@ def run_eval(run_dir: str | Path, config: EvalConfig | None = None, references: 
         "dtype": plan.dtype, "config": asdict(cfg), "references": summary,
         "arms": {f"{a}-seed{s}": {k: v for k, v in r.items() if k not in ("references", "key")}
                  for (a, s), r in results.items()},
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(seconds, 1),
         "unit_seconds": round(sum(r["seconds"] for r in results.values()), 1),
     }
+    if executor is not None:
+        doc["executor"] = executor
     from curate.run import atomic_path
 
     with atomic_path(plan.run_dir / "eval.json") as tmp:
@@ -804,4 +715,4 @@ def run_eval(run_dir: str | Path, config: EvalConfig | None = None, references: 
 __all__ = ["ARMS", "EvalConfig", "EvalPlan", "Reference", "calibrate", "draw_length_matched", "draw_random_rows",
            "draw_random_tokens", "estimate", "final_answer", "finetune", "load_reference", "plan_eval",
            "predicted_answer", "resolve_student", "run_eval", "run_unit", "summarize", "training_chat_template",
-           "verdict_line"]
+           "unit_cost", "unit_done", "verdict_line", "write_eval"]

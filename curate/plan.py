@@ -9,6 +9,9 @@ start-up (imports), the Prefect server, distilling the static embedder, training
 packaged model (SmolLM2). With `score.sample` / `score.minutes` the LM scores a stratified sample and
 `curate.distill` predicts the rest: the plan prices both parts. The LM rate here is an assumption
 (`lm_rate_note` says so in the output); a run measures it before sizing the sample.
+
+`curate plan --eval` adds `curate eval` of the subset (`eval_plan`): the formula `curate eval --dry-run` uses,
+at assumed rates (EVAL_RATES) instead of a calibration.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from curate.config import Recipe
 from curate.io.readers import detect_container, expand_inputs
@@ -43,7 +47,9 @@ PASS_RATES = {"proxy": PROXY_PASS_RATE, "smollm2-135m": 9.7, "other": 5.0}
 REF_BYTES_PER_ROW = 415.0  # Alpaca-52k: 21.6 MB / 52,002 rows
 RULE_RATE = 20_000.0
 # rows/s of one proxy fine-tune epoch: iterative feedback on 1000 vs 2000 rows took 21.1 vs 38.6 s, i.e. ~57 rows/s
-# (bench/results/subsets.md, 3,000-row budget)
+# (bench/results/subsets.md, 3,000-row budget). Measured with the hand-written loop the feedback used before it moved
+# onto curate.lm.finetune (SFTTrainer); not yet re-measured on that path (the machine was shared when it moved):
+# `nice -n 19 .venv/bin/python bench/bench_finetune.py` on an idle machine gives the number to put here
 FINETUNE_RATE = 57.0
 # one-off costs, seconds on 2 idle cores
 ONE_OFF = {
@@ -54,6 +60,16 @@ ONE_OFF = {
     "proxy_tokenizer": 10.0,  # BPE tokenizer + packing before the first step
     "convert:smollm2-135m": 45.0,  # GGUF -> bf16 safetensors: 20-60 s (issue #15, curate.lm.models)
 }
+# `curate plan --eval`: what `curate eval RUN` will cost, by the formula `curate eval --dry-run` uses
+# (curate.eval.unit_cost), at assumed rates instead of a calibration. SmolLM2-135M-Instruct (the default student),
+# bf16, 2 threads: the calibration `curate eval --dry-run` wrote for the Alpaca-52k benchmark on this machine
+# (2026-12-02, /work/bench52k/run/eval/calibration.json; load average ~7.8 on the 2 cores, so an idle machine is
+# faster). Other students: no rate is assumed beyond these; `curate eval RUN --dry-run` measures the real ones.
+EVAL_RATES = {"smollm2-135m": {"setup_seconds": 0.73, "train_tps": 174.4, "forward_tps": 2747.0,
+                               "generate_tps": 116.3}}
+# input-file bytes per SmolLM2 chat token (its default system prompt included): Alpaca-52k's first 3,000 rows
+# 389 bytes -> 102.7 tokens (3.8); the bundled sample (maths, code) is denser: 512 -> 172 (3.0)
+EVAL_BYTES_PER_TOKEN = 3.8
 # curate.distill on the sample: seconds per 1,000 sampled rows per predicted column (three candidates, hold-out
 # and refit). Measured: ~1.2 s at 150 rows under load (bench/results/distill.md); HGB grows with rows, so 3 s
 DISTILL_FIT_S_PER_1K_PER_COLUMN = 3.0
@@ -177,6 +193,40 @@ def one_off(recipe: Recipe, rows: int, *, prefect: bool = True) -> list[StagePla
     if uses_lm and _conversion_needed(recipe.score.model):
         out.append(StagePlan(f"one-off: convert {recipe.score.model}", 0, 0,
                              ONE_OFF.get(f"convert:{recipe.score.model}", 60.0), 1500.0))
+    return out
+
+
+def eval_plan(recipe: Recipe, config: Any = None) -> list[StagePlan]:
+    """`curate eval` of the subset this recipe will select, one row per arm (calls = units), without
+    calibrating: the subset's rows from the budget, tokens from input bytes (EVAL_BYTES_PER_TOKEN), the
+    default reference set (the held-out pool slice) and EVAL_RATES. Generation is not priced: the held-out
+    slice gets exact-match questions only when most of its rows carry a GSM8K-style `#### answer`."""
+    from curate.eval import EvalConfig, unit_cost
+
+    cfg = config or EvalConfig()
+    rows, nbytes = 0, 0
+    for f in expand_inputs(recipe.inputs):
+        r, b = count_rows(f)
+        rows, nbytes = rows + r, nbytes + b
+    per_row = min(float(cfg.max_length), nbytes / max(rows, 1) / EVAL_BYTES_PER_TOKEN)
+    sel = recipe.select
+    if sel.budget is not None:
+        n = min(rows, sel.budget)
+    elif sel.budget_tokens is not None:
+        n = min(rows, math.ceil(sel.budget_tokens / max(per_row, 1.0)))
+    else:
+        n = math.ceil(rows * (sel.fraction if sel.fraction is not None else DEFAULT_FRACTION))
+    held = min(cfg.heldout_rows, max(0, rows - n) // 4)
+    rates = EVAL_RATES.get(cfg.student, EVAL_RATES["smollm2-135m"])
+    out = []
+    if cfg.student == "smollm2-135m" and _conversion_needed(cfg.student) and not (
+            recipe.score.model == cfg.student and any(CALLS_PER_ROW.get(x, 1) for x in recipe.score.scorers)):
+        out.append(StagePlan(f"eval one-off: convert {cfg.student}", 0, 0, ONE_OFF[f"convert:{cfg.student}"], 1500.0))
+    for arm in cfg.arms:
+        units = [u for u in cfg.units() if u[0] == arm]
+        _, secs = unit_cost(cfg, arm, n, n * per_row, held * per_row, 0.0, rates)
+        out.append(StagePlan(f"eval:{arm} ({len(units)} unit{'s' if len(units) > 1 else ''})",
+                             0 if arm == "base" else n, len(units), secs * len(units), 3000.0))
     return out
 
 

@@ -183,6 +183,7 @@ def test_eval_reports_every_arm_with_intervals(evaluated, plan):
     assert doc["verdict"] in ("better", "no different", "worse", "mixed")
     assert doc["verdict_line"].startswith("selected vs random at equal tokens: ")
     assert json.loads((plan.run_dir / "eval.json").read_text())["references"] == doc["references"]
+    assert doc["executor"]["kind"] == "local" and len(doc["executor"]["units"]) == 9
 
 
 def test_resumed_eval_is_identical_and_skips_finished_units(evaluated, run_dir, plan):
@@ -194,6 +195,7 @@ def test_resumed_eval_is_identical_and_skips_finished_units(evaluated, run_dir, 
     victim.unlink()  # as if the eval was killed in this unit
     again = run_eval(run_dir, plan=plan)
     assert keep.stat().st_mtime_ns == mtime  # finished units are not redone
+    assert [k for k, v in again["executor"]["units"].items() if v != "Cached"] == ["random_tokens-seed1"]
     after = json.loads(victim.read_text())
     assert after["references"] == before["references"]  # the re-trained unit: same numbers, bit for bit
     assert again["references"] == doc["references"]
@@ -323,3 +325,51 @@ def test_overall_verdict_is_corrected_for_several_comparisons():
     strong = rng.normal(-0.05, 0.003, 20000)
     overall, _ = verdict_line({"a": entry(strong, 4), **{f"r{i}": entry(b, 4) for i, b in enumerate(flat)}})
     assert overall == "better"
+
+
+def test_killed_prefect_eval_resumes_at_its_unit(evaluated, run_dir, tiny_lm, tmp_path):
+    """The default executor (`curate eval`: each unit a Prefect task), SIGKILLed while it trains its second unit,
+    resumes there: the finished unit is read back ("Cached"), the rest run, and every unit's numbers are the
+    in-process eval's (`evaluated`, same settings), bit for bit."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_flows import _clean_env, _seed_home
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("records.parquet", "semdedup.parquet", "selected.parquet"):
+        (out / name).write_bytes((run_dir / name).read_bytes())
+    cache = tmp_path / "cache"
+    _seed_home(cache)  # offline ephemeral Prefect, as a user's second run finds it (minus the DB migration)
+    # the server's start-up limit raised from curate's 120 s: on a shared 2-core machine at nice 19 it once took longer
+    env = _clean_env(CURATE_CACHE_DIR=str(cache), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600")
+    cmd = [sys.executable, "-m", "curate.cli", "eval", str(out), "--student", tiny_lm,
+           "--arms", "selected,random_tokens", "--seeds", "2", "--lr", "3e-3", "--batch-size", "8",
+           "--max-length", "128", "--threads", "1", "--dtype", "float32", "--heldout", "24",
+           "--accuracy-rows", "0", "--gen-tokens", "16"]  # TINY's settings: the same unit keys
+    first = out / "eval" / "selected-seed0.json"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 900
+    while not first.exists():  # written atomically: it exists once complete
+        assert proc.poll() is None, f"eval ended before the kill: {proc.stdout.read().decode()[-3000:]}"
+        assert time.monotonic() < deadline, "the first unit never finished"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert sorted(p.name for p in (out / "eval").glob("*-seed*.json")) == ["selected-seed0.json"]
+    stamp = first.stat().st_mtime_ns
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads((out / "eval.json").read_text())
+    assert doc["executor"] == {"kind": "prefect", "units": {
+        "selected-seed0": "Cached", "selected-seed1": "Completed", "random_tokens-seed0": "Completed",
+        "random_tokens-seed1": "Completed"}}
+    assert first.stat().st_mtime_ns == stamp  # the finished unit was not redone
+    for name in doc["executor"]["units"]:
+        a = json.loads((out / "eval" / f"{name}.json").read_text())
+        b = json.loads((run_dir / "eval" / f"{name}.json").read_text())
+        assert a["key"] == b["key"] and a["references"] == b["references"], name
+    assert "selected vs random at equal tokens" in done.stdout

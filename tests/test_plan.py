@@ -111,3 +111,33 @@ def test_plan_is_within_a_stated_factor_of_a_real_small_run(tmp_path, monkeypatc
                       f"(planned {planned:.0f} s, took {took:.0f} s)", stacklevel=1)
     # the run folder now pins its proxy: planning it again prices no training
     assert "one-off: train the proxy LM" not in {s.stage for s in plan(recipe, prefect=False)}
+
+
+def test_plan_prices_an_eval_with_the_dry_run_formula():
+    """`curate plan --eval`: one row per arm (calls = units), priced by `curate eval --dry-run`'s formula at the
+    assumed SmolLM2 rates; the trained arms grow with the budget, the untuned student does not."""
+    from curate.eval import EvalConfig, unit_cost
+    from curate.plan import EVAL_BYTES_PER_TOKEN, EVAL_RATES, count_rows, eval_plan
+
+    def priced(budget: int) -> dict:
+        recipe = load_recipe(None, {"inputs": [str(SAMPLE)], "select.budget": budget})
+        return {s.stage.split(" ")[0]: s for s in eval_plan(recipe) if s.stage.startswith("eval:")}
+
+    small, large = priced(300), priced(600)
+    assert list(small) == ["eval:selected", "eval:random_rows", "eval:random_tokens", "eval:random_length",
+                           "eval:base"]
+    assert sum(s.calls for s in small.values()) == 13 and small["eval:base"].calls == 1
+    assert small["eval:selected"].rows == 300 and small["eval:base"].rows == 0
+    rows = nbytes = 0
+    for f in sorted(SAMPLE.glob("*.jsonl")):
+        r, b = count_rows(str(f))
+        rows, nbytes = rows + r, nbytes + b
+    per_row = nbytes / rows / EVAL_BYTES_PER_TOKEN
+    _, one = unit_cost(EvalConfig(), "selected", 300, 300 * per_row, 200 * per_row, 0.0, EVAL_RATES["smollm2-135m"])
+    assert small["eval:selected"].seconds == pytest.approx(3 * one)
+    grew = large["eval:selected"].seconds - small["eval:selected"].seconds
+    assert grew == pytest.approx(3 * 300 * per_row / EVAL_RATES["smollm2-135m"]["train_tps"])
+    assert large["eval:base"].seconds == small["eval:base"].seconds
+    res = CliRunner().invoke(app, ["plan", str(SAMPLE), "--budget", "300", "--eval"])
+    assert res.exit_code == 0, res.output
+    assert "eval:random_tokens" in res.output and "eval: about" in res.output

@@ -13,9 +13,9 @@ import pytest
 from conftest import ROOT, sample_rows
 
 from curate.lm import LMConfig
-from curate.lm.base import Encoder, load_tokenizer
+from curate.lm.base import load_tokenizer
 from curate.lm.evaluate import eval_proxy, proxy_quality
-from curate.lm.proxy import ensure_default_proxy, finetune_proxy, load_conversations, sft_examples, train_proxy
+from curate.lm.proxy import ensure_default_proxy, finetune_proxy, load_conversations, train_proxy
 
 NOT_MATHS = ("gpteacher_codegen", "gpteacher_toolformer", "self_instruct_seed")
 
@@ -48,15 +48,55 @@ def test_finetune_lowers_loss_on_its_data(proxy, rows):
     assert after < before - 0.05, (before, after)
 
 
-def test_sft_masks_prompt_per_assistant_turn(proxy):
-    enc = Encoder(load_tokenizer(LMConfig(proxy)), LMConfig(proxy))
-    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
-    ex = sft_examples(enc, [conv])
-    assert len(ex) == 2
-    ids, n_prompt = ex[1]
-    assert enc.tok.decode(ids[n_prompt:]) == "Goodbye.<|im_end|>"
-    assert "Hello." in enc.tok.decode(ids[:n_prompt])
+def _trained_text(model_dir: str, conv: list[dict], *, chat_template: str | None = "own") -> tuple[str, str]:
+    """(rendered conversation, decoded label tokens) of the batch the one fine-tune path trains on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from curate.lm.finetune import FinetuneConfig, sft_trainer, training_chat_template
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if chat_template != "own":
+        tok.chat_template = chat_template
+    tok.chat_template = training_chat_template(tok)
+    trainer = sft_trainer(AutoModelForCausalLM.from_pretrained(model_dir), tok, [conv], FinetuneConfig(batch_size=1),
+                          0, Path(model_dir).parent / "sft-work", "float32")
+    labels = next(iter(trainer.get_train_dataloader()))["labels"][0]
+    return tok.apply_chat_template(conv, tokenize=False), tok.decode(labels[labels != -100])
+
+
+CONV = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
+
+
+def test_sft_trains_on_every_assistant_turn_only(proxy):
+    """The proxy's ChatML template gets generation markers: loss on each answer and its end-of-turn token."""
+    text, trained = _trained_text(proxy, CONV)
+    assert trained == "Hello.<|im_end|>Goodbye.<|im_end|>"
+    assert text == load_tokenizer(LMConfig(proxy)).apply_chat_template(CONV, tokenize=False)  # unchanged text
+
+
+def test_sft_without_a_chat_template_uses_the_plain_rendering(proxy):
+    """A model without a chat template trains on curate's plain rendering, each answer ending with EOS."""
+    text, trained = _trained_text(proxy, CONV, chat_template=None)
+    assert text == "<s>User: Hi\n\nAssistant: Hello.</s>\n\nUser: Bye\n\nAssistant: Goodbye.</s>\n\n"
+    assert trained == " Hello.</s> Goodbye.</s>"  # byte-level BPE: the first answer token carries its space
+
+
+def test_proxy_finetune_cli_saves_a_loadable_model(proxy, rows, tmp_path):
+    """`curate proxy finetune` through the one path: a model folder with the proxy's own chat template."""
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    data = tmp_path / "subset.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[1750:1766]))
+    res = CliRunner().invoke(app, ["proxy", "finetune", proxy, str(data), "--out", str(tmp_path / "ft")])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "ft" / "curate_proxy.json").read_text())["finetune"]
+    assert meta["rows"] == 16 and meta["steps"] == 1 and meta["base"] == proxy
+    saved = load_tokenizer(LMConfig(str(tmp_path / "ft")))
+    assert saved.chat_template == load_tokenizer(LMConfig(proxy)).chat_template  # not the training template
+    assert eval_proxy(tmp_path / "ft", rows[1750:1766]) > 0
 
 
 def test_load_conversations_from_files(tmp_path, rows):

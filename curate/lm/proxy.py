@@ -3,8 +3,8 @@
 Why: Superfiltering shows a small model's IFD ranks data nearly as well as a large one's, and nothing may be
 fetched from a hub here. `train_proxy` trains a small LLaMA-architecture LM (and a byte-level BPE tokenizer)
 from scratch on a dataset's conversations, rendered exactly as the engines render them for scoring (ChatML
-with BOS). `finetune_proxy` + `eval_proxy` give later stages a cheap "train on the subset, measure loss on a
-reference set" signal.
+with BOS). `finetune_proxy` (the one fine-tune path, `curate.lm.finetune`) + `eval_proxy` give later stages a
+cheap "train on the subset, measure loss on a reference set" signal.
 
 Sizes (params include the tied embedding): "tiny" is sized so both IFD passes over Alpaca-52k take about
 10 minutes on a 2-core CPU (see bench/results/engines.md); "small"/"base" are for GPUs.
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from curate.lm.base import Encoder, LMConfig, LMError, Message
+from curate.lm.base import LMError, Message
 from curate.lm.tiny import llama_config, save_model, train_tokenizer
 from curate.progress import progress
 
@@ -113,17 +113,6 @@ def _doc_text(doc: list[Message] | str, tokenizer: Any) -> str:
     if isinstance(doc, str):
         return f"{tokenizer.bos_token}{doc}{tokenizer.eos_token}"
     return tokenizer.apply_chat_template(doc, tokenize=False)
-
-
-def sft_examples(encoder: Encoder, conversations: Sequence[list[Message]]) -> list[tuple[list[int], int]]:
-    """(ids, n_prompt) per assistant turn: the prompt is every earlier message (masked in the loss)."""
-    out = []
-    for msgs in conversations:
-        for i, m in enumerate(msgs):
-            if m["role"] == "assistant":
-                enc = encoder.encode(msgs[:i], m["content"])
-                out.append((enc.ids, len(enc.prompt_ids)))
-    return out
 
 
 # -- training -------------------------------------------------------------------------------------------------
@@ -246,41 +235,23 @@ def finetune_proxy(
     batch_size: int = 16,
     max_length: int = 512,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> str:
-    """SFT of a proxy on `records` (every assistant turn, prompt tokens masked); saves to out_dir."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SFT of a proxy (or any small HF causal LM) on `records` through the one fine-tune path
+    (`curate.lm.finetune`: TRL's SFTTrainer, loss on every assistant turn's tokens); saves to out_dir.
 
-    _set_threads()
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), use_safetensors=True, dtype=torch.float32)
-    encoder = Encoder(tokenizer, LMConfig(str(base_dir), max_length=max_length))
-    examples = sft_examples(encoder, load_conversations(records))
-    steps = max(1, math.ceil(len(examples) * epochs / batch_size))
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 10), seed=seed)
-    order: list[int] = []
-    pad = tokenizer.pad_token_id
+    float32 by default: the proxy is tiny, and bf16 sums change with the torch thread count."""
+    from transformers import AutoTokenizer
 
-    def next_batch(gen: torch.Generator):
-        nonlocal order
-        if len(order) < batch_size:
-            order += torch.randperm(len(examples), generator=gen).tolist()
-        picked, order = order[:batch_size], order[batch_size:]
-        width = max(len(examples[i][0]) for i in picked) - 1
-        x = torch.full((len(picked), width), pad, dtype=torch.long)
-        y = torch.full((len(picked), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(picked), width), dtype=torch.long)
-        for row, i in enumerate(picked):
-            ids, n_prompt = examples[i]
-            t = torch.tensor(ids)
-            x[row, : len(ids) - 1] = t[:-1]
-            mask[row, : len(ids) - 1] = 1
-            y[row, n_prompt - 1: len(ids) - 1] = t[n_prompt:]
-        return x, y, mask
+    from curate.lm.finetune import FinetuneConfig, finetune, save_finetuned
 
-    model = model.to(_device()).train()
-    _fit(model, cfg, next_batch, desc="finetune proxy")
-    out = save_model(model.cpu().eval(), tokenizer, out_dir)
-    meta = {"finetune": {"base": str(base_dir), "examples": len(examples), **asdict(cfg)}}
+    convs = load_conversations(records)
+    cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, dtype=dtype,
+                         threads=None)
+    model, tok, stats = finetune(str(base_dir), convs, cfg, seed)
+    own = AutoTokenizer.from_pretrained(str(base_dir)).chat_template
+    out = save_finetuned(model.cpu(), tok, out_dir, chat_template=own)
+    meta = {"finetune": {"base": str(base_dir), "seed": seed, **asdict(cfg), **stats}}
     (Path(out) / "curate_proxy.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 

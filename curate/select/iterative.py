@@ -215,23 +215,24 @@ def loss_feedback(
     epochs: float = 1.0,
     lr: float = 1e-3,
     batch_size: int = 16,
+    dtype: str = "float32",
 ) -> Any:
     """Diversify-and-Conquer's iterative feedback with a proxy fine-tune in place of the paper's reward model.
 
     Returns `fn(selected_ids) -> DataFrame(cluster, feedback)` for `IterativeRefinement`. Each call fine-tunes
-    `base_dir` on the rows selected so far, then measures the tuned model's mean response loss (nats/token) on a
-    fixed probe of up to `probe_per_cluster` rows per cluster, leaving out probe rows that are selected by then.
-    A cluster the model still fits badly (high loss) gets a larger share of the next round, as a large
-    reward(gold) - reward(generation) gap does in the paper. `pool` needs `id`, `cluster` and `messages`.
+    `base_dir` on the rows selected so far (`curate.lm.finetune`: the fine-tune `curate eval` and `curate proxy
+    finetune` run), then measures the tuned model's mean response loss (nats/token) on a fixed probe of up to
+    `probe_per_cluster` rows per cluster, leaving out probe rows that are selected by then. A cluster the model
+    still fits badly (high loss) gets a larger share of the next round, as a large reward(gold) -
+    reward(generation) gap does in the paper. `pool` needs `id`, `cluster` and `messages`. float32 by default:
+    bf16 sums change with the torch thread count, so executors with different thread counts would disagree.
     The function's `history` attribute gets one dict per call (rows trained on, probe rows, per-cluster loss,
-    seconds), for the manifest.
+    the fine-tune's steps and training loss, seconds), for the manifest.
     """
-    import tempfile
-
     from curate.lm.base import LMConfig
     from curate.lm.evaluate import response_losses
+    from curate.lm.finetune import FinetuneConfig, finetune
     from curate.lm.hf import HFEngine
-    from curate.lm.proxy import finetune_proxy
 
     if probe_per_cluster < 1:
         raise ValueError(f"probe_per_cluster must be >= 1, got {probe_per_cluster}")
@@ -243,22 +244,26 @@ def loss_feedback(
              .group_by("cluster", maintain_order=True).head(probe_per_cluster)
              .sort("cluster", "id"))
     by_id = pool.select(pl.col("id").cast(pl.String), "messages")
+    cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, dtype=dtype,
+                         threads=None)
+    lm = LMConfig(str(base_dir), max_length=max_length)
 
     def feedback(selected_ids: list[str]) -> pl.DataFrame:
         t0 = time.perf_counter()
         chosen = pl.DataFrame({"id": selected_ids}, schema={"id": pl.String})
-        train = by_id.join(chosen, on="id", how="semi").to_dicts()
+        train = [[{"role": m["role"], "content": m["content"]} for m in msgs]
+                 for msgs in by_id.join(chosen, on="id", how="semi")["messages"].to_list()]
         left = probe.join(chosen, on="id", how="anti")
-        with tempfile.TemporaryDirectory(prefix="curate-feedback-") as tmp:
-            tuned = finetune_proxy(base_dir, train, Path(tmp) / "ft", epochs=epochs, lr=lr,
-                                   batch_size=batch_size, max_length=max_length, seed=seed)
-            nll, toks = response_losses(HFEngine(LMConfig(tuned, max_length=max_length)),
-                                        left["messages"].to_list())
+        model, _, stats = finetune(str(base_dir), train, cfg, seed)
+        # the tuned weights stay in float32 (as LMConfig loads a model folder), measured with the base's own
+        # tokenizer and template; nothing is written to disk
+        nll, toks = response_losses(HFEngine(lm, model=model), left["messages"].to_list())
         rows = left.select("cluster").with_columns(nll=nll, toks=toks).filter(pl.col("toks") > 0)
         out = rows.group_by("cluster").agg(feedback=pl.col("nll").sum() / pl.col("toks").sum()).sort("cluster")
         feedback.history.append({
             "trained_rows": len(train), "probe_rows": rows.height,
             "loss": dict(zip(out["cluster"].to_list(), out["feedback"].round(4).to_list(), strict=True)),
+            "steps": stats["steps"], "train_loss": stats["train_loss"],
             "seconds": round(time.perf_counter() - t0, 1)})
         return out
 
