@@ -185,3 +185,22 @@ def test_length_batches_bound_padding():
         padded = [max(lengths[i] for i in b) * len(b) for b in batches]
         assert sorted(i for b in batches for i in b) == list(range(n)) and max(padded) <= 16384
         assert sum(padded) / sum(lengths) <= limit, (n, sum(padded) / sum(lengths))
+
+
+@needs_smollm2
+def test_donod_runs_on_smollm2_in_its_default_dtype(engine, tmp_path):
+    """DONOD's closed form checks logits == lm_head(hidden). In bf16 (the default dtype on a bf16 CPU) the two
+    differ by bf16 rounding, which a float32 tolerance refused: DONOD failed on the default model. A real bias
+    on the logits is still refused."""
+    from curate.scoring.contract import ScorerError
+    from scorers.donod import DONOD
+
+    rows = sample_rows(2)
+    res = score_pool(rows, get_scorer("donod"), engine=engine, store=ScoreStore(tmp_path))
+    assert res.df["donod"].null_count() == 0 and res.df["donod"].is_between(0, 1).all()
+    prompt, response = [{"role": "user", "content": "What is 2+2?"}], "4"
+    hl = engine.hidden_and_logits([prompt], [response])[0]
+    DONOD._check_logits(engine, hl)  # the model's own logits pass
+    biased = type(hl)(**{**hl.__dict__, "logits": hl.logits + 0.5 * float(np.abs(hl.logits).max())})
+    with pytest.raises(ScorerError, match="not lm_head"):
+        DONOD._check_logits(engine, biased)
