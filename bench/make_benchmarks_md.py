@@ -13,7 +13,9 @@ two cores; each section states the load it saw. Rebuild this file with `python b
 after re-running a benchmark (its results file in `bench/results/` is overwritten by the benchmark).
 No GPU was lent to the sessions that wrote these numbers, so there are no GPU rows yet (`bench/gpu_oneshot.py` is
 ready for one). Sections measured before SmolLM2 became the default scorer (engines, scorers, quality, subsets)
-used the pool-trained proxy LM; they say so.
+used the pool-trained proxy LM; they say so. The sections "alpaca52k", "distill" and the SmolLM2-student
+"eval" were measured on 2026-12-02 with the benchmark at nice 0 and other jobs at nice 19 (the kernel's
+autogroup scheduling, which had made `nice` ineffective in earlier sessions, was switched off).
 """
 
 
