@@ -354,7 +354,7 @@ def main() -> None:
          f"Model for every likelihood/judge scorer: the tiny proxy `{Path(proxy).name}` "
          f"({n_params / 1e6:.2f}M parameters, trained on Alpaca rows [0, 40000), {proxy_s:.0f} s to "
          "train or load), ")
-        + f"max_length {MAX_LENGTH}, transformers engine, float32. Embeddings: MiniLM "
+        + f"max_length {MAX_LENGTH}, transformers engine, {engine.config.dtype}. Embeddings: MiniLM "
         f"(all-MiniLM-L6-v2, instruction_response view; {embed_s:.0f} s for both pools).",
         "",
         "**Read the judge rows with care.** A ~1M-parameter proxy trained for minutes cannot follow the "
