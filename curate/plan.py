@@ -63,8 +63,8 @@ ONE_OFF = {
 # `curate plan --eval`: what `curate eval RUN` will cost, by the formula `curate eval --dry-run` uses
 # (curate.eval.unit_cost), at assumed rates instead of a calibration. SmolLM2-135M-Instruct (the default student),
 # bf16, 2 threads: the calibration `curate eval --dry-run` wrote for the Alpaca-52k benchmark on this machine
-# (2026-12-02, /work/bench52k/run/eval/calibration.json; load average ~7.8 on the 2 cores, so an idle machine is
-# faster). Other students: no rate is assumed beyond these; `curate eval RUN --dry-run` measures the real ones.
+# (2026-12-02, the Alpaca-52k run of bench/results/eval.md; load average ~7.8 on the 2 cores, so an idle machine
+# is faster). Other students: no rate is assumed beyond these; `curate eval RUN --dry-run` measures the real ones.
 EVAL_RATES = {"smollm2-135m": {"setup_seconds": 0.73, "train_tps": 174.4, "forward_tps": 2747.0,
                                "generate_tps": 116.3}}
 # input-file bytes per SmolLM2 chat token (its default system prompt included): Alpaca-52k's first 3,000 rows
