@@ -223,3 +223,26 @@ def test_a_rerun_reuses_the_measured_rate(timed_run):
     assert again.manifest["score_sample"] == rate
     for name, data in before.items():
         assert again.file(name).read_bytes() == data, name
+
+
+def test_measure_rate_runs_scorers_as_scored_and_never_touches_the_store(run, pool_dir, tiny_lm):
+    """The rate measurement runs each scorer through the score stage's own batch code (`score_batch`,
+    `finalize_pool`): one that reads other scores, an embedding view and has pool columns (InstructMining),
+    and one with pool columns over hidden states (DONOD). The score store is neither read nor written."""
+    from curate.context import RunContext
+    from curate.run import cache_dir
+    from curate.scoring.recipe import measure_rate
+
+    ctx = RunContext(run, _recipe(pool_dir, run.path, tiny_lm))
+    ids = ctx.records(["id"])["id"].head(6)
+    store = cache_dir() / "scores"
+
+    def listing() -> list[str]:
+        return sorted(str(p.relative_to(store)) for p in store.rglob("*")) if store.exists() else []
+
+    before = listing()
+    got = measure_rate(ctx, ids, ["instructmining", "donod"], warmup=2)
+    assert listing() == before
+    assert got["calibration_rows"] == 6 and set(got["scorer_seconds"]) == {"instructmining", "donod"}
+    assert got["rows_per_second"] > 0 and got["warmup_seconds"] > 0
+    assert got["calibration_seconds"] == pytest.approx(sum(got["scorer_seconds"].values()), abs=0.01)

@@ -69,7 +69,7 @@ def measure_rate(ctx: RunContext, ids: pl.Series | list[str], scorers: list[str]
     but that are not timed (configured rule scorers, computed for every row anyway) run untimed.
     Returns {rows_per_second, calibration_rows, calibration_seconds, warmup_seconds, scorer_seconds}.
     """
-    from curate.scoring.contract import ScoreContext
+    from curate.scoring.runner import finalize_pool, score_batch
 
     recipe = ctx.recipe
     names = ordered(recipe, _with_deps(recipe, list(scorers)))
@@ -84,18 +84,16 @@ def measure_rate(ctx: RunContext, ids: pl.Series | list[str], scorers: list[str]
         secs: dict[str, float] = {}
         for n in names:
             scorer = instances[n]
-            kw: dict[str, Any] = {"engine": engine if scorer.needs.engine else None}
+            kw: dict[str, Any] = {}
             if scorer.needs.embeddings:
-                kw["pool_embeddings"] = ctx.vectors(scorer.needs.embeddings)
-                kw["embeddings"] = ctx.vectors_of(batch["id"], scorer.needs.embeddings)
+                kw = _embedding_inputs(ctx, scorer.needs.embeddings, batch["id"])
             if scorer.needs.scores:
                 kw["scores"] = pl.concat([outs[d] for d in scorer.needs.scores], how="horizontal")
             t0 = time.perf_counter()
-            out = scorer.score(batch, ScoreContext(**kw)).select(scorer.writes)
+            out = score_batch(batch, scorer, engine=engine, **kw)
             secs[n] = time.perf_counter() - t0
-            if scorer.pool_writes:  # what a reader of this scorer gets: per-row and pool columns
-                out = scorer.finalize(out.insert_column(0, batch["id"])).select(scorer.columns)
-            outs[n] = out
+            # what a reader of this scorer gets: per-row and pool columns, row-aligned with the batch
+            outs[n] = finalize_pool(scorer, out.insert_column(0, batch["id"])).drop("id")
         return secs
 
     t0 = time.perf_counter()
@@ -133,6 +131,11 @@ def _with_deps(recipe: Any, names: list[str]) -> list[str]:
     return out
 
 
+def _embedding_inputs(ctx: RunContext, view: str, ids: pl.Series) -> dict[str, Any]:
+    """The pool's vectors in `view` and those of the rows `ids` (row-aligned), as a scorer gets them."""
+    return {"pool_embeddings": ctx.vectors(view), "embeddings": ctx.vectors_of(ids, view)}
+
+
 def _inputs(ctx: RunContext, name: str, df: pl.DataFrame) -> dict[str, Any]:
     """Engine, embeddings and other scores that scorer `name` needs, for the rows of df."""
     scorer = make_scorer(ctx, name)
@@ -142,8 +145,7 @@ def _inputs(ctx: RunContext, name: str, df: pl.DataFrame) -> dict[str, Any]:
         kw["engine"] = ctx.engine()
     if scorer.needs.embeddings:  # the view the scorer declares (e.g. instruction + response for kNN)
         view = scorer.needs.embeddings
-        X = ctx.vectors(view)
-        kw["pool_embeddings"], kw["embeddings"] = X, ctx.vectors_of(df["id"], view)
+        kw.update(_embedding_inputs(ctx, view, df["id"]))
         context.append(f"embed={ctx.recipe.embed.model}/{view}")
     if scorer.needs.scores:
         other = pl.DataFrame({"id": df["id"]})

@@ -85,6 +85,31 @@ def _validate(out: Any, scorer: Scorer, n: int) -> pl.DataFrame:
     return out.select(scorer.writes)
 
 
+def score_batch(batch: pl.DataFrame, scorer: Scorer, *, engine: Any = None, embeddings: np.ndarray | None = None,
+                pool_embeddings: np.ndarray | None = None, scores: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The scorer's per-row columns (`writes`) for one batch: the one place a `ScoreContext` is built, so the
+    score stage (`score_pool`) and the rate measurement (`curate.scoring.recipe.measure_rate`) run a scorer alike.
+    `embeddings` and `scores` are row-aligned with `batch`; the engine is passed only to a scorer that needs one."""
+    ctx = ScoreContext(engine=engine if scorer.needs.engine else None, embeddings=embeddings,
+                       pool_embeddings=pool_embeddings, scores=scores)
+    return _validate(scorer.score(batch, ctx), scorer, batch.height)
+
+
+def finalize_pool(scorer: Scorer, df: pl.DataFrame) -> pl.DataFrame:
+    """`id` + the scorer's columns: its pool-relative columns (`pool_writes`) computed by `finalize` over the
+    distinct rows of df (`id` + writes), in df's order. What a reader of the scorer's columns gets."""
+    if not scorer.pool_writes:
+        return df.select(["id", *scorer.writes])
+    uniq = df.unique(subset="id", keep="first", maintain_order=True)
+    fin = scorer.finalize(uniq)
+    lacking = [c for c in scorer.pool_writes if c not in fin.columns]
+    if lacking or fin.height != uniq.height:
+        raise ScorerError(f"scorer {scorer.name!r}: finalize() must add {list(scorer.pool_writes)} "
+                          "and keep every row")
+    df = df.join(fin.select(["id", *scorer.pool_writes]), on="id", how="left", maintain_order="left")
+    return df.select(["id", *scorer.columns])
+
+
 def score_pool(
     records: pl.DataFrame,
     scorer: Scorer,
@@ -125,27 +150,14 @@ def score_pool(
             for start in range(0, rows.height, batch_size):
                 chunk = rows.slice(start, batch_size)
                 pos = chunk["_pos"].to_numpy()
-                ctx = ScoreContext(
-                    engine=engine if scorer.needs.engine else None,
-                    embeddings=None if embeddings is None else np.asarray(embeddings)[pos],
-                    pool_embeddings=pool_embeddings,
-                    scores=None if aligned is None else aligned[pos],
-                )
                 batch = chunk.drop("_pos")
-                out = _validate(scorer.score(batch, ctx), scorer, batch.height)
+                out = score_batch(batch, scorer, engine=engine, pool_embeddings=pool_embeddings,
+                                  embeddings=None if embeddings is None else np.asarray(embeddings)[pos],
+                                  scores=None if aligned is None else aligned[pos])
                 store.put(key, out.insert_column(0, batch["id"]))
                 bar.advance(task, batch.height)
         if len(list(store.folder(key).glob("part-*.parquet"))) > COMPACT_AFTER_PARTS:
             store.compact(key)
-    df = store.get(key, ids).select(["id", *scorer.writes])
-    if scorer.pool_writes:  # over the distinct rows of the pool, then back in records order
-        uniq = df.unique(subset="id", keep="first", maintain_order=True)
-        fin = scorer.finalize(uniq)
-        lacking = [c for c in scorer.pool_writes if c not in fin.columns]
-        if lacking or fin.height != uniq.height:
-            raise ScorerError(f"scorer {scorer.name!r}: finalize() must add {list(scorer.pool_writes)} "
-                              "and keep every row")
-        df = df.join(fin.select(["id", *scorer.pool_writes]), on="id", how="left", maintain_order="left")
-        df = df.select(["id", *scorer.columns])
+    df = finalize_pool(scorer, store.get(key, ids).select(["id", *scorer.writes]))
     return ScoreRun(df=df, n_computed=len(todo), n_cached=n_unique - len(todo),
                     seconds=time.perf_counter() - t0, key=key)
