@@ -100,7 +100,8 @@ def speed(args: argparse.Namespace) -> None:
                     f"{r['train_seconds']} |")
     body.append("")
     body.append("bf16 = autocast on CPU with float32 master weights (HF Trainer `bf16=True`); the model is evaluated "
-                "in bf16. `--dtype auto` picks bf16 where /proc/cpuinfo has avx512_bf16 or amx_bf16.")
+                "in bf16. `--dtype auto` picks what `score.dtype: auto` picks (`curate.lm.hf.dtype_choice`: bf16 "
+                "when a timed bf16 matmul takes < 0.8x float32's).")
     write_section("1. Fine-tune speed (SmolLM2-135M, this CPU)", "\n".join(body))
 
 

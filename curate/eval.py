@@ -48,7 +48,7 @@ import numpy as np
 import polars as pl
 
 # the one fine-tune path (also `curate proxy finetune` and the iterative feedback); re-exported under these names
-from curate.lm.finetune import FinetuneConfig, _set_threads, finetune, resolve_dtype, training_chat_template
+from curate.lm.finetune import FinetuneConfig, _set_threads, finetune, training_chat_template
 
 EVAL_VERSION = 2  # bump when a unit's numbers would change for the same inputs
 ARMS = ("selected", "random_rows", "random_tokens", "random_length", "base")
@@ -74,7 +74,7 @@ class EvalConfig:
     max_length: int = 512  # tokens per training and evaluation sequence (longer ones are truncated)
     lora: bool = False
     lora_r: int = 16
-    dtype: str = "auto"  # auto | float32 | bfloat16: bf16 autocast where the device runs it natively
+    dtype: str = "auto"  # auto | float32 | bfloat16: bf16 autocast where the scoring engine's auto picks bf16
     threads: int = 2  # CPU threads for torch
     heldout_rows: int = 200  # default reference: this many pool rows no arm trains on
     reference_rows: int | None = 500  # cap per reference set (seeded sample); None = all
@@ -337,6 +337,8 @@ def plan_eval(run_dir: str | Path, config: EvalConfig | None = None,
               references: Sequence[str] | None = None) -> EvalPlan:
     """Load the run, the reference sets and the student's tokenizer; draw every (arm, seed)'s training rows."""
     from transformers import AutoTokenizer
+
+    from curate.lm.hf import resolve_dtype  # the scoring engine's decider: `auto` scores and trains alike
 
     cfg = config or EvalConfig()
     run_dir = Path(run_dir)

@@ -90,6 +90,14 @@ def test_pool_is_records_minus_semantic_duplicates_and_heldout(run_dir, plan):
         assert not held & set(ids), arm  # and no arm trains on it
 
 
+def test_auto_dtype_is_the_scoring_engines_choice(run_dir, cfg):
+    """`--dtype auto` trains in what `score.dtype: auto` scores in on this machine (one decider,
+    `curate.lm.hf.dtype_choice`), and the plan records that concrete dtype."""
+    from curate.lm.hf import dtype_choice
+
+    assert plan_eval(run_dir, replace(cfg, dtype="auto")).dtype == dtype_choice("auto")["dtype"]
+
+
 def test_arms_have_the_promised_sizes(plan):
     sel = plan.selected
     target = int(sel["tokens"].sum())

@@ -14,7 +14,6 @@ byte-identical text; a tokenizer without a chat template trains on curate's plai
 
 from __future__ import annotations
 
-import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ class FinetuneConfig:
     max_length: int = 512  # tokens per training sequence (longer ones are truncated)
     lora: bool = False
     lora_r: int = 16
-    dtype: str = "auto"  # auto | float32 | bfloat16: bf16 autocast where the device runs it natively
+    dtype: str = "auto"  # auto | float32 | bfloat16: bf16 autocast where the scoring engine's auto picks bf16
     threads: int | None = 2  # CPU threads for torch; None: $CURATE_TORCH_THREADS, else every usable core
 
     @classmethod
@@ -57,27 +56,7 @@ PLAIN_TRAINING_TEMPLATE = (
 )
 
 
-# -- dtype and threads ----------------------------------------------------------------------------------------
-def cpu_has_bf16() -> bool:
-    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX): there bf16 is ~3x float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def resolve_dtype(dtype: str) -> str:
-    """`auto` made concrete: bf16 on a GPU that supports it and on a CPU that runs it natively, else float32."""
-    import torch
-
-    if dtype != "auto":
-        return dtype
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if cpu_has_bf16() else "float32"
-
-
+# -- threads ----------------------------------------------------------------------------------------------
 def _set_threads(n: int | None) -> None:
     """CPU threads for torch; None: curate's engine default ($CURATE_TORCH_THREADS, else every usable core)."""
     import torch
@@ -188,7 +167,8 @@ def finetune(student: str, convs: Sequence[Sequence[Message]], config: Any, seed
              out_dir: str | Path | None = None, dtype: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """SFT of the model folder `student` on `convs` (see `sft_trainer`). `config`: a `FinetuneConfig` or any
     settings with its field names (`curate.eval.EvalConfig`); `out_dir`: the trainer's working folder (default a
-    temporary one); `dtype`: an already resolved dtype (default: config.dtype resolved here).
+    temporary one); `dtype`: an already resolved dtype (default: config.dtype resolved by the scoring engine's
+    `curate.lm.hf.resolve_dtype`).
 
     Returns (model, tokenizer, stats); the model is merged (LoRA) and in eval mode, on the training device; the
     tokenizer carries the training template (it renders the same text as the model's own).
@@ -199,7 +179,10 @@ def finetune(student: str, convs: Sequence[Sequence[Message]], config: Any, seed
     config = FinetuneConfig.of(config)
     if not convs:
         raise ValueError("nothing to fine-tune on: no conversations given")
-    dtype = dtype or resolve_dtype(config.dtype)
+    if dtype is None:  # `auto`: the scoring engine's decision, so one machine never scores and trains apart
+        from curate.lm.hf import resolve_dtype
+
+        dtype = resolve_dtype(config.dtype)
     _set_threads(config.threads)
     set_seed(seed)
     tok = AutoTokenizer.from_pretrained(student)
@@ -233,5 +216,5 @@ def save_finetuned(model: Any, tokenizer: Any, out_dir: str | Path, *, chat_temp
     return str(out)
 
 
-__all__ = ["FinetuneConfig", "PLAIN_TRAINING_TEMPLATE", "finetune", "resolve_dtype", "save_finetuned",
+__all__ = ["FinetuneConfig", "PLAIN_TRAINING_TEMPLATE", "finetune", "save_finetuned",
            "sft_trainer", "training_chat_template"]
