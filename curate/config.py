@@ -101,6 +101,10 @@ class SelectConfig(_Section):
     tokenizer: str | None = None  # model whose tokenizer counts tokens for budget_tokens (None: n_tokens)
     score: str | None = None  # quality column for kmq/deita (None: strategy default)
     fusion: dict[str, float] = Field(default_factory=dict)  # column -> signed weight (negative = lower is better)
+    # rank (default): weighted mean of percentile ranks, blind to a column's scale and tail; topsis (vector
+    # normalised) lets one heavy-tailed column (perplexity reaches 1e6 on Alpaca) flatten to a constant, so the
+    # fusion quietly becomes a sort by the other columns (BENCHMARKS.md "eval", fusion section)
+    fusion_method: Literal["rank", "topsis"] = "rank"
     thresholds: list[str] = Field(default_factory=list)  # e.g. ["heur_flags < 1", "ifd < 1"]
     tau: float = Field(default=0.9, ge=-1, le=1)  # deita redundancy threshold (cosine)
     # iterative (Diversify-and-Conquer): rounds, softmax temperature over per-cluster feedback, and the probe

@@ -90,7 +90,7 @@ def _strategy(recipe: Recipe, pool: pl.DataFrame, ctx: RunContext | None = None,
             raise ValueError("the fusion strategy needs select.fusion: {column: weight}, negative = lower is better")
         cols = tuple(cfg.fusion)
         return make_strategy("fusion", columns=cols, weights=tuple(abs(w) for w in cfg.fusion.values()),
-                             cost=tuple(c for c, w in cfg.fusion.items() if w < 0))
+                             cost=tuple(c for c, w in cfg.fusion.items() if w < 0), method=cfg.fusion_method)
     return make_strategy("random")
 
 
