@@ -297,7 +297,14 @@ def test_lora_fine_tune_merges_and_learns(plan, tiny_lm):
 
     convs = plan.references[0].convs[:8]
     cfg = replace(plan.config, lora=True, lora_r=8, epochs=6.0, lr=2e-2)
-    model, tok, stats = finetune(tiny_lm, convs, cfg, 0, dtype="float32")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, tok, stats = finetune(tiny_lm, convs, cfg, 0, dtype="float32")
+    # curate's trainer arguments use current names (the old one warned on every fine-tune; peft's own
+    # `is_gradient_checkpointing` warning on the LoRA path is not curate's to fix)
+    assert not [w for w in caught if str(w.message).startswith("`gradient_checkpointing`")], caught
     assert not any("lora" in n for n, _ in model.named_parameters())  # merged back into a plain model
     tuned = response_losses(_engine(tiny_lm, model, tok, cfg, "float32"), convs)
     base = response_losses(_engine(tiny_lm, None, None, cfg, "float32"), convs)

@@ -56,6 +56,12 @@ PLAIN_TRAINING_TEMPLATE = (
 )
 
 
+def _checkpointing_arg(config_class: type) -> str:
+    """transformers 5.24 renamed gradient_checkpointing; the old name warns on every fine-tune (in a CI log)."""
+    names = {f.name for f in fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 # -- threads ----------------------------------------------------------------------------------------------
 def _set_threads(n: int | None) -> None:
     """CPU threads for torch; None: curate's engine default ($CURATE_TORCH_THREADS, else every usable core)."""
@@ -155,7 +161,7 @@ def sft_trainer(model: Any, tokenizer: Any, convs: Sequence[Sequence[Message]], 
         # speed (bench/results/eval.md, same rows and run): batches of similar length pad less (1.7x tokens/s
         # on Alpaca rows); activation checkpointing (TRL's default) saves memory a small student on a CPU
         # does not need and costs a recomputed forward, so it is on only on a GPU
-        train_sampling_strategy="group_by_length", gradient_checkpointing=torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length", **{_checkpointing_arg(SFTConfig): torch.cuda.is_available()},
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
                          peft_config=peft_config)
