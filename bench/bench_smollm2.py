@@ -1,7 +1,7 @@
 """SmolLM2-135M scoring speed on this CPU: curate's HF engine vs a bare transformers forward, float32 vs bf16,
 the vLLM engine, and the arithmetic limit -- all on the same Alpaca rows in one run.
 
-    nice -n 15 .venv/bin/python bench/bench_smollm2.py [--rows 200] [--chunks 4] [--no-vllm] \
+    .venv/bin/python bench/bench_smollm2.py [--rows 200] [--chunks 4] [--no-vllm] \
         [--out bench/results/smollm2.md]
 
 What is timed (both IFD passes of every row: conditioned = chat-rendered instruction + response,
@@ -191,7 +191,7 @@ def main() -> None:
     lines = [
         "# SmolLM2-135M scoring speed on this CPU",
         "",
-        f"Command: `nice -n 15 .venv/bin/python bench/bench_smollm2.py {shlex.join(sys.argv[1:])}`",
+        f"Command: `.venv/bin/python bench/bench_smollm2.py {shlex.join(sys.argv[1:])}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} "
         "thread(s) for the HF arms. "
         f"Load at start: `{uptime0}`; at end: `{uptime1}` (other sessions share the 2 cores: rates are lower "
