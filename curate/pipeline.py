@@ -351,9 +351,11 @@ def build_pipeline(recipe: Recipe) -> list[Stage]:
                         writes=semdedup.writes, sections=semdedup.sections, modules=semdedup.modules))
     pool_files = ("records.parquet", "rejects.parquet", "duplicates.parquet", "semdedup.parquet",
                   "clusters.parquet", "scores.parquet", "@embeddings")
-    reads = pool_files + ("@model",) * (recipe.select.strategy == "iterative")
+    iterative = recipe.select.strategy == "iterative"
+    reads = pool_files + ("@model",) * iterative
+    # iterative: its feedback fine-tunes and measures the scoring LM in the scoring dtype, so that dtype is in its key
     stages.append(S("select", stage_select, reads=reads, writes=("selected.parquet", "decisions.parquet"),
-                    sections=("select", "seed", "embed", "score.max_length"),
+                    sections=("select", "seed", "embed", "score.max_length") + ("score.dtype",) * iterative,
                     modules=("curate.select.recipe", "curate.select", "curate.context", "curate.diversity")))
     stages.append(S("export", stage_export, reads=("selected.parquet",),
                     writes=(*(f"selected.{f}.jsonl" for f in recipe.export), "dataset_info.json"),

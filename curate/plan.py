@@ -46,11 +46,24 @@ PROXY_PASS_RATE = 150.0
 PASS_RATES = {"proxy": PROXY_PASS_RATE, "smollm2-135m": 9.7, "other": 5.0}
 REF_BYTES_PER_ROW = 415.0  # Alpaca-52k: 21.6 MB / 52,002 rows
 RULE_RATE = 20_000.0
-# rows/s of one proxy fine-tune epoch: iterative feedback on 1000 vs 2000 rows took 21.1 vs 38.6 s, i.e. ~57 rows/s
-# (bench/results/subsets.md, 3,000-row budget). Measured with the hand-written loop the feedback used before it moved
-# onto curate.lm.finetune (SFTTrainer); not yet re-measured on that path (the machine was shared when it moved):
-# `nice -n 19 .venv/bin/python bench/bench_finetune.py` on an idle machine gives the number to put here
-FINETUNE_RATE = 57.0
+# `select:feedback` (the iterative strategy; curate.select.iterative.loss_feedback), each round but the last: a fixed
+# setup, a fine-tune of the scoring LM on the rows chosen so far, one forward pass over the probe (probe_per_cluster
+# rows per cluster). Measured 2026-12-02 on Alpaca-52k with SmolLM2-135M in FLOAT32 (the feedback's dtype before it
+# followed the scoring dtype), 2 idle cores, budget 300, 3 rounds, 228 clusters -> a 1,824-row probe: the rounds took
+# 591.8 and 609.6 s, of which the probe pass 340 and 331 s (5.4 rows/s) and the fine-tune on 100 / 200 rows plus the
+# setup 252 and 279 s; the `curate select` process peaked at 20 GB resident. The model below (float32 x
+# FLOAT32_SLOWDOWN on the bf16 rates, FEEDBACK_SETUP_S fitted to the two rounds' total) gives 600 s a round for that
+# run; the measured rounds differ less than its token term says (more of a round is fixed than it splits out). In
+# bf16 (what `auto` picks on this CPU, now the feedback's dtype too) the same model ESTIMATES ~375 s a round (95 s
+# setup, 188 s probe, 94 s fine-tune on average): an estimate, not measured yet; the manifest's rounds[].feedback
+# (train_seconds, probe_seconds, seconds) of the next such run gives the numbers to put here.
+# The toy proxy: 1000 vs 2000 rows took 21.1 vs 38.6 s a round (bench/results/subsets.md, 3,000-row budget), i.e.
+# ~57 rows/s of fine-tune plus a few seconds, with the hand-written loop the feedback used before curate.lm.finetune
+# (SFTTrainer); not re-measured on that path. Its probe is priced at the proxy's pass rate.
+FINETUNE_RATE = 57.0  # rows/s of one proxy fine-tune epoch (the proxy only; other models: EVAL_RATES' train_tps)
+FEEDBACK_SETUP_S = {"proxy": 4.0, "other": 95.0}  # per round: model load, trainer and engine set-up (fitted, above)
+FLOAT32_SLOWDOWN = 1.8  # float32 over bf16 time: SmolLM2's probe at 5.4 rows/s (above) vs PASS_RATES' 9.7 in bf16
+FEEDBACK_MEMORY_MB = {"proxy": 1000.0, "other": 20_000.0}  # "other": the float32 SmolLM2 run's peak (above)
 # one-off costs, seconds on 2 idle cores
 ONE_OFF = {
     "startup": 15.0,  # importing torch, transformers, polars, sklearn, curate in a fresh process
@@ -230,6 +243,27 @@ def eval_plan(recipe: Recipe, config: Any = None) -> list[StagePlan]:
     return out
 
 
+def feedback_seconds(recipe: Recipe, trained_rows: int, probe_rows: int,
+                     bytes_per_row: float = REF_BYTES_PER_ROW) -> float:
+    """Seconds of the iterative strategy's feedback over all its rounds: per round but the last, a set-up, a
+    fine-tune of the scoring LM on the rows chosen so far (`trained_rows`: summed over the rounds) and one pass over
+    the probe (`probe_rows`: summed too). The proxy at its own rates; any other model from tokens (input bytes /
+    EVAL_BYTES_PER_TOKEN, capped at score.max_length) at EVAL_RATES' train_tps and its PASS_RATES, in the scoring
+    dtype: `score.dtype: float32` costs FLOAT32_SLOWDOWN, `auto` is priced as bf16 (what it picks on a CPU with
+    fast bf16; one without runs float32, ~1.8x slower). A model without EVAL_RATES trains at SmolLM2's rate scaled
+    by the two models' pass rates."""
+    sc, sel = recipe.score, recipe.select
+    setups = (sel.rounds - 1) * FEEDBACK_SETUP_S["proxy" if sc.model == "proxy" else "other"]
+    if sc.model == "proxy":
+        return setups + trained_rows / FINETUNE_RATE + probe_rows / pass_rate("proxy", bytes_per_row)
+    ref = EVAL_RATES["smollm2-135m"]["train_tps"]
+    tps = EVAL_RATES[sc.model]["train_tps"] if sc.model in EVAL_RATES else ref * pass_rate(sc.model) / pass_rate(
+        "smollm2-135m")
+    tokens = trained_rows * min(float(sc.max_length), bytes_per_row / EVAL_BYTES_PER_TOKEN)
+    slow = FLOAT32_SLOWDOWN if sc.dtype == "float32" else 1.0
+    return setups + slow * (tokens / tps + probe_rows / pass_rate(sc.model, bytes_per_row))
+
+
 def plan(recipe: Recipe, *, prefect: bool = True) -> list[StagePlan]:
     """Every stage of the run (one-off work first), with rows, engine calls, seconds and peak memory.
 
@@ -277,11 +311,11 @@ def plan(recipe: Recipe, *, prefect: bool = True) -> list[StagePlan]:
     out.append(StagePlan("select", rows, 0, rows / RATES["select"] + 2, 200 + rows * 1e-4))
     sel = recipe.select
     if sel.strategy == "iterative" and sel.rounds > 1:
-        # after each round but the last: fine-tune the scoring LM on the rows so far, then score the probe
         budget = sel.budget or math.ceil(rows * (sel.fraction or DEFAULT_FRACTION))
         trained = sum(budget * r // sel.rounds for r in range(1, sel.rounds))
         probe = min(rows, k * sel.probe_per_cluster) * (sel.rounds - 1)
-        out.append(StagePlan("select:feedback", trained, probe,
-                             trained / FINETUNE_RATE + probe / PROXY_PASS_RATE, 1000.0))
+        secs = feedback_seconds(recipe, trained, probe, bytes_per_row)
+        memory = FEEDBACK_MEMORY_MB["proxy" if sc.model == "proxy" else "other"]
+        out.append(StagePlan("select:feedback", trained, probe, secs, memory))
     out.append(StagePlan("(tokens, estimated)", tokens, 0, 0.0, 0.0))
     return out

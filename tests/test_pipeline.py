@@ -115,6 +115,22 @@ def test_iterative_strategy_rounds_with_proxy_feedback(pool_dir, tiny_lm, tmp_pa
     clusters = set(pl.read_parquet(r.file("clusters.parquet"))["cluster"].to_list())
     assert {int(c) for c in fb["loss"]} <= clusters and all(v > 0 for v in fb["loss"].values())
     assert abs(sum(rounds[1]["weights"].values()) - 1) < 1e-4  # softmax over clusters of the feedback
+    # the feedback ran in the scoring engine's dtype, at FinetuneConfig's lr and batch (the test model is no proxy)
+    assert fb["dtype"] == r.manifest["score_model"]["dtype"]["dtype"]
+    assert (fb["lr"], fb["batch_size"]) == (1e-4, 8) and fb["steps"] == -(-fb["trained_rows"] // 8)
+
+
+def test_iterative_select_key_follows_the_scoring_dtype(pool_dir, tiny_lm, tmp_path):
+    """The iterative feedback runs in score.dtype, so that setting is in the select stage's key; other strategies'
+    selections do not depend on it and keep their cached results."""
+    from curate.pipeline import build_pipeline
+
+    def sections(**over):
+        stages = build_pipeline(_recipe(pool_dir, tmp_path, tiny_lm, **over))
+        return next(s for s in stages if s.name == "select").sections
+
+    assert "score.dtype" in sections(**{"select.strategy": "iterative"})
+    assert "score.dtype" not in sections()
 
 
 def test_small_pools_are_scored_whole(run):

@@ -29,6 +29,42 @@ def test_plan_costs_iterative_feedback():
     assert fb.calls == 2 * 10 * 4 and fb.seconds > 0
 
 
+def test_plan_prices_smollm2_feedback_at_the_models_rates(tmp_path):
+    """Alpaca-like rows (415 bytes), budget 300, 3 rounds, 228 clusters x 8 = a 1,824-row probe: SmolLM2's feedback
+    took ~600 s a round in float32 (curate.plan's comment); the toy proxy's rates priced it at 30 s in all."""
+    import json
+
+    from curate.plan import PASS_RATES, feedback_seconds
+
+    line = json.dumps({"instruction": "Explain " + "why " * 30, "input": "", "output": "Because " + "it is so " * 25})
+    assert len(line) <= 414
+    (tmp_path / "alpaca.jsonl").write_text((line + " " * (414 - len(line)) + "\n") * 5000)  # 415 bytes a row
+
+    def feedback(**over):
+        recipe = load_recipe(None, {"inputs": [str(tmp_path / "alpaca.jsonl")], "select.strategy": "iterative",
+                                    "select.rounds": 3, "select.budget": 300, "cluster.k": 228,
+                                    "score.model": "smollm2-135m", "score.dtype": "float32", **over})
+        return {s.stage: s for s in plan(recipe)}["select:feedback"]
+
+    fp32 = feedback()
+    assert fp32.rows == 100 + 200 and fp32.calls == 2 * 1824
+    assert 450 < fp32.seconds / 2 < 750  # measured: 591.8 and 609.6 s
+    bf16 = feedback(**{"score.dtype": "auto"})  # priced as bf16, what auto picks on a CPU with fast bf16
+    assert 120 < bf16.seconds / 2 < fp32.seconds / 2  # still minutes a round
+    # the probe at the model's pass rate (bf16): 8 more rows per cluster add 2 rounds x 1,824 passes
+    more_probe = feedback(**{"score.dtype": "auto", "select.probe_per_cluster": 16})
+    assert more_probe.calls == 2 * 2 * 1824
+    assert more_probe.seconds - bf16.seconds == pytest.approx(2 * 1824 / PASS_RATES["smollm2-135m"], rel=0.01)
+    # more rounds: more set-ups, fine-tunes and probe passes
+    five = feedback(**{"select.rounds": 5})
+    assert five.calls == 4 * 1824 and five.seconds > 1.8 * fp32.seconds
+    proxy = feedback(**{"score.model": "proxy"})
+    assert proxy.seconds < fp32.seconds / 10
+    recipe = load_recipe(None, {"inputs": [str(tmp_path / "alpaca.jsonl")], "select.strategy": "iterative",
+                                "score.model": "smollm2-135m", "score.dtype": "float32"})
+    assert feedback_seconds(recipe, 0, 0) > 0  # the per-round set-up alone
+
+
 def test_plan_cli_prints_a_table():
     res = CliRunner().invoke(app, ["plan", str(SAMPLE), "--strategy", "iterative", "--budget", "500"])
     assert res.exit_code == 0, res.output

@@ -140,3 +140,27 @@ def test_loss_feedback_drops_for_the_cluster_trained_on(proxy, rows):
     assert set(on_general) == set(on_gsm) == {0, 1}
     assert on_general[0] < on_gsm[0] - 0.05 and on_gsm[1] < on_general[1] - 0.05, (on_general, on_gsm)
     assert [(h["trained_rows"], h["probe_rows"]) for h in fn.history] == [(100, 160), (100, 160)]
+
+
+def test_loss_feedback_keeps_the_proxy_settings_and_records_the_dtype(proxy, rows):
+    """The toy proxy keeps its feedback fine-tune (lr 1e-3, batch 16); each round records the dtype it ran in, and
+    the dtype is really used: bf16 feedback differs from float32's on the same rows and seed."""
+    import polars as pl
+
+    from curate.lm.hf import resolve_dtype
+    from curate.select.iterative import PROXY_FEEDBACK, feedback_settings, loss_feedback
+
+    convs = load_conversations(rows[1650:1690])
+    pool = pl.DataFrame({"id": [f"r{i}" for i in range(40)], "cluster": [0, 1] * 20, "messages": convs})
+    chosen = [f"r{i}" for i in range(16)]
+    assert feedback_settings(proxy) == PROXY_FEEDBACK == {"lr": 1e-3, "batch_size": 16}
+    runs = {}
+    for dtype in ("auto", "float32", "bfloat16"):
+        fn = loss_feedback(proxy, pool, probe_per_cluster=6, seed=0, dtype=dtype)
+        runs[dtype] = dict(fn(chosen).iter_rows())
+        h = fn.history[0]
+        assert (h["lr"], h["batch_size"], h["steps"]) == (1e-3, 16, 1)
+        assert h["dtype"] == (resolve_dtype("auto") if dtype == "auto" else dtype)
+        assert h["train_tokens"] > 0 and 0 <= h["probe_seconds"] <= h["seconds"]
+    assert runs["float32"] != runs["bfloat16"], runs
+    assert all(abs(runs["float32"][c] - runs["bfloat16"][c]) < 0.1 for c in (0, 1)), runs  # rounding, not a bug

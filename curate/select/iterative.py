@@ -205,6 +205,26 @@ class IterativeRefinement:
 # ---------------------------------------------------------------------------- feedback: a proxy fine-tune
 
 
+#: the toy proxy's feedback fine-tune (curate.lm.proxy, ~0.4M parameters trained from scratch): a high learning
+#: rate and batches of 16 suit a model that small. Any other model gets FinetuneConfig's defaults (lr 1e-4, batch 8:
+#: what `curate eval` fine-tunes SmolLM2 with); lr 1e-3 on SmolLM2-135M moves it far from what it scored with.
+PROXY_FEEDBACK = {"lr": 1e-3, "batch_size": 16}
+
+
+def is_proxy(model_dir: str | Path) -> bool:
+    """A model curate trained (or tuned) as its toy proxy: `curate.lm.proxy` writes curate_proxy.json beside it."""
+    return (Path(model_dir) / "curate_proxy.json").exists()
+
+
+def feedback_settings(model_dir: str | Path) -> dict[str, float]:
+    """Learning rate and batch size of the feedback fine-tune for this model: the proxy's own, else FinetuneConfig's."""
+    if is_proxy(model_dir):
+        return dict(PROXY_FEEDBACK)
+    from curate.lm.finetune import FinetuneConfig
+
+    return {"lr": FinetuneConfig.lr, "batch_size": FinetuneConfig.batch_size}
+
+
 def loss_feedback(
     base_dir: str | Path,
     pool: Any,
@@ -213,9 +233,9 @@ def loss_feedback(
     seed: int = 0,
     max_length: int = 512,
     epochs: float = 1.0,
-    lr: float = 1e-3,
-    batch_size: int = 16,
-    dtype: str = "float32",
+    lr: float | None = None,
+    batch_size: int | None = None,
+    dtype: str = "auto",
 ) -> Any:
     """Diversify-and-Conquer's iterative feedback with a proxy fine-tune in place of the paper's reward model.
 
@@ -224,15 +244,24 @@ def loss_feedback(
     finetune` run), then measures the tuned model's mean response loss (nats/token) on a fixed probe of up to
     `probe_per_cluster` rows per cluster, leaving out probe rows that are selected by then. A cluster the model
     still fits badly (high loss) gets a larger share of the next round, as a large reward(gold) -
-    reward(generation) gap does in the paper. `pool` needs `id`, `cluster` and `messages`. float32 by default:
-    bf16 sums change with the torch thread count, so executors with different thread counts would disagree.
-    The function's `history` attribute gets one dict per call (rows trained on, probe rows, per-cluster loss,
-    the fine-tune's steps and training loss, seconds), for the manifest.
+    reward(generation) gap does in the paper. `pool` needs `id`, `cluster` and `messages`.
+
+    `lr` / `batch_size` default to `feedback_settings(base_dir)` (the toy proxy keeps its own). `dtype` is the
+    run's scoring dtype (`auto`: decided as the scoring engine decides, `curate.lm.hf.resolve_dtype`): the fine-tune
+    runs bf16 autocast and the probe bf16 weights when that is bf16. Chosen for speed: float32 made a SmolLM2 round
+    on Alpaca-52k take ~600 s on 2 CPU cores, and bf16 is ~2.5-3x faster there; the scores the selection starts
+    from were computed in that dtype anyway. The cost: bf16 sums change with the torch thread count (the engines'
+    default: $CURATE_TORCH_THREADS, else every usable core), so executors with different thread counts can choose
+    different rows; pin CURATE_TORCH_THREADS, or set `score.dtype: float32`, where selections must match across
+    machines. The function's `history` attribute gets one dict per call (rows trained on, probe rows, per-cluster
+    loss, dtype, lr, batch size, the fine-tune's steps, tokens and training loss, seconds), for the manifest.
     """
+    import torch
+
     from curate.lm.base import LMConfig
     from curate.lm.evaluate import response_losses
     from curate.lm.finetune import FinetuneConfig, finetune
-    from curate.lm.hf import HFEngine
+    from curate.lm.hf import HFEngine, resolve_dtype
 
     if probe_per_cluster < 1:
         raise ValueError(f"probe_per_cluster must be >= 1, got {probe_per_cluster}")
@@ -244,9 +273,13 @@ def loss_feedback(
              .group_by("cluster", maintain_order=True).head(probe_per_cluster)
              .sort("cluster", "id"))
     by_id = pool.select(pl.col("id").cast(pl.String), "messages")
+    settings = feedback_settings(base_dir)
+    lr = settings["lr"] if lr is None else lr
+    batch_size = int(settings["batch_size"] if batch_size is None else batch_size)
+    dtype = resolve_dtype(dtype)  # concrete before the first round, so every round (and the manifest) agrees
     cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, dtype=dtype,
                          threads=None)
-    lm = LMConfig(str(base_dir), max_length=max_length)
+    lm = LMConfig(str(base_dir), max_length=max_length, dtype=dtype)
 
     def feedback(selected_ids: list[str]) -> pl.DataFrame:
         t0 = time.perf_counter()
@@ -254,16 +287,19 @@ def loss_feedback(
         train = [[{"role": m["role"], "content": m["content"]} for m in msgs]
                  for msgs in by_id.join(chosen, on="id", how="semi")["messages"].to_list()]
         left = probe.join(chosen, on="id", how="anti")
-        model, _, stats = finetune(str(base_dir), train, cfg, seed)
-        # the tuned weights stay in float32 (as LMConfig loads a model folder), measured with the base's own
-        # tokenizer and template; nothing is written to disk
-        nll, toks = response_losses(HFEngine(lm, model=model), left["messages"].to_list())
+        model, _, stats = finetune(str(base_dir), train, cfg, seed, dtype=dtype)
+        # the tuned weights (float32 master copy) cast to the run's dtype, measured with the base's own tokenizer
+        # and template, as the scoring engine measures; nothing is written to disk
+        t1 = time.perf_counter()
+        nll, toks = response_losses(HFEngine(lm, model=model.to(getattr(torch, dtype))), left["messages"].to_list())
         rows = left.select("cluster").with_columns(nll=nll, toks=toks).filter(pl.col("toks") > 0)
         out = rows.group_by("cluster").agg(feedback=pl.col("nll").sum() / pl.col("toks").sum()).sort("cluster")
         feedback.history.append({
             "trained_rows": len(train), "probe_rows": rows.height,
             "loss": dict(zip(out["cluster"].to_list(), out["feedback"].round(4).to_list(), strict=True)),
-            "steps": stats["steps"], "train_loss": stats["train_loss"],
+            "dtype": dtype, "lr": lr, "batch_size": batch_size,
+            "steps": stats["steps"], "train_loss": stats["train_loss"], "train_tokens": stats["epoch_tokens"],
+            "train_seconds": stats["train_seconds"], "probe_seconds": round(time.perf_counter() - t1, 1),
             "seconds": round(time.perf_counter() - t0, 1)})
         return out
 

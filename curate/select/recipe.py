@@ -77,8 +77,9 @@ def _strategy(recipe: Recipe, pool: pl.DataFrame, ctx: RunContext | None = None,
 
         # probe only rows the strategy may choose from, so every cluster fed back is one it can draw on
         eligible = pool.filter(apply_thresholds(pool, as_thresholds(thresholds))["passed"]) if thresholds else pool
+        # in the scoring engine's dtype (`auto` made concrete); lr and batch size follow the model (the proxy: its own)
         fn = loss_feedback(ctx.model(), eligible, probe_per_cluster=cfg.probe_per_cluster,
-                           seed=recipe.seed, max_length=recipe.score.max_length)
+                           seed=recipe.seed, max_length=recipe.score.max_length, dtype=ctx.dtype_choice()["dtype"])
         return make_strategy("iterative", rounds=cfg.rounds, temperature=cfg.feedback_temperature,
                              split=split, score_col=quality, feedback_fn=fn)
     if cfg.strategy == "deita":
