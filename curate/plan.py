@@ -57,13 +57,15 @@ RULE_RATE = 20_000.0
 # bf16 (what `auto` picks on this CPU, now the feedback's dtype too) the same model ESTIMATES ~375 s a round (95 s
 # setup, 188 s probe, 94 s fine-tune on average): an estimate, not measured yet; the manifest's rounds[].feedback
 # (train_seconds, probe_seconds, seconds) of the next such run gives the numbers to put here.
+# Measured afterwards, same run in bf16 (lr 1e-4, batch 8): rounds of 213.5 and 246.4 s (fine-tune 79 / 127 s, probe
+# 133 / 119 s), select 461 s, peak 12.7 GB resident: this model overestimates bf16 rounds ~1.6x (kept: the safe side).
 # The toy proxy: 1000 vs 2000 rows took 21.1 vs 38.6 s a round (bench/results/subsets.md, 3,000-row budget), i.e.
 # ~57 rows/s of fine-tune plus a few seconds, with the hand-written loop the feedback used before curate.lm.finetune
 # (SFTTrainer); not re-measured on that path. Its probe is priced at the proxy's pass rate.
 FINETUNE_RATE = 57.0  # rows/s of one proxy fine-tune epoch (the proxy only; other models: EVAL_RATES' train_tps)
 FEEDBACK_SETUP_S = {"proxy": 4.0, "other": 95.0}  # per round: model load, trainer and engine set-up (fitted, above)
 FLOAT32_SLOWDOWN = 1.8  # float32 over bf16 time: SmolLM2's probe at 5.4 rows/s (above) vs PASS_RATES' 9.7 in bf16
-FEEDBACK_MEMORY_MB = {"proxy": 1000.0, "other": 20_000.0}  # "other": the float32 SmolLM2 run's peak (above)
+FEEDBACK_MEMORY_MB = {"proxy": 1000.0, "other": 13_000.0}  # "other": the bf16 SmolLM2 run's peak (float32: 20 GB)
 # one-off costs, seconds on 2 idle cores
 ONE_OFF = {
     "startup": 15.0,  # importing torch, transformers, polars, sklearn, curate in a fresh process
