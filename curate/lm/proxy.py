@@ -32,6 +32,14 @@ from curate.lm.base import LMError, Message
 from curate.lm.tiny import llama_config, save_model, train_tokenizer
 from curate.progress import progress
 
+PROXY_MARKER = "curate_proxy.json"  # written beside every proxy curate trains (its training record)
+
+
+def is_proxy(model_dir: str | Path) -> bool:
+    """A model curate trained (or tuned) as its toy proxy: the folder holds PROXY_MARKER."""
+    return (Path(model_dir) / PROXY_MARKER).exists()
+
+
 PROXY_VERSION = 1  # bump when training changes, so cached proxies are retrained
 
 
@@ -188,7 +196,7 @@ def train_proxy(
             "params": sum(p.numel() for p in model.parameters()), "version": PROXY_VERSION,
             "train_seconds": round(time.perf_counter() - t0, 1),
             "final_train_loss": round(float(np.mean(losses[-20:])), 4)}
-    (Path(out) / "curate_proxy.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (Path(out) / PROXY_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
@@ -252,7 +260,7 @@ def finetune_proxy(
     own = AutoTokenizer.from_pretrained(str(base_dir)).chat_template
     out = save_finetuned(model.cpu(), tok, out_dir, chat_template=own)
     meta = {"finetune": {"base": str(base_dir), "seed": seed, **asdict(cfg), **stats}}
-    (Path(out) / "curate_proxy.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (Path(out) / PROXY_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
@@ -281,7 +289,7 @@ def ensure_default_proxy(source: str | Path | Sequence[Any], *, size: str = "tin
     final = root / f"proxy-{size}-{key}"
     with open(root / f".proxy-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / "curate_proxy.json").exists():
+        if (final / PROXY_MARKER).exists():
             return str(final)
         tmp = root / f".tmp-proxy-{key}-{os.getpid()}-{int(time.time())}"
         try:

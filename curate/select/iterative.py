@@ -211,13 +211,10 @@ class IterativeRefinement:
 PROXY_FEEDBACK = {"lr": 1e-3, "batch_size": 16}
 
 
-def is_proxy(model_dir: str | Path) -> bool:
-    """A model curate trained (or tuned) as its toy proxy: `curate.lm.proxy` writes curate_proxy.json beside it."""
-    return (Path(model_dir) / "curate_proxy.json").exists()
-
-
 def feedback_settings(model_dir: str | Path) -> dict[str, float]:
     """Learning rate and batch size of the feedback fine-tune for this model: the proxy's own, else FinetuneConfig's."""
+    from curate.lm.proxy import is_proxy
+
     if is_proxy(model_dir):
         return dict(PROXY_FEEDBACK)
     from curate.lm.finetune import FinetuneConfig
