@@ -48,7 +48,7 @@ import numpy as np
 import polars as pl
 
 # the one fine-tune path (also `curate proxy finetune` and the iterative feedback); re-exported under these names
-from curate.lm.finetune import FinetuneConfig, _set_threads, finetune, training_chat_template
+from curate.lm.finetune import FinetuneConfig, _set_threads, finetune, micro_batch, training_chat_template
 
 EVAL_VERSION = 2  # bump when a unit's numbers would change for the same inputs
 ARMS = ("selected", "random_rows", "random_tokens", "random_length", "base")
@@ -70,7 +70,8 @@ class EvalConfig:
     epochs: float = 1.0
     max_steps: int | None = None  # caps optimizer steps per fine-tune (None: epochs decide)
     lr: float = 1e-4
-    batch_size: int = 8
+    batch_size: int = 8  # rows per optimizer step
+    micro_batch: int | None = None  # rows per forward pass (None: curate.lm.finetune.micro_batch decides)
     max_length: int = 512  # tokens per training and evaluation sequence (longer ones are truncated)
     lora: bool = False
     lora_r: int = 16
@@ -112,7 +113,8 @@ class EvalConfig:
 
     def training_key(self) -> dict[str, Any]:
         keys = ("epochs", "max_steps", "lr", "batch_size", "max_length", "lora", "lora_r", "dtype")
-        return {k: getattr(self, k) for k in keys}
+        # the resolved micro-batch: the same training, but bf16 sums in another order (differences ~1e-4)
+        return {**{k: getattr(self, k) for k in keys}, "micro_batch": micro_batch(self.finetune_config())}
 
 
 @dataclass
@@ -590,6 +592,7 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
     forward (loss) tokens/s, greedy generation tokens/s. Cached in RUN/eval/calibration.json per set-up."""
     cfg = plan.config
     key = hashlib.sha256(json.dumps([plan.student, _student_id(plan.student), plan.dtype, cfg.batch_size,
+                                     micro_batch(cfg.finetune_config()),
                                      cfg.max_length, cfg.threads, cfg.lora, steps, EVAL_VERSION]).encode()
                          ).hexdigest()[:16]
     path = plan.run_dir / "eval" / "calibration.json"

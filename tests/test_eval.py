@@ -312,6 +312,35 @@ def test_lora_fine_tune_merges_and_learns(plan, tiny_lm):
     assert stats["steps"] == 6
 
 
+def test_micro_batches_train_the_same_model(plan, tiny_lm):
+    """Micro-batches (what a CPU fine-tune uses for speed) accumulate to the same optimizer steps as one batch:
+    same rows per step, loss normalised over the step's tokens. Fails if each micro-batch were averaged on its
+    own (rows of unequal length would then weigh differently)."""
+    import torch
+
+    from curate.eval import finetune
+    from curate.lm.finetune import FinetuneConfig, micro_batch
+
+    assert micro_batch(FinetuneConfig(batch_size=8)) == 2  # the CPU default
+    assert micro_batch(FinetuneConfig(batch_size=6, micro_batch=4)) == 3  # a divisor of the batch
+    assert micro_batch(FinetuneConfig(batch_size=1)) == 1
+    convs = plan.references[0].convs[:16]
+    lengths = {sum(len(m["content"]) for m in c) for c in convs}
+    assert len(lengths) > 4  # rows of unequal length, or the test could not fail
+    out = {}
+    for micro in (8, 2):
+        cfg = replace(plan.config, epochs=1.0, lr=1e-2, batch_size=8, micro_batch=micro)
+        model, _, stats = finetune(tiny_lm, convs, cfg, 0, dtype="float32")
+        assert stats["steps"] == 2 and stats["micro_batch"] == micro
+        out[micro] = (stats["train_loss"], torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert out[8][0] == pytest.approx(out[2][0], abs=1e-4)
+    base = torch.cat([p.detach().flatten() for p in
+                      __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_lm).parameters()])
+    moved = (out[8][1] - base).abs().max()
+    assert moved > 1e-3  # the steps changed the model
+    assert (out[8][1] - out[2][1]).abs().max() < 1e-3 * moved
+
+
 def test_overall_verdict_is_corrected_for_several_comparisons():
     """One reference set whose 95% interval just excludes zero, among several that do not, is not 'better'
     overall: the overall verdict uses Bonferroni-widened intervals from the same bootstrap."""

@@ -153,13 +153,13 @@ def test_loss_feedback_keeps_the_proxy_settings_and_records_the_dtype(proxy, row
     convs = load_conversations(rows[1650:1690])
     pool = pl.DataFrame({"id": [f"r{i}" for i in range(40)], "cluster": [0, 1] * 20, "messages": convs})
     chosen = [f"r{i}" for i in range(16)]
-    assert feedback_settings(proxy) == PROXY_FEEDBACK == {"lr": 1e-3, "batch_size": 16}
+    assert feedback_settings(proxy) == PROXY_FEEDBACK == {"lr": 1e-3, "batch_size": 16, "micro_batch": 16}
     runs = {}
     for dtype in ("auto", "float32", "bfloat16"):
         fn = loss_feedback(proxy, pool, probe_per_cluster=6, seed=0, dtype=dtype)
         runs[dtype] = dict(fn(chosen).iter_rows())
         h = fn.history[0]
-        assert (h["lr"], h["batch_size"], h["steps"]) == (1e-3, 16, 1)
+        assert (h["lr"], h["batch_size"], h["micro_batch"], h["steps"]) == (1e-3, 16, 16, 1)
         assert h["dtype"] == (resolve_dtype("auto") if dtype == "auto" else dtype)
         assert h["train_tokens"] > 0 and 0 <= h["probe_seconds"] <= h["seconds"]
     assert runs["float32"] != runs["bfloat16"], runs

@@ -31,7 +31,8 @@ class FinetuneConfig:
     epochs: float = 1.0
     max_steps: int | None = None  # caps optimizer steps (None: epochs decide)
     lr: float = 1e-4
-    batch_size: int = 8
+    batch_size: int = 8  # rows per optimizer step
+    micro_batch: int | None = None  # rows per forward pass (gradients accumulate to batch_size); None: see micro_batch
     max_length: int = 512  # tokens per training sequence (longer ones are truncated)
     lora: bool = False
     lora_r: int = 16
@@ -60,6 +61,21 @@ def _checkpointing_arg(config_class: type) -> str:
     """transformers 5.24 renamed gradient_checkpointing; the old name warns on every fine-tune (in a CI log)."""
     names = {f.name for f in fields(config_class)}
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def micro_batch(config: FinetuneConfig) -> int:
+    """Rows per forward pass. The optimizer still steps once per `batch_size` rows with the same loss (the trainer
+    normalises by the whole step's assistant tokens and groups the step's rows by length), so this changes speed,
+    not the training: 2 on a CPU, where each padded position costs compute and one long row pads its whole
+    micro-batch (SmolLM2, 192 Alpaca rows: 149 -> 204 tokens/s against micro-batches of 8, same loss to 4e-4;
+    bench/results/eval.md); the whole batch on a GPU."""
+    import torch
+
+    want = config.micro_batch or (config.batch_size if torch.cuda.is_available() else 2)
+    want = max(1, min(want, config.batch_size))
+    while config.batch_size % want:  # the largest divisor of batch_size not above the wish
+        want -= 1
+    return want
 
 
 # -- threads ----------------------------------------------------------------------------------------------
@@ -138,7 +154,8 @@ def sft_trainer(model: Any, tokenizer: Any, convs: Sequence[Sequence[Message]], 
                 output_dir: str | Path, dtype: str) -> Any:
     """The `SFTTrainer` every curate fine-tune runs: assistant-only loss, cosine schedule with 10 % warm-up, no
     weight decay, no checkpoints, no packing, batches grouped by length; LoRA (peft) when config.lora. `tokenizer`
-    must already carry a training template (`training_chat_template`). Exposed so tests can read its batches."""
+    must already carry a training template (`training_chat_template`); `micro_batch(config)` rows per forward pass,
+    accumulated to config.batch_size rows per step. Exposed so tests can read its batches."""
     import datasets
     import torch
     from transformers import PrinterCallback
@@ -151,9 +168,11 @@ def sft_trainer(model: Any, tokenizer: Any, convs: Sequence[Sequence[Message]], 
 
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
+    micro = micro_batch(config)
     args = SFTConfig(
         output_dir=str(output_dir), assistant_only_loss=True, max_length=config.max_length,
-        per_device_train_batch_size=config.batch_size, num_train_epochs=config.epochs,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=config.batch_size // micro,
+        num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1, learning_rate=config.lr, lr_scheduler_type="cosine",
         warmup_steps=0.1, weight_decay=0.0, seed=seed, data_seed=seed, bf16=dtype == "bfloat16",
         use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no", logging_steps=10,
@@ -205,7 +224,8 @@ def finetune(student: str, convs: Sequence[Sequence[Message]], config: Any, seed
         if config.lora:
             model = model.merge_and_unload()
     n_tokens = int(sum(len(x) for x in trainer.train_dataset["input_ids"]))
-    stats = {"rows": len(convs), "steps": int(result.global_step), "train_loss": round(float(result.training_loss), 5),
+    stats = {"rows": len(convs), "steps": int(result.global_step), "micro_batch": micro_batch(config),
+             "train_loss": round(float(result.training_loss), 5),
              "train_seconds": round(seconds, 2), "epoch_tokens": n_tokens,
              "tokens_per_second": round(n_tokens * float(result.metrics.get("epoch", 1.0) or 1.0) / seconds, 1)}
     return model.eval(), tok, stats
@@ -222,5 +242,5 @@ def save_finetuned(model: Any, tokenizer: Any, out_dir: str | Path, *, chat_temp
     return str(out)
 
 
-__all__ = ["FinetuneConfig", "PLAIN_TRAINING_TEMPLATE", "finetune", "save_finetuned",
+__all__ = ["FinetuneConfig", "PLAIN_TRAINING_TEMPLATE", "finetune", "micro_batch", "save_finetuned",
            "sft_trainer", "training_chat_template"]

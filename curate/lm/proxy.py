@@ -254,8 +254,9 @@ def finetune_proxy(
     from curate.lm.finetune import FinetuneConfig, finetune, save_finetuned
 
     convs = load_conversations(records)
-    cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, dtype=dtype,
-                         threads=None)
+    # one forward pass per batch: the proxy is tiny, so per-call overhead dominates and micro-batches only cost
+    cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, micro_batch=batch_size, max_length=max_length,
+                         dtype=dtype, threads=None)
     model, tok, stats = finetune(str(base_dir), convs, cfg, seed)
     own = AutoTokenizer.from_pretrained(str(base_dir)).chat_template
     out = save_finetuned(model.cpu(), tok, out_dir, chat_template=own)

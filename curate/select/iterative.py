@@ -208,18 +208,21 @@ class IterativeRefinement:
 #: the toy proxy's feedback fine-tune (curate.lm.proxy, ~0.4M parameters trained from scratch): a high learning
 #: rate and batches of 16 suit a model that small. Any other model gets FinetuneConfig's defaults (lr 1e-4, batch 8:
 #: what `curate eval` fine-tunes SmolLM2 with); lr 1e-3 on SmolLM2-135M moves it far from what it scored with.
-PROXY_FEEDBACK = {"lr": 1e-3, "batch_size": 16}
+#: The proxy runs each batch in one forward pass (a model that small is all per-call overhead); others take
+#: `curate.lm.finetune.micro_batch`'s choice (the same training, faster on a CPU).
+PROXY_FEEDBACK = {"lr": 1e-3, "batch_size": 16, "micro_batch": 16}
 
 
-def feedback_settings(model_dir: str | Path) -> dict[str, float]:
-    """Learning rate and batch size of the feedback fine-tune for this model: the proxy's own, else FinetuneConfig's."""
+def feedback_settings(model_dir: str | Path) -> dict[str, float | None]:
+    """Learning rate, batch and micro-batch size of the feedback fine-tune for this model: the proxy's own, else
+    FinetuneConfig's."""
     from curate.lm.proxy import is_proxy
 
     if is_proxy(model_dir):
         return dict(PROXY_FEEDBACK)
     from curate.lm.finetune import FinetuneConfig
 
-    return {"lr": FinetuneConfig.lr, "batch_size": FinetuneConfig.batch_size}
+    return {"lr": FinetuneConfig.lr, "batch_size": FinetuneConfig.batch_size, "micro_batch": FinetuneConfig.micro_batch}
 
 
 def loss_feedback(
@@ -274,8 +277,8 @@ def loss_feedback(
     lr = settings["lr"] if lr is None else lr
     batch_size = int(settings["batch_size"] if batch_size is None else batch_size)
     dtype = resolve_dtype(dtype)  # concrete before the first round, so every round (and the manifest) agrees
-    cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, dtype=dtype,
-                         threads=None)
+    cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, micro_batch=settings["micro_batch"],
+                         max_length=max_length, dtype=dtype, threads=None)
     lm = LMConfig(str(base_dir), max_length=max_length, dtype=dtype)
 
     def feedback(selected_ids: list[str]) -> pl.DataFrame:
@@ -294,7 +297,7 @@ def loss_feedback(
         feedback.history.append({
             "trained_rows": len(train), "probe_rows": rows.height,
             "loss": dict(zip(out["cluster"].to_list(), out["feedback"].round(4).to_list(), strict=True)),
-            "dtype": dtype, "lr": lr, "batch_size": batch_size,
+            "dtype": dtype, "lr": lr, "batch_size": batch_size, "micro_batch": stats["micro_batch"],
             "steps": stats["steps"], "train_loss": stats["train_loss"], "train_tokens": stats["epoch_tokens"],
             "train_seconds": stats["train_seconds"], "probe_seconds": round(time.perf_counter() - t1, 1),
             "seconds": round(time.perf_counter() - t0, 1)})
