@@ -1,14 +1,17 @@
 """SmolLM2-135M fine-tune throughput through curate's fine-tune path, with TRL's defaults vs curate's settings.
 
 Same rows (the first N of a run's selected.parquet), same process, bf16 autocast, 2 threads. The variants change
-only SFTConfig arguments (`trl.SFTConfig` is wrapped to add them; the model, data and trainer are real):
+only SFTConfig arguments (`trl.SFTConfig` is subclassed to override them; the model, data and trainer are real).
+`gc` (the first speed-up, batch 8 in one forward pass):
 - "default(gc on)": TRL 1.16's defaults (activation checkpointing on, random sampler);
 - "gc off": no activation checkpointing;
-- "gc off + group_by_length": batches of similar length (what curate's fine-tune now uses on a CPU).
-Then the arithmetic reference: one raw torch step (8 x 128 tokens, no padding) in fp32, bf16 autocast and bf16
-weights, forward + backward + AdamW.
+- "gc off + group_by_length": batches of similar length.
+`micro` (the second): the same optimizer batch of 8 run as micro-batches of 8, 4, 2 or 1 rows with gradient
+accumulation (`MICRO` names the order, repeats interleave so load drifts hit every variant), batches grouped by
+length (micro-batch 1: random order, nothing to pad). Then the arithmetic reference: one raw torch step
+(8 x 128 tokens, no padding) in fp32, bf16 autocast and bf16 weights, forward + backward + AdamW.
 
-    python bench/bench_finetune_speed.py RUN_DIR [ROWS]
+    python bench/bench_finetune_speed.py RUN_DIR [ROWS] [gc | micro MICRO...]   e.g.  ... RUN 192 micro 8 2 8 2
 """
 
 import json
@@ -25,26 +28,37 @@ import torch  # noqa: E402
 import trl  # noqa: E402
 
 import curate.eval as E  # noqa: E402
+from curate.lm.finetune import _checkpointing_arg  # noqa: E402
 
+GC = _checkpointing_arg(trl.SFTConfig)  # the name the installed transformers uses
+_ONE_PASS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
 VARIANTS = {
-    "default(gc on)": {"gradient_checkpointing": True, "train_sampling_strategy": "random"},
-    "gc off": {"gradient_checkpointing": False, "train_sampling_strategy": "random"},
-    "gc off + group_by_length": {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"},
+    "default(gc on)": {GC: True, "train_sampling_strategy": "random", **_ONE_PASS},
+    "gc off": {GC: False, "train_sampling_strategy": "random", **_ONE_PASS},
+    "gc off + group_by_length": {GC: False, "train_sampling_strategy": "group_by_length",
+                                 **_ONE_PASS},
 }
 
 
-def trl_variants(run_dir: str, rows: int) -> None:
+def micro_variants(micros: list[int]) -> list[tuple[str, dict]]:
+    return [(f"micro-batch {m} x {8 // m}", {"per_device_train_batch_size": m, "gradient_accumulation_steps": 8 // m,
+                                             "train_sampling_strategy": "random" if m == 1 else "group_by_length"})
+            for m in micros]
+
+
+def trl_variants(run_dir: str, rows: int, variants: list[tuple[str, dict]]) -> None:
     student = E.resolve_student("smollm2-135m")
     sel = pl.read_parquet(Path(run_dir) / "selected.parquet", columns=["messages"]).head(rows)
     convs = [E._plain(m) for m in sel["messages"].to_list()]
     cfg = E.EvalConfig(student=student, accuracy_rows=0, threads=2)
     orig = trl.SFTConfig
-    for name, kw in VARIANTS.items():
-        def make(*a, _kw=kw, **k):
-            k.update(_kw)
-            return orig(*a, **k)
+    for name, kw in variants:
+        class Make(orig):  # a subclass keeps dataclass fields (curate reads them) and overrides the arguments
+            def __init__(self, *a, _kw=kw, **k):
+                k.update(_kw)
+                super().__init__(*a, **k)
 
-        with mock.patch("trl.SFTConfig", make):
+        with mock.patch("trl.SFTConfig", Make):
             _, _, st = E.finetune(student, convs, cfg, 0, dtype="bfloat16")
         print(json.dumps({"variant": name, **st}), flush=True)
 
@@ -74,5 +88,8 @@ def raw_steps() -> None:
 
 
 if __name__ == "__main__":
-    trl_variants(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 96)
+    rows = int(sys.argv[2]) if len(sys.argv) > 2 else 96
+    kind = sys.argv[3] if len(sys.argv) > 3 else "gc"
+    chosen = (list(VARIANTS.items()) if kind == "gc" else micro_variants([int(m) for m in sys.argv[4:]] or [8, 2]))
+    trl_variants(sys.argv[1], rows, chosen)
     raw_steps()
