@@ -381,7 +381,9 @@ def eval_cmd(
     epochs: float = typer.Option(1.0, "--epochs"),
     max_steps: int = typer.Option(None, "--max-steps", help="Cap on optimizer steps per fine-tune."),
     lr: float = typer.Option(1e-4, "--lr"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per optimizer step."),
+    micro_batch: int = typer.Option(None, "--micro-batch", help="Rows per forward pass, accumulated to --batch-size "
+                                    "(default: 2 on a CPU, fewer padded positions; the whole batch on a GPU)."),
     max_length: int = typer.Option(512, "--max-length", help="Tokens per sequence (longer ones are truncated)."),
     lora: bool = typer.Option(False, "--lora", help="LoRA (peft) instead of a full fine-tune."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16"),
@@ -400,8 +402,8 @@ def eval_cmd(
     from curate.eval import EvalConfig, calibrate, estimate, plan_eval, run_eval
 
     cfg = _guard(EvalConfig, student=student, seeds=seeds, arms=tuple(a for a in arms.split(",") if a),
-                 epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
-                 lora=lora, dtype=dtype, threads=threads, heldout_rows=heldout,
+                 epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, micro_batch=micro_batch,
+                 max_length=max_length, lora=lora, dtype=dtype, threads=threads, heldout_rows=heldout,
                  reference_rows=reference_rows or None, accuracy_rows=accuracy_rows, gen_tokens=gen_tokens)
     plan = _guard(plan_eval, run_dir, cfg, reference or None)
     est = _guard(estimate, plan, _guard(calibrate, plan))

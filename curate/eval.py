@@ -95,6 +95,8 @@ class EvalConfig:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.max_length < 16:
             raise ValueError(f"max_length must be >= 16, got {self.max_length}")
+        if self.batch_size < 1 or (self.micro_batch is not None and self.micro_batch < 1):
+            raise ValueError(f"--batch-size and --micro-batch must be >= 1, got {self.batch_size}, {self.micro_batch}")
         if self.accuracy_rows and self.gen_tokens >= self.max_length:
             raise ValueError(f"gen_tokens ({self.gen_tokens}) must be below max_length ({self.max_length})")
 

@@ -289,6 +289,8 @@ def test_config_is_checked():
         EvalConfig(seeds=0)
     with pytest.raises(ValueError, match="gen_tokens"):
         replace(EvalConfig(), max_length=64, gen_tokens=64)
+    with pytest.raises(ValueError, match="micro-batch"):
+        EvalConfig(micro_batch=0)
 
 
 def test_lora_fine_tune_merges_and_learns(plan, tiny_lm):
