@@ -77,11 +77,12 @@ ONE_OFF = {
 }
 # `curate plan --eval`: what `curate eval RUN` will cost, by the formula `curate eval --dry-run` uses
 # (curate.eval.unit_cost), at assumed rates instead of a calibration. SmolLM2-135M-Instruct (the default student),
-# bf16, 2 threads: the calibration `curate eval --dry-run` wrote for the Alpaca-52k benchmark on this machine
-# (2026-12-02, the Alpaca-52k run of bench/results/eval.md; load average ~7.8 on the 2 cores, so an idle machine
-# is faster). Other students: no rate is assumed beyond these; `curate eval RUN --dry-run` measures the real ones.
-EVAL_RATES = {"smollm2-135m": {"setup_seconds": 0.73, "train_tps": 174.4, "forward_tps": 2747.0,
-                               "generate_tps": 116.3}}
+# bf16, 2 threads, micro-batches of 2: the calibration `curate eval --dry-run` wrote for the Alpaca-52k 1,000-row
+# benchmark on this machine (2026-12-02 evening, idle; bench/results/eval.md), whose 7 units then took 82.0 min
+# against the 80.6 min it estimated. Other students: no rate is assumed beyond these; `curate eval RUN --dry-run`
+# measures the real ones.
+EVAL_RATES = {"smollm2-135m": {"setup_seconds": 1.17, "train_tps": 158.5, "forward_tps": 1517.3,
+                               "generate_tps": 124.7}}
 # input-file bytes per SmolLM2 chat token (its default system prompt included): Alpaca-52k's first 3,000 rows
 # 389 bytes -> 102.7 tokens (3.8); the bundled sample (maths, code) is denser: 512 -> 172 (3.0)
 EVAL_BYTES_PER_TOKEN = 3.8
