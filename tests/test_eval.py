@@ -319,6 +319,7 @@ def test_micro_batches_train_the_same_model(plan, tiny_lm):
     same rows per step, loss normalised over the step's tokens. Fails if each micro-batch were averaged on its
     own (rows of unequal length would then weigh differently)."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     from curate.eval import finetune
     from curate.lm.finetune import FinetuneConfig, micro_batch
@@ -336,8 +337,7 @@ def test_micro_batches_train_the_same_model(plan, tiny_lm):
         assert stats["steps"] == 2 and stats["micro_batch"] == micro
         out[micro] = (stats["train_loss"], torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert out[8][0] == pytest.approx(out[2][0], abs=1e-4)
-    base = torch.cat([p.detach().flatten() for p in
-                      __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_lm).parameters()])
+    base = torch.cat([p.detach().flatten() for p in AutoModelForCausalLM.from_pretrained(tiny_lm).parameters()])
     moved = (out[8][1] - base).abs().max()
     assert moved > 1e-3  # the steps changed the model
     assert (out[8][1] - out[2][1]).abs().max() < 1e-3 * moved

@@ -224,7 +224,8 @@ def finetune(student: str, convs: Sequence[Sequence[Message]], config: Any, seed
         if config.lora:
             model = model.merge_and_unload()
     n_tokens = int(sum(len(x) for x in trainer.train_dataset["input_ids"]))
-    stats = {"rows": len(convs), "steps": int(result.global_step), "micro_batch": micro_batch(config),
+    stats = {"rows": len(convs), "steps": int(result.global_step),
+             "micro_batch": int(trainer.args.per_device_train_batch_size),
              "train_loss": round(float(result.training_loss), 5),
              "train_seconds": round(seconds, 2), "epoch_tokens": n_tokens,
              "tokens_per_second": round(n_tokens * float(result.metrics.get("epoch", 1.0) or 1.0) / seconds, 1)}
