@@ -407,13 +407,19 @@ def eval_cmd(
                  reference_rows=reference_rows or None, accuracy_rows=accuracy_rows, gen_tokens=gen_tokens)
     plan = _guard(plan_eval, run_dir, cfg, reference or None)
     est = _guard(estimate, plan, _guard(calibrate, plan))
-    t = Table("unit", "rows", "train tokens", "estimate", title=f"curate eval ({plan.dtype}, {threads} threads)")
+    t = Table("unit", "rows", "train tokens", "estimate", "state",
+              title=f"curate eval ({plan.dtype}, {threads} threads)")
+    note = {"done": "finished: read back", "stale": "a file from other settings: run again", "todo": ""}
     for (arm, seed), info in plan.arm_info.items():
         u = est["units"][f"{arm}-seed{seed}"]
-        t.add_row(f"{arm} seed {seed}", f"{info['rows']:,}", f"{u['train_tokens']:,}", f"{u['seconds']:.0f} s")
+        t.add_row(f"{arm} seed {seed}", f"{info['rows']:,}", f"{u['train_tokens']:,}",
+                  f"{u['seconds']:.0f} s" if u["state"] != "done" else "-", note[u["state"]])
     out.print(t)
     out.print(f"reference sets: {', '.join(f'{r.name} ({len(r.convs)} rows)' for r in plan.references)}")
-    out.print(f"estimated time: {est['seconds'] / 60:.1f} min (finished units are skipped)")
+    left = [u for u in est["units"].values() if u["state"] != "done"]
+    out.print(f"estimated time: {est['seconds'] / 60:.1f} min for {len(left)} of {len(est['units'])} units"
+              + (f" ({len(est['units']) - len(left)} finished units are read back)" if len(left) < len(est["units"])
+                 else ""))
     if dry_run:
         return
     if no_prefect:

@@ -449,6 +449,14 @@ def unit_done(plan: EvalPlan, arm: str, seed: int) -> dict[str, Any] | None:
     return done if done.get("key") == plan.unit_key(arm, seed) else None
 
 
+def unit_state(plan: EvalPlan, arm: str, seed: int) -> str:
+    """"done" (its file carries this plan's key: read back, not run), "stale" (a file written with other settings,
+    e.g. another student, reference sample or learning rate: run again and overwritten) or "todo"."""
+    if not plan.unit_path(arm, seed).exists():
+        return "todo"
+    return "done" if unit_done(plan, arm, seed) is not None else "stale"
+
+
 def run_unit(plan: EvalPlan, arm: str, seed: int, *, force: bool = False) -> dict[str, Any]:
     """One (arm, seed): fine-tune (not for `base`), measure every reference set, write RUN/eval/<arm>-seed<k>.json.
 
@@ -652,8 +660,9 @@ def unit_cost(config: EvalConfig, arm: str, rows: int, tokens: float, reference_
 
 
 def estimate(plan: EvalPlan, calib: dict[str, float]) -> dict[str, Any]:
-    """Seconds per unit (`unit_cost`) at the calibrated rates; generated answers are assumed full length (an
-    upper bound)."""
+    """Seconds per unit (`unit_cost`) at the calibrated rates, and each unit's `unit_state`; generated answers are
+    assumed full length (an upper bound). "seconds" is what is left to run: finished units are read back, so a
+    resumed eval is priced at its remaining units ("seconds_all": every unit)."""
     cfg = plan.config
     tok = _tokenizer(plan.student)
     ref_tokens = sum(sum(token_lengths(tok, r.convs, cfg.max_length)) for r in plan.references)
@@ -661,9 +670,11 @@ def estimate(plan: EvalPlan, calib: dict[str, float]) -> dict[str, Any]:
     units = {}
     for (arm, seed), info in plan.arm_info.items():
         train_tokens, secs = unit_cost(cfg, arm, info["rows"], info["tokens"], ref_tokens, gen_tokens, calib)
-        units[f"{arm}-seed{seed}"] = {"train_tokens": int(train_tokens), "seconds": round(secs, 1)}
+        units[f"{arm}-seed{seed}"] = {"train_tokens": int(train_tokens), "seconds": round(secs, 1),
+                                      "state": unit_state(plan, arm, seed)}
     return {"units": units, "reference_tokens": int(ref_tokens), "generated_tokens": gen_tokens,
-            "seconds": round(sum(u["seconds"] for u in units.values()), 1), "calibration": calib}
+            "seconds": round(sum(u["seconds"] for u in units.values() if u["state"] != "done"), 1),
+            "seconds_all": round(sum(u["seconds"] for u in units.values()), 1), "calibration": calib}
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -722,4 +733,4 @@ def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], s
 __all__ = ["ARMS", "EvalConfig", "EvalPlan", "Reference", "calibrate", "draw_length_matched", "draw_random_rows",
            "draw_random_tokens", "estimate", "final_answer", "finetune", "load_reference", "plan_eval",
            "predicted_answer", "resolve_student", "run_eval", "run_unit", "summarize", "training_chat_template",
-           "unit_cost", "unit_done", "verdict_line", "write_eval"]
+           "unit_cost", "unit_done", "unit_state", "verdict_line", "write_eval"]

@@ -209,6 +209,37 @@ def test_resumed_eval_is_identical_and_skips_finished_units(evaluated, run_dir, 
     assert again["references"] == doc["references"]
 
 
+def test_dry_run_prices_only_the_units_left(evaluated, run_dir, plan, tiny_lm):
+    """A resumed eval is priced at its remaining units: finished ones are read back (the dry run says so), and a
+    unit file written with other settings is run again, not trusted."""
+    from curate.cli import app
+
+    est = estimate(plan, calibrate(plan))
+    assert {u["state"] for u in est["units"].values()} == {"done"} and est["seconds"] == 0 < est["seconds_all"]
+    victim, stale = plan.unit_path("random_rows", 1), plan.unit_path("base", 0)
+    saved = {p: p.read_text() for p in (victim, stale)}
+    try:
+        victim.unlink()
+        stale.write_text(json.dumps({**json.loads(saved[stale]), "key": "written-with-other-settings"}))
+        est = estimate(plan, calibrate(plan))
+        states = {k: u["state"] for k, u in est["units"].items()}
+        assert states.pop("random_rows-seed1") == "todo" and states.pop("base-seed0") == "stale"
+        assert set(states.values()) == {"done"}
+        left = est["units"]["random_rows-seed1"]["seconds"] + est["units"]["base-seed0"]["seconds"]
+        assert est["seconds"] == pytest.approx(left, abs=0.11)
+        res = CliRunner().invoke(app, ["eval", str(run_dir), "--student", tiny_lm, "--dry-run", "--seeds", "2",
+                                       "--lr", "0.003", "--batch-size", "8", "--max-length", "128", "--threads", "1",
+                                       "--dtype", "float32", "--heldout", "24", "--accuracy-rows", "0",
+                                       "--gen-tokens", "16"])
+        text = " ".join(res.output.split())
+        assert res.exit_code == 0, res.output
+        assert "for 2 of 9 units (7 finished units are read back)" in text, text
+        assert "other settings: run again" in text
+    finally:
+        for p, text in saved.items():
+            p.write_text(text)
+
+
 def test_fine_tune_is_deterministic_per_seed(plan):
     a = run_unit(plan, "random_rows", 0, force=True)
     b = json.loads(plan.unit_path("random_rows", 0).read_text())
