@@ -416,6 +416,12 @@ def eval_cmd(
                   f"{u['seconds']:.0f} s" if u["state"] != "done" else "-", note[u["state"]])
     out.print(t)
     out.print(f"reference sets: {', '.join(f'{r.name} ({len(r.convs)} rows)' for r in plan.references)}")
+    for r in plan.references:
+        if r.skipped:
+            n = sum(r.skipped.values())
+            out.print(f"  {r.name}: {n:,} row{'s' * (n != 1)} skipped "
+                      f"({', '.join(f'{k}: {v:,}' for k, v in r.skipped.items())}), e.g. {r.skipped_example}",
+                      highlight=False)
     left = [u for u in est["units"].values() if u["state"] != "done"]
     out.print(f"estimated time: {est['seconds'] / 60:.1f} min for {len(left)} of {len(est['units'])} units"
               + (f" ({len(est['units']) - len(left)} finished units are read back)" if len(left) < len(est["units"])

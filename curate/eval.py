@@ -128,6 +128,8 @@ class Reference:
     ids: list[str]
     answers: list[str | None] = field(default_factory=list)
     source: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)  # rows that are not a conversation with an answer, by reason
+    skipped_example: str = ""  # the first of them: "file:row: why" (row = line for JSONL)
 
     @property
     def qa_rows(self) -> list[int]:
@@ -242,20 +244,26 @@ def load_reference(path: str, *, name: str | None = None) -> Reference:
     from curate.schema import RowError, make_record
 
     convs, ids = [], []
+    skipped: dict[str, int] = {}
+    example = ""
     for f in expand_inputs([path]):
         for raw in iter_rows(f):
-            if isinstance(raw.value, RowError):
-                continue
             try:
+                if isinstance(raw.value, RowError):
+                    raise raw.value
                 fmt, msgs = to_messages(raw.value)
                 rec = make_record(msgs, source=f, row=raw.row, fmt=fmt)
-            except RowError:
+            except RowError as e:  # counted and shown, as ingest's rejects are: a reference never shrinks silently
+                skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                example = example or f"{Path(f).name}:{raw.row}: {e.detail}"
                 continue
             convs.append(rec["messages"])
             ids.append(rec["id"])
     if not convs:
-        raise ValueError(f"{path}: no conversation with an answer found (reference sets need responses)")
-    ref = Reference(name or Path(path).name.split(".")[0], convs, ids, source=str(path))
+        raise ValueError(f"{path}: no conversation with an answer found (reference sets need responses)"
+                         + (f"; {example}" if example else ""))
+    ref = Reference(name or Path(path).name.split(".")[0], convs, ids, source=str(path), skipped=skipped,
+                    skipped_example=example)
     _attach_answers(ref)
     return ref
 
@@ -271,7 +279,7 @@ def _sample(ref: Reference, n: int | None, seed: int) -> Reference:
         return ref
     idx = sorted(np.random.default_rng(seed).choice(len(ref.convs), n, replace=False).tolist())
     return Reference(ref.name, [ref.convs[i] for i in idx], [ref.ids[i] for i in idx],
-                     [ref.answers[i] for i in idx], ref.source)
+                     [ref.answers[i] for i in idx], ref.source, ref.skipped, ref.skipped_example)
 
 
 def token_lengths(tokenizer: Any, convs: Sequence[Sequence[Message]], max_length: int) -> list[int]:
@@ -519,6 +527,8 @@ def summarize(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]]) ->
                                                                                                                 None]
             boot[a] = np.take_along_axis(per_seed, seed_draw[a], 1).mean(1)
         entry: dict[str, Any] = {"rows": n, "tokens": int(tok.sum()), "source": ref.source, "loss": {}, "diff": {}}
+        if ref.skipped:
+            entry["skipped"] = {"rows": ref.skipped, "example": ref.skipped_example}
         for a in arms:
             per_seed = [_ratio(nll[a][k], tok) for k in range(len(seeds[a]))]
             entry["loss"][a] = {"mean": round(float(np.mean(per_seed)), 5), "ci": _ci(boot[a]),

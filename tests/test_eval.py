@@ -279,6 +279,23 @@ def test_planted_reference_is_seen(run_dir, tiny_lm, tmp_path):
     assert doc["arms"]["selected-seed0"]["reference_overlap"] == sel.height
 
 
+def test_reference_rows_that_are_not_conversations_are_counted_not_lost(tmp_path):
+    """A malformed line or a row without an answer is skipped with its reason and place (eval.json and the CLI
+    show it), as ingest rejects it; a file with nothing usable is an error naming the first bad row."""
+    from curate.eval import load_reference
+
+    good = json.dumps({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]})
+    f = tmp_path / "ref.jsonl"
+    f.write_text("\n".join([good, "{not json", json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+                             good.replace("4", "four")]) + "\n")
+    ref = load_reference(str(f))
+    assert len(ref.convs) == 2 and sum(ref.skipped.values()) == 2, ref.skipped
+    assert ref.skipped["malformed_json"] == 1 and ref.skipped_example.startswith("ref.jsonl:2: invalid JSON")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: invalid JSON"):
+        load_reference(str(tmp_path / "bad.jsonl"))
+
+
 def test_exact_match_answers():
     assert final_answer("so 48+24 = 72 clips.\n#### 72") == "72"
     assert final_answer("#### 1,200") == "1200"
@@ -309,6 +326,12 @@ def test_cli_dry_run_and_errors(run_dir, tiny_lm, tmp_path):
                               "--max-length", "128", "--accuracy-rows", "0", "--seeds", "2"])
     assert res.exit_code == 0, res.output
     assert "estimated time" in res.output and "random_tokens seed 1" in res.output
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text("\n".join((SAMPLE / "gsm8k_train.jsonl").read_text().splitlines()[-30:] + ["{oops"]) + "\n")
+    res = runner.invoke(app, ["eval", str(run_dir), "--student", tiny_lm, "--dry-run", "--threads", "1",
+                              "--max-length", "128", "--accuracy-rows", "0", "--seeds", "2", "-r", str(ref)])
+    assert res.exit_code == 0, res.output
+    assert "ref: 1 row skipped (malformed_json: 1), e.g. ref.jsonl:31: invalid JSON" in " ".join(res.output.split())
     res = runner.invoke(app, ["eval", str(tmp_path), "--student", tiny_lm, "--dry-run"])
     assert res.exit_code == 2 and "records.parquet: missing" in " ".join(res.output.split())
     res = runner.invoke(app, ["eval", str(run_dir), "--student", tiny_lm, "--arms", "selected,bogus"])
