@@ -166,6 +166,7 @@ def evaluate(args: argparse.Namespace) -> None:
     m = json.loads((run_dir / "manifest.json").read_text())
     ran_units = [k for k, state in doc["executor"]["units"].items() if state != "Cached"]
     ran = sum(doc["arms"][k]["seconds"] for k in ran_units)
+    reused = len(doc["arms"]) - len(ran_units)
     cmd = " ".join([".venv/bin/python bench/bench_eval.py eval", *sys.argv[2:]])
     if args.run:
         where = (f"Run folder `{run_dir}`: `curate select {Path(m['config']['inputs'][0]).name}` with recipe "
@@ -185,10 +186,9 @@ def evaluate(args: argparse.Namespace) -> None:
             f"Reference sets ({args.reference_rows} rows each, seeded sample): LIMA train answers, Alpaca rows outside "
             f"the slice, GSM8K test (greedy exact match on {args.accuracy_rows} rows, {args.gen_tokens} new tokens).",
             "", f"Dry-run estimate {est['seconds'] / 60:.1f} min; real {ran / 60:.1f} min for the "
-            f"{len(ran_units)} units that ran (ratio real/estimate {ran / max(est['seconds'], 1):.2f});"
-            " wall with set-up "
-            f"{wall / 60:.1f} min." + (f" {len(doc['arms']) - len(ran_units)} units were read back from an earlier "
-                                       "eval of this run (same key)." if len(ran_units) < len(doc["arms"]) else ""), "",
+            f"{len(ran_units)} units that ran (ratio real/estimate {ran / max(est['seconds'], 1):.2f}); wall with "
+            f"set-up {wall / 60:.1f} min."
+            + (f" {reused} units were read back from an earlier eval of this run (same key)." if reused else ""), "",
             "| reference | arm | rows trained | tokens trained | loss (nats/token), 95% CI | seeds | exact match |",
             "|---|---|---|---|---|---|---|"]
     for name, e in doc["references"].items():

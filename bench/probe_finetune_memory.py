@@ -15,6 +15,7 @@ import time
 import polars as pl
 import psutil
 
+from curate.eval import _plain
 from curate.lm.finetune import FinetuneConfig, finetune
 from curate.lm.models import model_path
 
@@ -29,7 +30,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     sel = pl.read_parquet(args.parquet, columns=["messages"]).head(args.rows)
-    convs = [[{"role": m["role"], "content": m["content"]} for m in msgs] for msgs in sel["messages"].to_list()]
+    convs = [_plain(m) for m in sel["messages"].to_list()]
     path = model_path(args.student)
     proc = psutil.Process()
     before, peak = proc.memory_info().rss, [0]

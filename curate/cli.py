@@ -422,10 +422,9 @@ def eval_cmd(
             out.print(f"  {r.name}: {n:,} row{'s' * (n != 1)} skipped "
                       f"({', '.join(f'{k}: {v:,}' for k, v in r.skipped.items())}), e.g. {r.skipped_example}",
                       highlight=False)
-    left = [u for u in est["units"].values() if u["state"] != "done"]
-    out.print(f"estimated time: {est['seconds'] / 60:.1f} min for {len(left)} of {len(est['units'])} units"
-              + (f" ({len(est['units']) - len(left)} finished units are read back)" if len(left) < len(est["units"])
-                 else ""))
+    done = sum(u["state"] == "done" for u in est["units"].values())
+    out.print(f"estimated time: {est['seconds'] / 60:.1f} min for {len(est['units']) - done} of {len(est['units'])} "
+              "units" + (f" ({done} finished units are read back)" if done else ""))
     if dry_run:
         return
     if no_prefect:

@@ -239,9 +239,9 @@ def predicted_answer(text: str) -> str | None:
 
 def load_reference(path: str, *, name: str | None = None) -> Reference:
     """Any file or folder `curate ingest` reads, normalised the same way (ids comparable with the pool's)."""
-    from curate.io.formats import to_messages
+    from curate.ingest import row_record
     from curate.io.readers import expand_inputs, iter_rows
-    from curate.schema import RowError, make_record
+    from curate.schema import RowError
 
     convs, ids = [], []
     skipped: dict[str, int] = {}
@@ -249,10 +249,7 @@ def load_reference(path: str, *, name: str | None = None) -> Reference:
     for f in expand_inputs([path]):
         for raw in iter_rows(f):
             try:
-                if isinstance(raw.value, RowError):
-                    raise raw.value
-                fmt, msgs = to_messages(raw.value)
-                rec = make_record(msgs, source=f, row=raw.row, fmt=fmt)
+                _, rec = row_record(raw, f)
             except RowError as e:  # counted and shown, as ingest's rejects are: a reference never shrinks silently
                 skipped[e.reason] = skipped.get(e.reason, 0) + 1
                 example = example or f"{Path(f).name}:{raw.row}: {e.detail}"
@@ -278,8 +275,8 @@ def _sample(ref: Reference, n: int | None, seed: int) -> Reference:
     if n is None or len(ref.convs) <= n:
         return ref
     idx = sorted(np.random.default_rng(seed).choice(len(ref.convs), n, replace=False).tolist())
-    return Reference(ref.name, [ref.convs[i] for i in idx], [ref.ids[i] for i in idx],
-                     [ref.answers[i] for i in idx], ref.source, ref.skipped, ref.skipped_example)
+    return replace(ref, convs=[ref.convs[i] for i in idx], ids=[ref.ids[i] for i in idx],
+                   answers=[ref.answers[i] for i in idx])
 
 
 def token_lengths(tokenizer: Any, convs: Sequence[Sequence[Message]], max_length: int) -> list[int]:

@@ -16,13 +16,23 @@ from pathlib import Path
 import polars as pl
 
 from curate.io.formats import extra_fields, to_messages
-from curate.io.readers import expand_inputs, iter_rows, source_path
+from curate.io.readers import RawRow, expand_inputs, iter_rows, source_path
 from curate.io.writers import PartedParquet, unify_meta
 from curate.progress import progress
 from curate.run import Run, atomic_path, remove_stale_tmp, sha256_file, write_parquet
 from curate.schema import META, RECORD_SCHEMA, REJECT_SCHEMA, RowError, make_record
 
 CHUNK_ROWS = 20_000
+
+
+def row_record(raw: RawRow, path: str, fmt: str = "auto") -> tuple[str, dict]:
+    """(format name, record) of one read row; raises its RowError when it cannot become a record (unreadable,
+    unknown format, no answer...). The one rule for what a row is, used by ingest and by `curate eval`'s
+    reference sets."""
+    if isinstance(raw.value, RowError):
+        raise raw.value
+    name, messages = to_messages(raw.value, fmt)
+    return name, make_record(messages, source=path, row=raw.row, fmt=name, meta=extra_fields(raw.value, fmt))
 
 
 class EmptyPoolError(ValueError):
@@ -68,11 +78,8 @@ def ingest(
             for raw in iter_rows(path, container, split):
                 c.rows += 1
                 try:
-                    if isinstance(raw.value, RowError):
-                        raise raw.value
-                    name, messages = to_messages(raw.value, fmt)
-                    recs.append(make_record(messages, source=path, row=raw.row, fmt=name,
-                                            meta=extra_fields(raw.value, fmt)))
+                    name, rec = row_record(raw, path, fmt)
+                    recs.append(rec)
                     c.formats[name] += 1
                 except RowError as e:
                     c.rejected[e.reason] += 1
