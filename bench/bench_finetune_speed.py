@@ -9,12 +9,13 @@ only SFTConfig arguments (`trl.SFTConfig` is subclassed to override them; the mo
 `micro` (the second): the same optimizer batch of 8 run as micro-batches of 8, 4, 2 or 1 rows with gradient
 accumulation (`MICRO` names the order, repeats interleave so load drifts hit every variant), batches grouped by
 length (micro-batch 1: random order, nothing to pad). `lora`: curate's default fine-tune (full, micro-batches of 2)
-against `--lora` (peft, r 16, all linear layers, same lr), in the order given. Then (not for `lora`) the arithmetic
-reference: one raw torch step
+against `--lora` (peft, r 16, all linear layers, same lr), in the order given. `loss`: TRL's fused LM head
+("trl", a float32 LM head on a CPU) against the model's own loss ("model", curate's CPU default), in the order
+given. Then (not for `lora` or `loss`) the arithmetic reference: one raw torch step
 (8 x 128 tokens, no padding) in fp32, bf16 autocast and bf16 weights, forward + backward + AdamW.
 
-    python bench/bench_finetune_speed.py RUN_DIR [ROWS] [gc | micro MICRO... | lora full|lora...]
-    e.g.  ... RUN 192 micro 8 2 8 2      ... RUN 192 lora full lora full lora
+    python bench/bench_finetune_speed.py RUN_DIR [ROWS] [gc | micro MICRO... | lora full|lora... | loss trl|model...]
+    e.g.  ... RUN 192 micro 8 2 8 2      ... RUN 192 lora full lora full lora      ... RUN 96 loss trl model trl model
 """
 
 import json
@@ -78,6 +79,17 @@ def lora_variants(run_dir: str, rows: int, order: list[str]) -> None:
         print(json.dumps({"variant": name, **st}), flush=True)
 
 
+def loss_variants(run_dir: str, rows: int, order: list[str]) -> None:
+    """TRL's fused LM head against the model's own loss through curate's own path (`EvalConfig.loss`)."""
+    student = E.resolve_student("smollm2-135m")
+    sel = pl.read_parquet(Path(run_dir) / "selected.parquet", columns=["messages"]).head(rows)
+    convs = [E._plain(m) for m in sel["messages"].to_list()]
+    for name in order:
+        cfg = E.EvalConfig(student=student, accuracy_rows=0, threads=2, loss=name)
+        _, _, st = E.finetune(student, convs, cfg, 0, dtype="bfloat16")
+        print(json.dumps({"variant": name, **st}), flush=True)
+
+
 def raw_steps() -> None:
     from transformers import AutoModelForCausalLM
 
@@ -107,6 +119,8 @@ if __name__ == "__main__":
     kind = sys.argv[3] if len(sys.argv) > 3 else "gc"
     if kind == "lora":
         lora_variants(sys.argv[1], rows, sys.argv[4:] or ["full", "lora", "full", "lora"])
+    elif kind == "loss":
+        loss_variants(sys.argv[1], rows, sys.argv[4:] or ["trl", "model", "trl", "model"])
     else:
         chosen = list(VARIANTS.items()) if kind == "gc" else micro_variants([int(m) for m in sys.argv[4:]] or [8, 2])
         trl_variants(sys.argv[1], rows, chosen)

@@ -48,7 +48,7 @@ import numpy as np
 import polars as pl
 
 # the one fine-tune path (also `curate proxy finetune` and the iterative feedback); re-exported under these names
-from curate.lm.finetune import FinetuneConfig, _set_threads, finetune, micro_batch, training_chat_template
+from curate.lm.finetune import FinetuneConfig, _set_threads, finetune, loss_kind, micro_batch, training_chat_template
 
 EVAL_VERSION = 2  # bump when a unit's numbers would change for the same inputs
 ARMS = ("selected", "random_rows", "random_tokens", "random_length", "base")
@@ -76,6 +76,7 @@ class EvalConfig:
     lora: bool = False
     lora_r: int = 16
     dtype: str = "auto"  # auto | float32 | bfloat16: bf16 autocast where the scoring engine's auto picks bf16
+    loss: str = "auto"  # auto | model | trl: curate.lm.finetune.loss_kind (auto: the model's own on a CPU)
     threads: int = 2  # CPU threads for torch
     heldout_rows: int = 200  # default reference: this many pool rows no arm trains on
     reference_rows: int | None = 500  # cap per reference set (seeded sample); None = all
@@ -93,6 +94,8 @@ class EvalConfig:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.loss not in ("auto", "model", "trl"):
+            raise ValueError(f"loss must be auto, model or trl, got {self.loss!r}")
         if self.max_length < 16:
             raise ValueError(f"max_length must be >= 16, got {self.max_length}")
         if self.batch_size < 1 or (self.micro_batch is not None and self.micro_batch < 1):
@@ -115,8 +118,9 @@ class EvalConfig:
 
     def training_key(self) -> dict[str, Any]:
         keys = ("epochs", "max_steps", "lr", "batch_size", "max_length", "lora", "lora_r", "dtype")
-        # the resolved micro-batch: the same training, but bf16 sums in another order (differences ~1e-4)
-        return {**{k: getattr(self, k) for k in keys}, "micro_batch": micro_batch(self.finetune_config())}
+        # the resolved micro-batch and loss: the same training, but bf16 sums in another order (differences ~1e-4)
+        ft = self.finetune_config()
+        return {**{k: getattr(self, k) for k in keys}, "micro_batch": micro_batch(ft), "loss": loss_kind(ft)}
 
 
 @dataclass
@@ -608,10 +612,9 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
     """Measure this machine: fixed seconds per unit (load + trainer set-up + engine), fine-tune tokens/s,
     forward (loss) tokens/s, greedy generation tokens/s. Cached in RUN/eval/calibration.json per set-up."""
     cfg = plan.config
-    key = hashlib.sha256(json.dumps([plan.student, _student_id(plan.student), plan.dtype, cfg.batch_size,
-                                     micro_batch(cfg.finetune_config()),
-                                     cfg.max_length, cfg.threads, cfg.lora, steps, EVAL_VERSION]).encode()
-                         ).hexdigest()[:16]
+    # the training key, not a list of its parts: a new training setting (the loss) re-measures by itself
+    key = hashlib.sha256(json.dumps([plan.student, _student_id(plan.student), plan.dtype, cfg.training_key(),
+                                     cfg.threads, steps, EVAL_VERSION], sort_keys=True).encode()).hexdigest()[:16]
     path = plan.run_dir / "eval" / "calibration.json"
     if path.exists():
         c = json.loads(path.read_text())

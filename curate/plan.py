@@ -79,7 +79,9 @@ ONE_OFF = {
 # (curate.eval.unit_cost), at assumed rates instead of a calibration. SmolLM2-135M-Instruct (the default student),
 # bf16, 2 threads, micro-batches of 2: the calibration `curate eval --dry-run` wrote for the Alpaca-52k 1,000-row
 # benchmark on this machine (2026-12-02 evening, idle; bench/results/eval.md), whose 7 units then took 82.0 min
-# against the 80.6 min it estimated. Other students: no rate is assumed beyond these; `curate eval RUN --dry-run`
+# against the 80.6 min it estimated (before the CPU fine-tune took the model's own loss, 1.3-1.4x in interleaved
+# pairs; the four units re-run with it on 2026-12-03 trained at 166 tokens/s on a machine ~20 % slower that
+# morning, so these rates are kept). Other students: no rate is assumed beyond these; `curate eval RUN --dry-run`
 # measures the real ones.
 EVAL_RATES = {"smollm2-135m": {"setup_seconds": 1.17, "train_tps": 158.5, "forward_tps": 1517.3,
                                "generate_tps": 124.7}}

@@ -368,33 +368,40 @@ def test_lora_fine_tune_merges_and_learns(plan, tiny_lm):
     assert stats["steps"] == 6
 
 
-def test_micro_batches_train_the_same_model(plan, tiny_lm):
+def test_micro_batches_and_both_losses_train_the_same_model(plan, tiny_lm):
     """Micro-batches (what a CPU fine-tune uses for speed) accumulate to the same optimizer steps as one batch:
     same rows per step, loss normalised over the step's tokens. Fails if each micro-batch were averaged on its
-    own (rows of unequal length would then weigh differently)."""
+    own (rows of unequal length would then weigh differently). The model's own loss (a CPU's default, faster)
+    and TRL's fused LM head (a GPU's) train the same model too."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from curate.eval import finetune
-    from curate.lm.finetune import FinetuneConfig, micro_batch
+    from curate.lm.finetune import FinetuneConfig, loss_kind, micro_batch
 
     assert micro_batch(FinetuneConfig(batch_size=8)) == 2  # the CPU default
     assert micro_batch(FinetuneConfig(batch_size=6, micro_batch=4)) == 3  # a divisor of the batch
     assert micro_batch(FinetuneConfig(batch_size=1)) == 1
+    assert loss_kind(FinetuneConfig()) == ("trl" if torch.cuda.is_available() else "model")
+    with pytest.raises(ValueError, match="loss must be"):
+        EvalConfig(loss="fused")
     convs = plan.references[0].convs[:16]
     lengths = {sum(len(m["content"]) for m in c) for c in convs}
     assert len(lengths) > 4  # rows of unequal length, or the test could not fail
     out = {}
-    for micro in (8, 2):
-        cfg = replace(plan.config, epochs=1.0, lr=1e-2, batch_size=8, micro_batch=micro)
-        model, _, stats = finetune(tiny_lm, convs, cfg, 0, dtype="float32")
-        assert stats["steps"] == 2 and stats["micro_batch"] == micro
-        out[micro] = (stats["train_loss"], torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert out[8][0] == pytest.approx(out[2][0], abs=1e-4)
+    for loss in ("trl", "model"):
+        for micro in (8, 2):
+            cfg = replace(plan.config, epochs=1.0, lr=1e-2, batch_size=8, micro_batch=micro, loss=loss)
+            model, _, stats = finetune(tiny_lm, convs, cfg, 0, dtype="float32")
+            assert stats["steps"] == 2 and stats["micro_batch"] == micro and stats["loss"] == loss
+            out[loss, micro] = (stats["train_loss"], torch.cat([p.detach().flatten() for p in model.parameters()]))
     base = torch.cat([p.detach().flatten() for p in AutoModelForCausalLM.from_pretrained(tiny_lm).parameters()])
-    moved = (out[8][1] - base).abs().max()
+    ref_loss, ref = out["trl", 8]
+    moved = (ref - base).abs().max()
     assert moved > 1e-3  # the steps changed the model
-    assert (out[8][1] - out[2][1]).abs().max() < 1e-3 * moved
+    for key, (train_loss, params) in out.items():
+        assert train_loss == pytest.approx(ref_loss, abs=1e-4), key
+        assert (params - ref).abs().max() < 1e-3 * moved, key
 
 
 def test_overall_verdict_is_corrected_for_several_comparisons():

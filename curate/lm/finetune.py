@@ -14,6 +14,7 @@ byte-identical text; a tokenizer without a chat template trains on curate's plai
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ class FinetuneConfig:
     lora: bool = False
     lora_r: int = 16
     dtype: str = "auto"  # auto | float32 | bfloat16: bf16 autocast where the scoring engine's auto picks bf16
+    loss: str = "auto"  # auto | model | trl: how the loss is computed (see loss_kind)
     threads: int | None = 2  # CPU threads for torch; None: $CURATE_TORCH_THREADS, else every usable core
 
     @classmethod
@@ -76,6 +78,43 @@ def micro_batch(config: FinetuneConfig) -> int:
     while config.batch_size % want:  # the largest divisor of batch_size not above the wish
         want -= 1
     return want
+
+
+def loss_kind(config: FinetuneConfig) -> str:
+    """How the training loss is computed; both are mean cross-entropy over the step's assistant tokens.
+
+    - "trl": TRL's fused LM head (SFTTrainer's own loss): projects only labelled positions, in tiles, never holding
+      the full logits. On a GPU it saves the memory a large vocabulary costs. On a CPU it computes the LM head in
+      float32 (TRL's `_addmm_fp32` upcasts both operands off CUDA) and, with its metrics, was 43% of a SmolLM2
+      step in a profile.
+    - "model": the model's own loss through `transformers.Trainer.compute_loss` (the LM head under bf16 autocast,
+      cross-entropy in float32, normalised by the step's tokens): 1.3x the tokens/s of "trl" on this CPU, train
+      loss equal to 7e-4 (bench/results/eval.md, section 7).
+    auto: "model" on a CPU, "trl" on a GPU.
+    """
+    if config.loss not in ("auto", "model", "trl"):
+        raise ValueError(f"loss must be auto, model or trl, got {config.loss!r}")
+    if config.loss != "auto":
+        return config.loss
+    import torch
+
+    return "trl" if torch.cuda.is_available() else "model"
+
+
+@functools.cache
+def _model_loss_trainer() -> type:
+    """SFTTrainer with the model's own loss (`loss_kind` "model"); everything else is TRL's."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class ModelLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            inputs["use_cache"] = False  # as TRL's compute_loss: no KV cache while training
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return ModelLossSFTTrainer
 
 
 # -- threads ----------------------------------------------------------------------------------------------
@@ -153,7 +192,8 @@ def training_chat_template(tokenizer: Any) -> str:
 def sft_trainer(model: Any, tokenizer: Any, convs: Sequence[Sequence[Message]], config: FinetuneConfig, seed: int,
                 output_dir: str | Path, dtype: str) -> Any:
     """The `SFTTrainer` every curate fine-tune runs: assistant-only loss, cosine schedule with 10 % warm-up, no
-    weight decay, no checkpoints, no packing, batches grouped by length; LoRA (peft) when config.lora. `tokenizer`
+    weight decay, no checkpoints, no packing, batches grouped by length, the loss `loss_kind(config)`; LoRA (peft)
+    when config.lora. `tokenizer`
     must already carry a training template (`training_chat_template`); `micro_batch(config)` rows per forward pass,
     accumulated to config.batch_size rows per step. Exposed so tests can read its batches."""
     import datasets
@@ -182,8 +222,9 @@ def sft_trainer(model: Any, tokenizer: Any, convs: Sequence[Sequence[Message]], 
         # does not need and costs a recomputed forward, so it is on only on a GPU
         train_sampling_strategy="group_by_length", **{_checkpointing_arg(SFTConfig): torch.cuda.is_available()},
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                         peft_config=peft_config)
+    trainer_class = _model_loss_trainer() if loss_kind(config) == "model" else SFTTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                            peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)  # a loss dict printed every 10 steps; the stats carry the loss
     return trainer
 
@@ -225,7 +266,7 @@ def finetune(student: str, convs: Sequence[Sequence[Message]], config: Any, seed
             model = model.merge_and_unload()
     n_tokens = int(sum(len(x) for x in trainer.train_dataset["input_ids"]))
     stats = {"rows": len(convs), "steps": int(result.global_step),
-             "micro_batch": int(trainer.args.per_device_train_batch_size),
+             "micro_batch": int(trainer.args.per_device_train_batch_size), "loss": loss_kind(config),
              "train_loss": round(float(result.training_loss), 5),
              "train_seconds": round(seconds, 2), "epoch_tokens": n_tokens,
              "tokens_per_second": round(n_tokens * float(result.metrics.get("epoch", 1.0) or 1.0) / seconds, 1)}
@@ -243,5 +284,5 @@ def save_finetuned(model: Any, tokenizer: Any, out_dir: str | Path, *, chat_temp
     return str(out)
 
 
-__all__ = ["FinetuneConfig", "PLAIN_TRAINING_TEMPLATE", "finetune", "micro_batch", "save_finetuned",
+__all__ = ["FinetuneConfig", "PLAIN_TRAINING_TEMPLATE", "finetune", "loss_kind", "micro_batch", "save_finetuned",
            "sft_trainer", "training_chat_template"]
