@@ -193,9 +193,9 @@ def sft_trainer(model: Any, tokenizer: Any, convs: Sequence[Sequence[Message]], 
                 output_dir: str | Path, dtype: str) -> Any:
     """The `SFTTrainer` every curate fine-tune runs: assistant-only loss, cosine schedule with 10 % warm-up, no
     weight decay, no checkpoints, no packing, batches grouped by length, the loss `loss_kind(config)`; LoRA (peft)
-    when config.lora. `tokenizer`
-    must already carry a training template (`training_chat_template`); `micro_batch(config)` rows per forward pass,
-    accumulated to config.batch_size rows per step. Exposed so tests can read its batches."""
+    when config.lora. `tokenizer` must already carry a training template (`training_chat_template`);
+    `micro_batch(config)` rows per forward pass, accumulated to config.batch_size rows per step. Exposed so tests
+    can read its batches."""
     import datasets
     import torch
     from transformers import PrinterCallback
