@@ -67,27 +67,21 @@ def trl_variants(run_dir: str, rows: int, variants: list[tuple[str, dict]]) -> N
         print(json.dumps({"variant": name, **st}), flush=True)
 
 
-def lora_variants(run_dir: str, rows: int, order: list[str]) -> None:
-    """Full fine-tune vs LoRA through curate's own path (no SFTConfig overrides): the trainable parameters differ,
-    so does the backward pass (no weight gradients for frozen layers) and the optimizer step."""
+def path_variants(run_dir: str, rows: int, order: list[str], settings: dict[str, dict]) -> None:
+    """Variants through curate's own path (no SFTConfig overrides), each an `EvalConfig` setting: full vs LoRA
+    (trainable parameters, so the backward pass and the optimizer step, differ), TRL's fused LM head vs the
+    model's own loss."""
     student = E.resolve_student("smollm2-135m")
     sel = pl.read_parquet(Path(run_dir) / "selected.parquet", columns=["messages"]).head(rows)
     convs = [E._plain(m) for m in sel["messages"].to_list()]
     for name in order:
-        cfg = E.EvalConfig(student=student, accuracy_rows=0, threads=2, lora=name == "lora")
+        cfg = E.EvalConfig(student=student, accuracy_rows=0, threads=2, **settings[name])
         _, _, st = E.finetune(student, convs, cfg, 0, dtype="bfloat16")
         print(json.dumps({"variant": name, **st}), flush=True)
 
 
-def loss_variants(run_dir: str, rows: int, order: list[str]) -> None:
-    """TRL's fused LM head against the model's own loss through curate's own path (`EvalConfig.loss`)."""
-    student = E.resolve_student("smollm2-135m")
-    sel = pl.read_parquet(Path(run_dir) / "selected.parquet", columns=["messages"]).head(rows)
-    convs = [E._plain(m) for m in sel["messages"].to_list()]
-    for name in order:
-        cfg = E.EvalConfig(student=student, accuracy_rows=0, threads=2, loss=name)
-        _, _, st = E.finetune(student, convs, cfg, 0, dtype="bfloat16")
-        print(json.dumps({"variant": name, **st}), flush=True)
+PATH_VARIANTS = {"lora": {"full": {"lora": False}, "lora": {"lora": True}},
+                 "loss": {"trl": {"loss": "trl"}, "model": {"loss": "model"}}}
 
 
 def raw_steps() -> None:
@@ -117,10 +111,9 @@ def raw_steps() -> None:
 if __name__ == "__main__":
     rows = int(sys.argv[2]) if len(sys.argv) > 2 else 96
     kind = sys.argv[3] if len(sys.argv) > 3 else "gc"
-    if kind == "lora":
-        lora_variants(sys.argv[1], rows, sys.argv[4:] or ["full", "lora", "full", "lora"])
-    elif kind == "loss":
-        loss_variants(sys.argv[1], rows, sys.argv[4:] or ["trl", "model", "trl", "model"])
+    if kind in PATH_VARIANTS:
+        names = list(PATH_VARIANTS[kind])
+        path_variants(sys.argv[1], rows, sys.argv[4:] or names + names, PATH_VARIANTS[kind])
     else:
         chosen = list(VARIANTS.items()) if kind == "gc" else micro_variants([int(m) for m in sys.argv[4:]] or [8, 2])
         trl_variants(sys.argv[1], rows, chosen)

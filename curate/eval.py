@@ -94,8 +94,7 @@ class EvalConfig:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.loss not in ("auto", "model", "trl"):
-            raise ValueError(f"loss must be auto, model or trl, got {self.loss!r}")
+        self.finetune_config()  # checks the fine-tune settings (the loss) before any work
         if self.max_length < 16:
             raise ValueError(f"max_length must be >= 16, got {self.max_length}")
         if self.batch_size < 1 or (self.micro_batch is not None and self.micro_batch < 1):

@@ -41,6 +41,10 @@ class FinetuneConfig:
     loss: str = "auto"  # auto | model | trl: how the loss is computed (see loss_kind)
     threads: int | None = 2  # CPU threads for torch; None: $CURATE_TORCH_THREADS, else every usable core
 
+    def __post_init__(self) -> None:
+        if self.loss not in ("auto", "model", "trl"):
+            raise ValueError(f"loss must be auto, model or trl, got {self.loss!r}")
+
     @classmethod
     def of(cls, settings: Any) -> FinetuneConfig:
         """The fine-tune part of any settings object with these attribute names (e.g. `curate.eval.EvalConfig`)."""
@@ -92,8 +96,6 @@ def loss_kind(config: FinetuneConfig) -> str:
       loss equal to 7e-4 (bench/results/eval.md, section 7).
     auto: "model" on a CPU, "trl" on a GPU.
     """
-    if config.loss not in ("auto", "model", "trl"):
-        raise ValueError(f"loss must be auto, model or trl, got {config.loss!r}")
     if config.loss != "auto":
         return config.loss
     import torch
