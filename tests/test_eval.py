@@ -430,8 +430,16 @@ def test_overall_verdict_is_corrected_for_several_comparisons():
     assert "over 4 comparisons, Bonferroni" in line and "better on a" in line
     # a difference far beyond every interval stays 'better' after the correction
     strong = rng.normal(-0.05, 0.003, 20000)
-    overall, _ = verdict_line({"a": entry(strong, 4), **{f"r{i}": entry(b, 4) for i, b in enumerate(flat)}})
-    assert overall == "better"
+    overall, line = verdict_line({"a": entry(strong, 4), **{f"r{i}": entry(b, 4) for i, b in enumerate(flat)}})
+    assert overall == "better" and "same lengths" not in line
+    # ... and the line says when length-matched random does as well: the gain is length, not the selection
+    for length_diff, named in ((flat[0], True), (strong, False)):
+        a = entry(strong, 4)
+        a["diff"]["selected - random_length"] = {"mean": float(length_diff.mean()), "ci": _ci(length_diff),
+                                                 "verdict": _verdict(_ci(length_diff), -1)}
+        overall, line = verdict_line({"a": a, **{f"r{i}": entry(b, 4) for i, b in enumerate(flat)}})
+        assert overall == "better"
+        assert ("no better than random rows with the same lengths on a " in line) is named, line
 
 
 def test_killed_prefect_eval_resumes_at_its_unit(evaluated, run_dir, tiny_lm, tmp_path):
