@@ -587,12 +587,15 @@ def verdict_line(summary: dict[str, Any]) -> tuple[str, str]:
     Bonferroni-widened intervals (`family`): better / worse when some set says so and none says the opposite,
     no different when all agree on that, else mixed. Where the subset beats equal-token random on a set but not
     length-matched random, the line says the gain there is length."""
-    parts, words = [], []
+    parts, words, length_only = [], [], []
     for name, e in summary.items():
         d = e["diff"].get("selected - random_tokens")
         if d:
             words.append(d.get("family", d)["verdict"])
             parts.append(f"{d['verdict']} on {name} (loss {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}])")
+            same_lengths = e["diff"].get("selected - random_length")
+            if d["verdict"] == "better" and same_lengths and same_lengths["verdict"] != "better":
+                length_only.append(name)
         a = e.get("accuracy", {}).get("diff", {}).get("selected - random_tokens")
         if a:
             words.append(a.get("family", a)["verdict"])
@@ -607,11 +610,8 @@ def verdict_line(summary: dict[str, Any]) -> tuple[str, str]:
     line = f"selected vs random at equal tokens: {overall}{how} — " + "; ".join(parts)
     # a subset of long rows beats random at equal tokens by its lengths alone (deita at 1,000 rows of Alpaca-52k:
     # better on two sets, no different from length-matched random on all three, bench/results/eval.md): say so
-    alike = [name for name, e in summary.items()
-             if e["diff"].get("selected - random_tokens", {}).get("verdict") == "better"
-             and e["diff"].get("selected - random_length", {}).get("verdict", "better") != "better"]
-    if alike:
-        line += (f". But no better than random rows with the same lengths on {', '.join(alike)} "
+    if length_only:
+        line += (f". But no better than random rows with the same lengths on {', '.join(length_only)} "
                  "(selected - random_length): there the gain is the rows' length, not the selection")
     return overall, line
 
