@@ -585,21 +585,29 @@ def verdict_line(summary: dict[str, Any]) -> tuple[str, str]:
     """(overall, line): the subset against random at equal tokens, over every reference set's loss (and
     accuracy where measured). Each set's own verdict uses its 95% interval; the overall one uses the
     Bonferroni-widened intervals (`family`): better / worse when some set says so and none says the opposite,
-    no different when all agree on that, else mixed. Where the subset beats equal-token random on a set but not
+    no different when all agree on that, else mixed; a set whose two words differ is named with both. Where the subset beats equal-token random on a set but not
     length-matched random, the line says the gain there is length."""
     parts, words, length_only = [], [], []
+
+    def corrected(d: dict[str, Any]) -> str:
+        # each set is named with its 95% word; where the Bonferroni word differs, say it, or "worse on X" under an
+        # overall "better" reads as a contradiction (fusion at 1,000 rows: bench/results/eval.md)
+        fam = d.get("family", d)["verdict"]
+        return "" if fam == d["verdict"] else f" at 95% only, {fam} after the correction"
+
     for name, e in summary.items():
         d = e["diff"].get("selected - random_tokens")
         if d:
             words.append(d.get("family", d)["verdict"])
-            parts.append(f"{d['verdict']} on {name} (loss {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}])")
+            parts.append(f"{d['verdict']} on {name}{corrected(d)} (loss {d['mean']:+.4f} "
+                         f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}])")
             same_lengths = e["diff"].get("selected - random_length")
             if d["verdict"] == "better" and same_lengths and same_lengths["verdict"] != "better":
                 length_only.append(name)
         a = e.get("accuracy", {}).get("diff", {}).get("selected - random_tokens")
         if a:
             words.append(a.get("family", a)["verdict"])
-            parts.append(f"{a['verdict']} on {name} exact match ({a['mean']:+.3f} [{a['ci'][0]:+.3f}, "
+            parts.append(f"{a['verdict']} on {name} exact match{corrected(a)} ({a['mean']:+.3f} [{a['ci'][0]:+.3f}, "
                          f"{a['ci'][1]:+.3f}])")
     if not words:
         return "n/a", "no verdict: the eval needs the selected and random_tokens arms"

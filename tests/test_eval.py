@@ -427,7 +427,9 @@ def test_overall_verdict_is_corrected_for_several_comparisons():
     assert summary["a"]["diff"]["selected - random_tokens"]["verdict"] == "better"
     overall, line = verdict_line(summary)
     assert overall == "no different", line
-    assert "over 4 comparisons, Bonferroni" in line and "better on a" in line
+    assert "over 4 comparisons, Bonferroni" in line
+    assert "better on a at 95% only, no different after the correction (loss" in line, line
+    assert "no different on r0" in line and "after the correction on r0" not in line, line
     # a difference far beyond every interval stays 'better' after the correction
     strong = rng.normal(-0.05, 0.003, 20000)
     overall, line = verdict_line({"a": entry(strong, 4), **{f"r{i}": entry(b, 4) for i, b in enumerate(flat)}})
