@@ -585,8 +585,8 @@ def verdict_line(summary: dict[str, Any]) -> tuple[str, str]:
     """(overall, line): the subset against random at equal tokens, over every reference set's loss (and
     accuracy where measured). Each set's own verdict uses its 95% interval; the overall one uses the
     Bonferroni-widened intervals (`family`): better / worse when some set says so and none says the opposite,
-    no different when all agree on that, else mixed; a set whose two words differ is named with both. Where the subset beats equal-token random on a set but not
-    length-matched random, the line says the gain there is length."""
+    no different when all agree on that, else mixed; a set whose two words differ is named with both. Where the
+    subset beats equal-token random on a set but not length-matched random, the line says the gain there is length."""
     parts, words, length_only = [], [], []
 
     def corrected(d: dict[str, Any]) -> str:
