@@ -589,26 +589,26 @@ def verdict_line(summary: dict[str, Any]) -> tuple[str, str]:
     subset beats equal-token random on a set but not length-matched random, the line says the gain there is length."""
     parts, words, length_only = [], [], []
 
-    def corrected(d: dict[str, Any]) -> str:
-        # each set is named with its 95% word; where the Bonferroni word differs, say it, or "worse on X" under an
+    def add(d: dict[str, Any], what: str, unit: str, digits: int) -> None:
+        # named with the set's 95% word, and the Bonferroni word where it differs: else "worse on X" under an
         # overall "better" reads as a contradiction (fusion at 1,000 rows: bench/results/eval.md)
         fam = d.get("family", d)["verdict"]
-        return "" if fam == d["verdict"] else f" at 95% only, {fam} after the correction"
+        words.append(fam)
+        also = "" if fam == d["verdict"] else f" at 95% only, {fam} after the correction"
+        lo, hi = d["ci"]
+        parts.append(f"{d['verdict']} on {what}{also} ({unit}{d['mean']:+.{digits}f} [{lo:+.{digits}f}, "
+                     f"{hi:+.{digits}f}])")
 
     for name, e in summary.items():
         d = e["diff"].get("selected - random_tokens")
         if d:
-            words.append(d.get("family", d)["verdict"])
-            parts.append(f"{d['verdict']} on {name}{corrected(d)} (loss {d['mean']:+.4f} "
-                         f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}])")
+            add(d, name, "loss ", 4)
             same_lengths = e["diff"].get("selected - random_length")
             if d["verdict"] == "better" and same_lengths and same_lengths["verdict"] != "better":
                 length_only.append(name)
         a = e.get("accuracy", {}).get("diff", {}).get("selected - random_tokens")
         if a:
-            words.append(a.get("family", a)["verdict"])
-            parts.append(f"{a['verdict']} on {name} exact match{corrected(a)} ({a['mean']:+.3f} [{a['ci'][0]:+.3f}, "
-                         f"{a['ci'][1]:+.3f}])")
+            add(a, f"{name} exact match", "", 3)
     if not words:
         return "n/a", "no verdict: the eval needs the selected and random_tokens arms"
     s = set(words)
