@@ -3,8 +3,8 @@
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ["sample", "ingest", "embed", "kmeans", "semdedup", "engines", "smollm2", "distill", "alpaca52k", "scorers",
-         "quality", "quality-smollm2", "select", "subsets", "eval", "report", "flow", "refactor", "fuzz"]
+ORDER = ["sample", "ingest", "embed", "kmeans", "semdedup", "engines", "smollm2", "distill", "alpaca52k", "cpu-avx2",
+         "scorers", "quality", "quality-smollm2", "select", "subsets", "eval", "report", "flow", "refactor", "fuzz"]
 HEAD = """# Benchmarks
 
 Every number below was measured by the script named with it, on this project's machine kind: 2 x86_64
