@@ -100,6 +100,13 @@ def _recipe(inputs: list[str], out: Path, **sections):
     return Recipe.model_validate(base)
 
 
+def _fresh_cache(path: Path) -> Path:
+    """An empty cache that shares only the session's models (so minilm-static is not distilled again)."""
+    path.mkdir(parents=True)
+    (path / "models").symlink_to(Path(os.environ["CURATE_CACHE_DIR"]) / "models", target_is_directory=True)
+    return path
+
+
 def _store_parts(root: Path, pattern: str) -> dict[Path, list[str]]:
     return {p: pl.read_parquet(p, columns=["id"])["id"].to_list() for p in sorted(root.glob(pattern))}
 
@@ -251,12 +258,13 @@ def test_dask_multiprocess_cluster_matches_thread_runner(prefect_api, tmp_path, 
     from flows.pipeline import run_flow
 
     pool = _pool(tmp_path / "pool" / "gsm8k.jsonl", "gsm8k_train.jsonl", 200, 100)
-    recipe = _recipe([str(pool)], tmp_path / "threads", embed={"enabled": True, "model": "minilm"},
+    recipe = _recipe([str(pool)], tmp_path / "threads", embed={"enabled": True, "model": "minilm-static"},
                      score={"shards": 2})
-    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache-threads"))
+    threads, dask = _fresh_cache(tmp_path / "cache-threads"), _fresh_cache(tmp_path / "cache-dask")
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(threads))
     run_flow(recipe)
 
-    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache-dask"))  # fresh stores: Dask computes all
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(dask))  # fresh stores: Dask computes all
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         workers = set(client.run(os.getpid).values())
@@ -333,11 +341,11 @@ def test_local_prefect_and_dask_executors_give_identical_outputs(prefect_api, tm
     code = _pool(tmp_path / "pool" / "code.jsonl", "gpteacher_codegen.jsonl", 0, 50)
     (tmp_path / "pool" / "dup.jsonl").write_text(gsm.read_text().splitlines()[0] + "\n")  # an exact duplicate
     recipes = {
-        "keep-score": _recipe([str(gsm.parent)], tmp_path / "x", embed={"enabled": True, "model": "minilm"},
+        "keep-score": _recipe([str(gsm.parent)], tmp_path / "x", embed={"enabled": True, "model": "minilm-static"},
                               score={"scorers": ["heuristics", "perplexity"], "model": lm, "shards": 2,
                                      "dtype": "float32"},
                               semdedup={"eps": 0.2, "keep": "score", "keep_score": "perplexity_loss"}),
-        "iterative": _recipe([str(gsm.parent)], tmp_path / "x", embed={"enabled": True, "model": "minilm"},
+        "iterative": _recipe([str(gsm.parent)], tmp_path / "x", embed={"enabled": True, "model": "minilm-static"},
                              score={"scorers": ["heuristics", "perplexity"], "model": lm, "shards": 2,
                                     "dtype": "float32"},
                              select={"strategy": "iterative", "rounds": 2, "probe_per_cluster": 2, "budget": 40}),
@@ -345,12 +353,6 @@ def test_local_prefect_and_dask_executors_give_identical_outputs(prefect_api, tm
     names = [s.name for s in build_pipeline(recipes["keep-score"])]
     assert names.index("semdedup") > names.index("collect-scores")  # keep: score needs the scores first
     assert code.exists()
-
-    def fresh_cache(name: str) -> None:
-        c = tmp_path / f"cache-{name}"
-        c.mkdir()
-        (c / "models").symlink_to(os.environ["CURATE_CACHE_DIR"] + "/models")  # the session's test models
-        monkeypatch.setenv("CURATE_CACHE_DIR", str(c))
 
     session_cache = os.environ["CURATE_CACHE_DIR"]
     results = Path(session_cache) / "prefect" / "results"
@@ -361,7 +363,7 @@ def test_local_prefect_and_dask_executors_give_identical_outputs(prefect_api, tm
             outs = {}
             for executor in ("local", "threads", "dask"):
                 monkeypatch.setenv("CURATE_CACHE_DIR", session_cache)
-                fresh_cache(f"{label}-{executor}")
+                monkeypatch.setenv("CURATE_CACHE_DIR", str(_fresh_cache(tmp_path / f"cache-{label}-{executor}")))
                 r = recipe.model_copy(update={"out": str(tmp_path / f"{label}-{executor}")})
                 if executor == "local":
                     monkeypatch.delenv("CURATE_TASK_RUNNER", raising=False)

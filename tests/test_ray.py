@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
-from test_flows import _pool, _recipe, _same_output, prefect_api  # noqa: F401  (prefect_api is a fixture)
+from test_flows import _fresh_cache, _pool, _recipe, _same_output, prefect_api  # noqa: F401  (prefect_api is a fixture)
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'curate[ray]')")
 pytest.importorskip("prefect_ray", reason="prefect-ray is not installed (pip install 'curate[ray]')")
@@ -32,13 +32,13 @@ def test_ray_local_cluster_matches_thread_runner(prefect_api, tmp_path, monkeypa
     from flows.pipeline import run_flow
 
     pool = _pool(tmp_path / "pool" / "gsm8k.jsonl", "gsm8k_train.jsonl", 200, 100)
-    recipe = _recipe([str(pool)], tmp_path / "threads", embed={"enabled": True, "model": "minilm"},
+    recipe = _recipe([str(pool)], tmp_path / "threads", embed={"enabled": True, "model": "minilm-static"},
                      score={"shards": 2})
-    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache-threads"))
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(_fresh_cache(tmp_path / "cache-threads")))
     run_flow(recipe)
 
     # fresh stores: Ray computes all. Set before the cluster starts, so its workers inherit it (and the API URL).
-    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache-ray"))
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(_fresh_cache(tmp_path / "cache-ray")))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster: no token written to ~/.ray
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     ctx = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
