@@ -206,12 +206,12 @@ def test_scheduled_run_embeds_and_scores_only_new_rows(prefect_api, tmp_path, mo
     from flows.pipeline import run_flow
     from flows.serve import make_deployment, watch_recipe
 
-    cache = tmp_path / "cache"
+    cache = _fresh_cache(tmp_path / "cache")
     monkeypatch.setenv("CURATE_CACHE_DIR", str(cache))
     watch = tmp_path / "incoming"
     _pool(watch / "a.jsonl", "gpteacher_codegen.jsonl", 0, 80)
     recipe = watch_recipe(watch, tmp_path / "run", overrides={
-        "embed.model": "minilm", "score.scorers": ["heuristics"], "score.shards": 2, "select.budget": 20,
+        "embed.model": "minilm-static", "score.scorers": ["heuristics"], "score.shards": 2, "select.budget": 20,
         "report": False})
     dep = make_deployment(recipe, "0 * * * *")
     assert dep.schedules[0].schedule.cron == "0 * * * *"
