@@ -39,7 +39,7 @@ ROW_TOL = 1e-4
 @pytest.fixture(scope="module")
 def engines():
     config = LMConfig(model_path(NAME), max_length=MAX_LEN, dtype="float32")
-    hf = load_engine(config, threads=1)
+    hf = load_engine(config, threads=2)
     # eager: no torch.compile / graph capture at start-up (212 s of a 2-core AVX2 CPU's CI); parity is the point
     vl = VLLMEngine(config, request_size=8, startup_timeout=900, enforce_eager=True)
     yield hf, vl
