@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from conftest import sample_rows
 
@@ -107,6 +108,31 @@ def test_generate(model, server):
     s = vl.generate(prompts, n=3, max_tokens=8, seed=5)
     assert [len(x) for x in s] == [3, 3, 3] and s == vl.generate(prompts, n=3, max_tokens=8, seed=5)
     assert len({t for x in s for t in x}) > 3  # samples differ across prompts and draws
+
+
+def test_deita_and_clear_through_vllm(model, server):
+    """deita matches the transformers engine through the real vLLM server; CLEAR and correct() run on it.
+    (Here rather than in test_scorers_judge.py so that the module's one server start serves it too.)"""
+    from test_scorers_judge import MULTI
+
+    from curate.scoring import get_scorer
+    from curate.scoring.contract import ScoreContext
+    from scorers.clear import correct
+
+    hf, vl = _engines(model, server)
+    df = pl.DataFrame({"messages": [MULTI[:2], MULTI]})
+    d_vllm = get_scorer("deita").score(df, ScoreContext(engine=vl))
+    d_hf = get_scorer("deita").score(df, ScoreContext(engine=hf))
+    for c in ("deita_complexity", "deita_quality", "deita_score"):
+        np.testing.assert_allclose(d_vllm[c].to_numpy(), d_hf[c].to_numpy(), rtol=2e-3)
+    clear = get_scorer("clear", k=2, max_tokens=8, reflection="probs")
+    out = clear.score(df, ScoreContext(engine=vl))
+    assert out["clear_confidence"].null_count() == 0
+    gen = get_scorer("clear", k=2, max_tokens=8, reflection_max_tokens=12)
+    g = gen.score(df, ScoreContext(engine=vl))
+    assert g["clear_parse_error"].null_count() == 0  # the random model is off template: recorded
+    fixed = correct(df, vl, max_tokens=8)
+    assert fixed.height == 2 and fixed["clear_original_response"].to_list() == ["Red.", MULTI[-1]["content"]]
 
 
 def test_limits_and_errors(model, server):

@@ -7,8 +7,6 @@ null-on-parse-failure, and both engines.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 import pytest
@@ -431,38 +429,3 @@ def test_instructmining_unieval_model_matches_unieval_scoring(tmp_path):
     assert out["instructmining_nat"][0] == pytest.approx(float(p[pos] / (p[pos] + p[neg])), rel=1e-5)
     with pytest.raises(ValueError, match="unieval_model"):
         get_scorer("instructmining", unieval="model")
-
-
-# ----------------------------------------------------------------------------------------- vLLM engine
-
-
-def _vllm_python() -> str | None:
-    from curate.lm.vllm import default_vllm_python
-
-    py = default_vllm_python()
-    return py if Path(py).exists() else None
-
-
-@pytest.mark.vllm
-def test_deita_and_clear_through_vllm(tiny, hf):
-    """deita matches the transformers engine through a real vLLM server; CLEAR and correct() run on it."""
-    python = _vllm_python()
-    if python is None:
-        pytest.skip(".venv-vllm is absent (build it with curate/lm/setup_vllm_env.sh)")
-    from curate.lm import LMConfig, load_engine
-
-    with load_engine(LMConfig(tiny, max_length=512), kind="vllm", python=python, enforce_eager=True) as vl:
-        df = pl.DataFrame({"messages": [MULTI[:2], MULTI]})
-        d_vllm = get_scorer("deita").score(df, ScoreContext(engine=vl))
-        d_hf = get_scorer("deita").score(df, ScoreContext(engine=hf))
-        for c in ("deita_complexity", "deita_quality", "deita_score"):
-            np.testing.assert_allclose(d_vllm[c].to_numpy(), d_hf[c].to_numpy(), rtol=2e-3)
-        clear = get_scorer("clear", k=2, max_tokens=8, reflection="probs")
-        out = clear.score(df, ScoreContext(engine=vl))
-        assert out["clear_confidence"].null_count() == 0
-        gen = get_scorer("clear", k=2, max_tokens=8, reflection_max_tokens=12)
-        g = gen.score(df, ScoreContext(engine=vl))
-        assert g["clear_parse_error"].null_count() == 0  # the random model is off template: recorded
-        fixed = correct(df, vl, max_tokens=8)
-        assert fixed.height == 2 and fixed["clear_original_response"].to_list() == ["Red.", MULTI[-1]["content"]]
-
