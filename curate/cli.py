@@ -342,15 +342,19 @@ def plan(
     budget: int = typer.Option(None, "--budget", help="Rows to select."),
     with_eval: bool = typer.Option(False, "--eval", help="Also price `curate eval` of the subset (default arms "
                                    "and seeds, SmolLM2 student, at assumed rates)."),
+    measure: bool = typer.Option(False, "--measure", help="Load the scoring LM and time it on 32 pool rows, as "
+                                 "a run does, instead of assuming its rate (about a minute on a CPU)."),
 ) -> None:
-    """Estimate rows, tokens, engine calls, time and memory per stage, without running anything."""
-    from curate.plan import eval_plan, lm_rate_note
+    """Estimate rows, tokens, engine calls, time and memory per stage, without running anything (with
+    --measure: after timing the scoring LM on a few pool rows)."""
+    from curate.plan import eval_plan, lm_rate_note, measure_lm_rate
     from curate.plan import plan as make_plan
 
     recipe = _guard(_recipe, inputs, config, {
         "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None,
         "select.strategy": strategy, "select.budget": budget}, outputs=False)
-    stages = _guard(make_plan, recipe)
+    measured = _guard(measure_lm_rate, recipe) if measure else None
+    stages = _guard(make_plan, recipe, measured=measured)
     evals = _guard(eval_plan, recipe) if with_eval else []
     t = Table("stage", "rows", "engine calls", "time (2-core CPU)", "peak memory", title="plan")
     for s in stages + evals:
@@ -360,7 +364,7 @@ def plan(
     out.print(t)
     total = sum(s.seconds for s in stages)
     out.print(f"total: about {total / 60:.1f} min on 2 CPU cores (GPU: embed and score stages are far faster)")
-    note = lm_rate_note(recipe)
+    note = lm_rate_note(recipe, measured=measured)
     if note:
         out.print(note)
     if evals:

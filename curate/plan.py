@@ -8,7 +8,8 @@ One-off work is priced too, only when it will happen (issue #13: a 200-row run p
 start-up (imports), the Prefect server, distilling the static embedder, training the proxy LM, converting a
 packaged model (SmolLM2). With `score.sample` / `score.minutes` the LM scores a stratified sample and
 `curate.distill` predicts the rest: the plan prices both parts. The LM rate here is an assumption
-(`lm_rate_note` says so in the output); a run measures it before sizing the sample.
+(`lm_rate_note` says so in the output); a run measures it before sizing the sample, and `curate plan --measure`
+measures it the same way first (`measure_lm_rate`): on a CPU without fast bf16 the assumed rate was 8.5x too high.
 
 `curate plan --eval` adds `curate eval` of the subset (`eval_plan`): the formula `curate eval --dry-run` uses,
 at assumed rates (EVAL_RATES) instead of a calibration.
@@ -137,14 +138,21 @@ def lm_rows_per_second(recipe: Recipe, bytes_per_row: float = REF_BYTES_PER_ROW)
     return pass_rate(recipe.score.model, bytes_per_row) / passes if passes else None
 
 
-def lm_rate_note(recipe: Recipe, bytes_per_row: float = REF_BYTES_PER_ROW) -> str | None:
+def lm_rate_note(recipe: Recipe, bytes_per_row: float = REF_BYTES_PER_ROW,
+                 measured: dict[str, Any] | None = None) -> str | None:
     """The plan's LM rate is ASSUMED (PASS_RATES, measured once on an idle machine; no model is loaded to
-    plan). A run does not use it: its sample stage times the scorers on the real engine and sizes the sample
-    by `score.minutes` from that (curate.pipeline.stage_sample). None when no scorer uses an LM."""
+    plan) unless `curate plan --measure` measured it (`measured`). A run does not use the assumed rate: its
+    sample stage times the scorers on the real engine and sizes the sample by `score.minutes` from that
+    (curate.pipeline.stage_sample). None when no scorer uses an LM."""
     rps = lm_rows_per_second(recipe, bytes_per_row)
     if rps is None:
         return None
     lm = ", ".join(n for n in recipe.score.scorers if CALLS_PER_ROW.get(n, 1))
+    if measured:
+        return (f"LM scoring rate measured: {measured['rows_per_second']:.2f} rows/s for "
+                f"{', '.join(measured['scorers'])} with {recipe.score.model!r} in {measured['dtype']} "
+                f"({measured['calibration_rows']} pool rows in {measured['calibration_seconds']:.1f} s; "
+                f"assumed: {rps:.1f}). The fine-tunes of iterative feedback are still priced at assumed rates.")
     note = (f"LM scoring rate assumed, not measured: {rps:.1f} rows/s on Alpaca-sized rows for {lm} with "
             f"{recipe.score.model!r} on 2 idle CPU cores.")
     if recipe.score.minutes is not None and recipe.score.sample is None:
@@ -249,30 +257,68 @@ def eval_plan(recipe: Recipe, config: Any = None) -> list[StagePlan]:
 
 
 def feedback_seconds(recipe: Recipe, trained_rows: int, probe_rows: int,
-                     bytes_per_row: float = REF_BYTES_PER_ROW) -> float:
+                     bytes_per_row: float = REF_BYTES_PER_ROW, measured: dict[str, Any] | None = None) -> float:
     """Seconds of the iterative strategy's feedback over all its rounds: per round but the last, a set-up, a
     fine-tune of the scoring LM on the rows chosen so far (`trained_rows`: summed over the rounds) and one pass over
     the probe (`probe_rows`: summed too). The proxy at its own rates; any other model from tokens (input bytes /
     EVAL_BYTES_PER_TOKEN, capped at score.max_length) at EVAL_RATES' train_tps and its PASS_RATES, in the scoring
     dtype: `score.dtype: float32` costs FLOAT32_SLOWDOWN, `auto` is priced as bf16 (what it picks on a CPU with
     fast bf16; one without runs float32, ~1.8x slower). A model without EVAL_RATES trains at SmolLM2's rate scaled
-    by the two models' pass rates."""
+    by the two models' pass rates. `measured` (`measure_lm_rate`): the probe at the measured pass rate, the
+    fine-tune in the dtype the run would pick (its training rate stays assumed)."""
     sc, sel = recipe.score, recipe.select
     setups = (sel.rounds - 1) * FEEDBACK_SETUP_S["proxy" if sc.model == "proxy" else "other"]
     if sc.model == "proxy":
-        return setups + trained_rows / FINETUNE_RATE + probe_rows / pass_rate("proxy", bytes_per_row)
+        probe_rate = measured["passes_per_second"] if measured else pass_rate("proxy", bytes_per_row)
+        return setups + trained_rows / FINETUNE_RATE + probe_rows / probe_rate
     ref = EVAL_RATES["smollm2-135m"]["train_tps"]
     tps = EVAL_RATES[sc.model]["train_tps"] if sc.model in EVAL_RATES else ref * pass_rate(sc.model) / pass_rate(
         "smollm2-135m")
     tokens = trained_rows * min(float(sc.max_length), bytes_per_row / EVAL_BYTES_PER_TOKEN)
-    slow = FLOAT32_SLOWDOWN if sc.dtype == "float32" else 1.0
+    dtype = measured["dtype"] if measured else sc.dtype
+    slow = FLOAT32_SLOWDOWN if dtype == "float32" else 1.0
+    if measured:
+        return setups + slow * tokens / tps + probe_rows / measured["passes_per_second"]
     return setups + slow * (tokens / tps + probe_rows / pass_rate(sc.model, bytes_per_row))
 
 
-def plan(recipe: Recipe, *, prefect: bool = True) -> list[StagePlan]:
+def measure_lm_rate(recipe: Recipe) -> dict[str, Any] | None:
+    """The LM scoring rate on this machine, now, measured as a run's sample stage measures it: the stages the
+    LM needs (ingest, resolving the model, the embeddings when a timed scorer reads them) run into a throwaway
+    folder, then the timed scorers run on the same CALIBRATION_ROWS pool rows (curate.pipeline._lm_rate).
+    One-off work of the model (training the proxy, converting a packaged model) happens here and is kept, as a
+    run would keep it. None when no scorer runs an LM. Returns _lm_rate's dict plus `passes_per_second` (engine
+    passes, CALLS_PER_ROW) and the `dtype` the engine ran in."""
+    import tempfile
+
+    from curate.context import RunContext
+    from curate.pipeline import _lm_rate, build_pipeline
+    from curate.run import Run
+    from curate.scoring.recipe import make_scorer, timed_scorers
+
+    timed = timed_scorers(recipe)
+    if not timed or not lm_rows_per_second(recipe):
+        return None
+    embeddings = any(make_scorer(recipe, n).needs.embeddings for n in timed)
+    needed = {"ingest", "model"} | ({"embed"} if embeddings else set())
+    with tempfile.TemporaryDirectory(prefix="curate-plan-") as tmp:
+        r = recipe.model_copy(update={"out": tmp})
+        ctx = RunContext(Run(tmp, autosave=False), r)
+        for st in build_pipeline(r):
+            if st.name in needed:
+                st(ctx, None)
+        info = _lm_rate(ctx, ctx.records(["id"])["id"], timed, None)
+        info["dtype"] = ctx.dtype_choice()["dtype"]
+    info["passes_per_second"] = info["rows_per_second"] * sum(CALLS_PER_ROW.get(n, 1) for n in timed)
+    return info
+
+
+def plan(recipe: Recipe, *, prefect: bool = True, measured: dict[str, Any] | None = None) -> list[StagePlan]:
     """Every stage of the run (one-off work first), with rows, engine calls, seconds and peak memory.
 
-    `prefect=False` for `--no-prefect` (no server to start)."""
+    `prefect=False` for `--no-prefect` (no server to start). `measured` (`measure_lm_rate`): the LM stages at
+    the rate measured on this machine instead of the assumed one; it sizes a `score.minutes` sample as the run
+    would."""
     from curate.distill import FEATURE_VIEWS, sample_size
 
     files = expand_inputs(recipe.inputs)
@@ -298,6 +344,8 @@ def plan(recipe: Recipe, *, prefect: bool = True) -> list[StagePlan]:
     bytes_per_row = nbytes / max(rows, 1)
     rate = pass_rate(recipe.score.model, bytes_per_row)
     rps = lm_rows_per_second(recipe, bytes_per_row)
+    if measured and rps:
+        rate, rps = measured["passes_per_second"], measured["rows_per_second"]
     sc = recipe.score
     n_lm = sample_size(rows, sc.sample, sc.minutes, rps, engine_is_gpu=gpu_available()) if rps else rows
     for name in sc.scorers:
@@ -319,7 +367,7 @@ def plan(recipe: Recipe, *, prefect: bool = True) -> list[StagePlan]:
         budget = sel.budget or math.ceil(rows * (sel.fraction or DEFAULT_FRACTION))
         trained = sum(budget * r // sel.rounds for r in range(1, sel.rounds))
         probe = min(rows, k * sel.probe_per_cluster) * (sel.rounds - 1)
-        secs = feedback_seconds(recipe, trained, probe, bytes_per_row)
+        secs = feedback_seconds(recipe, trained, probe, bytes_per_row, measured)
         memory = FEEDBACK_MEMORY_MB["proxy" if sc.model == "proxy" else "other"]
         out.append(StagePlan("select:feedback", trained, probe, secs, memory))
     out.append(StagePlan("(tokens, estimated)", tokens, 0, 0.0, 0.0))

@@ -177,3 +177,40 @@ def test_plan_prices_an_eval_with_the_dry_run_formula():
     res = CliRunner().invoke(app, ["plan", str(SAMPLE), "--budget", "300", "--eval"])
     assert res.exit_code == 0, res.output
     assert "eval:random_tokens" in res.output and "eval: about" in res.output
+
+
+def test_plan_measure_times_the_lm_on_pool_rows_and_prices_with_it(tmp_path):
+    """`curate plan --measure`: the scoring LM (a tiny LLaMA here; SmolLM2 by default) is timed on the pool rows a
+    run's sample stage times, and the LM stages are priced at that rate. On an AVX2-only CPU the assumed rate was
+    8.5x the real one (BENCHMARKS.md, "Another CPU of the same machine kind")."""
+    from curate.lm.tiny import make_tiny_model
+    from curate.pipeline import CALIBRATION_ROWS
+    from curate.plan import feedback_seconds, measure_lm_rate
+
+    lm = str(make_tiny_model(tmp_path / "lm"))
+    over = {"inputs": [str(SAMPLE / "gsm8k_train.jsonl")], "score.scorers": ["heuristics", "ifd"],
+            "score.model": lm, "embed.model": "minilm-static", "select.strategy": "iterative",
+            "select.budget": 100, "cluster.k": 10}
+    recipe = load_recipe(None, over)
+    m = measure_lm_rate(recipe)
+    assert m["source"] == "measured" and m["scorers"] == ["ifd"] and m["calibration_rows"] == CALIBRATION_ROWS
+    assert m["rows_per_second"] > 0 and m["passes_per_second"] == pytest.approx(2 * m["rows_per_second"])
+    assert m["dtype"] in ("float32", "bfloat16")
+    stages = {s.stage: s for s in plan(recipe, measured=m)}
+    ifd = stages["score:ifd"]
+    assert ifd.calls == 2 * ifd.rows and ifd.seconds == pytest.approx(ifd.calls / m["passes_per_second"])
+    assumed = {s.stage: s for s in plan(recipe)}["score:ifd"]
+    assert assumed.seconds != pytest.approx(ifd.seconds)  # the measurement is what priced it
+    # the iterative probe at the measured pass rate
+    probe = feedback_seconds(recipe, 0, 1000, measured=m) - feedback_seconds(recipe, 0, 0, measured=m)
+    assert probe == pytest.approx(1000 / m["passes_per_second"])
+    assert stages["select:feedback"].seconds == pytest.approx(
+        feedback_seconds(recipe, stages["select:feedback"].rows, stages["select:feedback"].calls,
+                         (SAMPLE / "gsm8k_train.jsonl").stat().st_size / ifd.rows, measured=m))
+    assert measure_lm_rate(load_recipe(None, {**over, "score.scorers": ["heuristics"]})) is None  # no LM to time
+
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(f"score:\n  model: {lm}\n  scorers: [heuristics, ifd]\n")
+    res = CliRunner().invoke(app, ["plan", str(SAMPLE / "gsm8k_train.jsonl"), "--config", str(cfg), "--measure"])
+    assert res.exit_code == 0, res.output
+    assert "LM scoring rate measured:" in res.output and f"{CALIBRATION_ROWS} pool rows" in res.output
