@@ -9,7 +9,7 @@ start-up (imports), the Prefect server, distilling the static embedder, training
 packaged model (SmolLM2). With `score.sample` / `score.minutes` the LM scores a stratified sample and
 `curate.distill` predicts the rest: the plan prices both parts. The LM rate here is an assumption
 (`lm_rate_note` says so in the output); a run measures it before sizing the sample, and `curate plan --measure`
-measures it the same way first (`measure_lm_rate`): on a CPU without fast bf16 the assumed rate was 8.5x too high.
+measures it the same way first (`measure_lm_rate`): on a CPU without fast bf16 the assumed rate was 6-8.5x too high.
 
 `curate plan --eval` adds `curate eval` of the subset (`eval_plan`): the formula `curate eval --dry-run` uses,
 at assumed rates (EVAL_RATES) instead of a calibration.
@@ -65,6 +65,7 @@ RULE_RATE = 20_000.0
 # (SFTTrainer); not re-measured on that path. Its probe is priced at the proxy's pass rate.
 FINETUNE_RATE = 57.0  # rows/s of one proxy fine-tune epoch (the proxy only; other models: EVAL_RATES' train_tps)
 FEEDBACK_SETUP_S = {"proxy": 4.0, "other": 95.0}  # per round: model load, trainer and engine set-up (fitted, above)
+FEEDBACK_CALIBRATION_STEPS = 2  # optimizer steps `curate plan --measure` times of the feedback fine-tune
 FLOAT32_SLOWDOWN = 1.8  # float32 over bf16 time: SmolLM2's probe at 5.4 rows/s (above) vs PASS_RATES' 9.7 in bf16
 FEEDBACK_MEMORY_MB = {"proxy": 1000.0, "other": 13_000.0}  # "other": the bf16 SmolLM2 run's peak (float32: 20 GB)
 # one-off costs, seconds on 2 idle cores
@@ -152,7 +153,9 @@ def lm_rate_note(recipe: Recipe, bytes_per_row: float = REF_BYTES_PER_ROW,
         return (f"LM scoring rate measured: {measured['rows_per_second']:.2f} rows/s for "
                 f"{', '.join(measured['scorers'])} with {recipe.score.model!r} in {measured['dtype']} "
                 f"({measured['calibration_rows']} pool rows in {measured['calibration_seconds']:.1f} s; "
-                f"assumed: {rps:.1f}). The fine-tunes of iterative feedback are still priced at assumed rates.")
+                f"assumed: {rps:.1f})" + (f"; feedback fine-tune {measured['train_tps']:.0f} tokens/s "
+                                          f"(assumed: {EVAL_RATES['smollm2-135m']['train_tps']:.0f} in bf16)."
+                                          if measured.get("train_tps") else "."))
     note = (f"LM scoring rate assumed, not measured: {rps:.1f} rows/s on Alpaca-sized rows for {lm} with "
             f"{recipe.score.model!r} on 2 idle CPU cores.")
     if recipe.score.minutes is not None and recipe.score.sample is None:
@@ -265,7 +268,7 @@ def feedback_seconds(recipe: Recipe, trained_rows: int, probe_rows: int,
     dtype: `score.dtype: float32` costs FLOAT32_SLOWDOWN, `auto` is priced as bf16 (what it picks on a CPU with
     fast bf16; one without runs float32, ~1.8x slower). A model without EVAL_RATES trains at SmolLM2's rate scaled
     by the two models' pass rates. `measured` (`measure_lm_rate`): the probe at the measured pass rate, the
-    fine-tune in the dtype the run would pick (its training rate stays assumed)."""
+    fine-tune at the measured training rate (else the assumed one, in the dtype the run picks)."""
     sc, sel = recipe.score, recipe.select
     setups = (sel.rounds - 1) * FEEDBACK_SETUP_S["proxy" if sc.model == "proxy" else "other"]
     if sc.model == "proxy":
@@ -278,7 +281,8 @@ def feedback_seconds(recipe: Recipe, trained_rows: int, probe_rows: int,
     dtype = measured["dtype"] if measured else sc.dtype
     slow = FLOAT32_SLOWDOWN if dtype == "float32" else 1.0
     if measured:
-        return setups + slow * tokens / tps + probe_rows / measured["passes_per_second"]
+        train = tokens / measured["train_tps"] if measured.get("train_tps") else slow * tokens / tps
+        return setups + train + probe_rows / measured["passes_per_second"]
     return setups + slow * (tokens / tps + probe_rows / pass_rate(sc.model, bytes_per_row))
 
 
@@ -287,12 +291,17 @@ def measure_lm_rate(recipe: Recipe) -> dict[str, Any] | None:
     LM needs (ingest, resolving the model, the embeddings when a timed scorer reads them) run into a throwaway
     folder, then the timed scorers run on the same CALIBRATION_ROWS pool rows (curate.pipeline._lm_rate).
     One-off work of the model (training the proxy, converting a packaged model) happens here and is kept, as a
-    run would keep it. None when no scorer runs an LM. Returns _lm_rate's dict plus `passes_per_second` (engine
-    passes, CALLS_PER_ROW) and the `dtype` the engine ran in."""
+    run would keep it. For the iterative strategy (a model other than the proxy) the feedback fine-tune is timed
+    too: FEEDBACK_CALIBRATION_STEPS optimizer steps of its settings on the same rows. None when no scorer runs
+    an LM. Returns _lm_rate's dict plus `passes_per_second` (engine passes, CALLS_PER_ROW), the `dtype` the
+    engine ran in and, when timed, `train_tps` (fine-tune tokens/s; its first step's set-up included)."""
     import tempfile
 
+    import numpy as np
+
     from curate.context import RunContext
-    from curate.pipeline import _lm_rate, build_pipeline
+    from curate.distill import hash_rank
+    from curate.pipeline import CALIBRATION_ROWS, _lm_rate, build_pipeline
     from curate.run import Run
     from curate.scoring.recipe import make_scorer, timed_scorers
 
@@ -309,6 +318,21 @@ def measure_lm_rate(recipe: Recipe) -> dict[str, Any] | None:
                 st(ctx, None)
         info = _lm_rate(ctx, ctx.records(["id"])["id"], timed, None)
         info["dtype"] = ctx.dtype_choice()["dtype"]
+        sel = recipe.select
+        if sel.strategy == "iterative" and sel.rounds > 1 and recipe.score.model != "proxy":
+            from curate.lm.finetune import FinetuneConfig, finetune
+            from curate.select.iterative import feedback_settings
+
+            recs = ctx.records(["id", "messages"])
+            rows = recs[np.sort(np.argsort(hash_rank(recs["id"].to_list(), recipe.seed))[:CALIBRATION_ROWS])]
+            convs = [[{"role": m["role"], "content": m["content"]} for m in msgs] for msgs in rows["messages"]]
+            fs = feedback_settings(ctx.model())
+            cfg = FinetuneConfig(max_steps=FEEDBACK_CALIBRATION_STEPS, lr=fs["lr"], batch_size=int(fs["batch_size"]),
+                                 micro_batch=fs["micro_batch"], max_length=recipe.score.max_length,
+                                 dtype=info["dtype"], threads=None)
+            _, _, stats = finetune(ctx.model(), convs, cfg, recipe.seed, dtype=info["dtype"])
+            info["train_tps"] = stats["tokens_per_second"]
+            info["train_calibration"] = {k: stats[k] for k in ("steps", "train_seconds", "epoch_tokens")}
     info["passes_per_second"] = info["rows_per_second"] * sum(CALLS_PER_ROW.get(n, 1) for n in timed)
     return info
 

@@ -182,10 +182,16 @@ def test_plan_prices_an_eval_with_the_dry_run_formula():
 def test_plan_measure_times_the_lm_on_pool_rows_and_prices_with_it(tmp_path):
     """`curate plan --measure`: the scoring LM (a tiny LLaMA here; SmolLM2 by default) is timed on the pool rows a
     run's sample stage times, and the LM stages are priced at that rate. On an AVX2-only CPU the assumed rate was
-    8.5x the real one (BENCHMARKS.md, "Another CPU of the same machine kind")."""
+    6-8.5x the real one (BENCHMARKS.md, "Another CPU of the same machine kind")."""
     from curate.lm.tiny import make_tiny_model
     from curate.pipeline import CALIBRATION_ROWS
-    from curate.plan import feedback_seconds, measure_lm_rate
+    from curate.plan import (
+        EVAL_BYTES_PER_TOKEN,
+        FEEDBACK_CALIBRATION_STEPS,
+        REF_BYTES_PER_ROW,
+        feedback_seconds,
+        measure_lm_rate,
+    )
 
     lm = str(make_tiny_model(tmp_path / "lm"))
     over = {"inputs": [str(SAMPLE / "gsm8k_train.jsonl")], "score.scorers": ["heuristics", "ifd"],
@@ -207,6 +213,11 @@ def test_plan_measure_times_the_lm_on_pool_rows_and_prices_with_it(tmp_path):
     assert stages["select:feedback"].seconds == pytest.approx(
         feedback_seconds(recipe, stages["select:feedback"].rows, stages["select:feedback"].calls,
                          (SAMPLE / "gsm8k_train.jsonl").stat().st_size / ifd.rows, measured=m))
+    # the feedback fine-tune timed too (2 optimizer steps of its settings), and priced at that rate
+    assert m["train_tps"] > 0 and m["train_calibration"]["steps"] == FEEDBACK_CALIBRATION_STEPS
+    train = feedback_seconds(recipe, 300, 0, measured=m) - feedback_seconds(recipe, 0, 0, measured=m)
+    assert train == pytest.approx(300 * min(512, REF_BYTES_PER_ROW / EVAL_BYTES_PER_TOKEN) / m["train_tps"])
+    assert "train_tps" not in measure_lm_rate(load_recipe(None, {**over, "select.strategy": "kmq"}))
     assert measure_lm_rate(load_recipe(None, {**over, "score.scorers": ["heuristics"]})) is None  # no LM to time
 
     cfg = tmp_path / "recipe.yaml"
@@ -214,3 +225,4 @@ def test_plan_measure_times_the_lm_on_pool_rows_and_prices_with_it(tmp_path):
     res = CliRunner().invoke(app, ["plan", str(SAMPLE / "gsm8k_train.jsonl"), "--config", str(cfg), "--measure"])
     assert res.exit_code == 0, res.output
     assert "LM scoring rate measured:" in res.output and f"{CALIBRATION_ROWS} pool rows" in res.output
+    assert "feedback fine-tune" not in res.output  # kmq: nothing is fine-tuned
