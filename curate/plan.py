@@ -301,6 +301,7 @@ def measure_lm_rate(recipe: Recipe) -> dict[str, Any] | None:
 
     from curate.context import RunContext
     from curate.distill import hash_rank
+    from curate.ingest import EmptyPoolError
     from curate.pipeline import CALIBRATION_ROWS, _lm_rate, build_pipeline
     from curate.run import Run
     from curate.scoring.recipe import make_scorer, timed_scorers
@@ -313,9 +314,13 @@ def measure_lm_rate(recipe: Recipe) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory(prefix="curate-plan-") as tmp:
         r = recipe.model_copy(update={"out": tmp})
         ctx = RunContext(Run(tmp, autosave=False), r)
-        for st in build_pipeline(r):
-            if st.name in needed:
-                st(ctx, None)
+        try:
+            for st in build_pipeline(r):
+                if st.name in needed:
+                    st(ctx, None)
+        except EmptyPoolError as e:  # its message names a file in the throwaway folder: name the command instead
+            raise EmptyPoolError(str(e).split("; each row's reason is in ")[0]
+                                 + "; `curate ingest INPUTS --out DIR` writes each row's reason") from None
         info = _lm_rate(ctx, ctx.records(["id"])["id"], timed, None)
         info["dtype"] = ctx.dtype_choice()["dtype"]
         sel = recipe.select

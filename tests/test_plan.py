@@ -226,3 +226,7 @@ def test_plan_measure_times_the_lm_on_pool_rows_and_prices_with_it(tmp_path):
     assert res.exit_code == 0, res.output
     assert "LM scoring rate measured:" in res.output and f"{CALIBRATION_ROWS} pool rows" in res.output
     assert "feedback fine-tune" not in res.output  # kmq: nothing is fine-tuned
+    (tmp_path / "broken.jsonl").write_text('{"instruction": "hi"\n')  # every row rejected: one clear line, exit 2
+    res = CliRunner().invoke(app, ["plan", str(tmp_path / "broken.jsonl"), "--config", str(cfg), "--measure"])
+    assert res.exit_code == 2 and "were rejected (malformed_json 1)" in res.output, res.output
+    assert "curate-plan-" not in res.output and "curate ingest" in res.output  # not the deleted throwaway folder
