@@ -341,9 +341,10 @@ def plan(
     strategy: str = typer.Option(None, "--strategy", help="kmq | iterative | deita | fusion | threshold | random"),
     budget: int = typer.Option(None, "--budget", help="Rows to select."),
     with_eval: bool = typer.Option(False, "--eval", help="Also price `curate eval` of the subset (default arms "
-                                   "and seeds, SmolLM2 student, at assumed rates)."),
+                                   "and seeds, SmolLM2 student; at assumed rates unless --measure)."),
     measure: bool = typer.Option(False, "--measure", help="Load the scoring LM and time it on 32 pool rows, as "
-                                 "a run does, instead of assuming its rate (about a minute on a CPU)."),
+                                 "a run does, instead of assuming its rate (1-2 min on a CPU); with the iterative "
+                                 "strategy or --eval, also two fine-tune steps."),
 ) -> None:
     """Estimate rows, tokens, engine calls, time and memory per stage, without running anything (with
     --measure: after timing the scoring LM on a few pool rows)."""
@@ -353,9 +354,14 @@ def plan(
     recipe = _guard(_recipe, inputs, config, {
         "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None,
         "select.strategy": strategy, "select.budget": budget}, outputs=False)
-    measured = _guard(measure_lm_rate, recipe) if measure else None
+    eval_config = None
+    if with_eval:
+        from curate.eval import EvalConfig
+
+        eval_config = EvalConfig()
+    measured = _guard(measure_lm_rate, recipe, eval_config) if measure else None
     stages = _guard(make_plan, recipe, measured=measured)
-    evals = _guard(eval_plan, recipe) if with_eval else []
+    evals = _guard(eval_plan, recipe, measured=measured) if with_eval else []
     t = Table("stage", "rows", "engine calls", "time (2-core CPU)", "peak memory", title="plan")
     for s in stages + evals:
         mins = f"{s.seconds / 60:.1f} min" if s.seconds >= 60 else f"{s.seconds:.0f} s"
@@ -369,8 +375,10 @@ def plan(
         out.print(note)
     if evals:
         secs = sum(s.seconds for s in evals)
-        out.print(f"eval: about {secs / 60:.1f} min more (engine calls = units; rates assumed: curate/plan.py "
-                  "EVAL_RATES; `curate eval RUN --dry-run` measures)")
+        how = ("rates measured here on the scoring rows" if measured and measured.get("eval_rates") else
+               "rates assumed: curate/plan.py EVAL_RATES")
+        out.print(f"eval: about {secs / 60:.1f} min more (engine calls = units; {how}; `curate eval RUN --dry-run` "
+                  "measures on the run's own subset)")
 
 
 @app.command("eval")

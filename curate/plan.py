@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,11 +226,12 @@ def one_off(recipe: Recipe, rows: int, *, prefect: bool = True) -> list[StagePla
     return out
 
 
-def eval_plan(recipe: Recipe, config: Any = None) -> list[StagePlan]:
-    """`curate eval` of the subset this recipe will select, one row per arm (calls = units), without
-    calibrating: the subset's rows from the budget, tokens from input bytes (EVAL_BYTES_PER_TOKEN), the
-    default reference set (the held-out pool slice) and EVAL_RATES. Generation is not priced: the held-out
-    slice gets exact-match questions only when most of its rows carry a GSM8K-style `#### answer`."""
+def eval_plan(recipe: Recipe, config: Any = None, measured: dict[str, Any] | None = None) -> list[StagePlan]:
+    """`curate eval` of the subset this recipe will select, one row per arm (calls = units): the subset's rows
+    from the budget, tokens from input bytes (EVAL_BYTES_PER_TOKEN), the default reference set (the held-out
+    pool slice), at EVAL_RATES or the rates `measure_lm_rate` measured (`measured["eval_rates"]`). Generation is
+    not priced: the held-out slice gets exact-match questions only when most of its rows carry a GSM8K-style
+    `#### answer`."""
     from curate.eval import EvalConfig, unit_cost
 
     cfg = config or EvalConfig()
@@ -247,6 +249,8 @@ def eval_plan(recipe: Recipe, config: Any = None) -> list[StagePlan]:
         n = math.ceil(rows * (sel.fraction if sel.fraction is not None else DEFAULT_FRACTION))
     held = min(cfg.heldout_rows, max(0, rows - n) // 4)
     rates = EVAL_RATES.get(cfg.student, EVAL_RATES["smollm2-135m"])
+    if measured and measured.get("eval_rates"):
+        rates = measured["eval_rates"]
     out = []
     if cfg.student == "smollm2-135m" and _conversion_needed(cfg.student) and not (
             recipe.score.model == cfg.student and any(CALLS_PER_ROW.get(x, 1) for x in recipe.score.scorers)):
@@ -286,7 +290,31 @@ def feedback_seconds(recipe: Recipe, trained_rows: int, probe_rows: int,
     return setups + slow * (tokens / tps + probe_rows / pass_rate(sc.model, bytes_per_row))
 
 
-def measure_lm_rate(recipe: Recipe) -> dict[str, Any] | None:
+def _time_eval_unit(student: str, convs: list[Any], config: Any, seed: int, dtype: str) -> dict[str, float]:
+    """`curate eval`'s rates on this machine, measured as `curate.eval.calibrate` measures them (a fine-tune of
+    FEEDBACK_CALIBRATION_STEPS steps with the eval's settings, then one loss pass over the same rows); the
+    generation rate stays assumed (eval_plan does not price generation)."""
+    from dataclasses import replace
+
+    from curate.eval import _engine, _tokenizer, token_lengths
+    from curate.lm.evaluate import response_losses
+    from curate.lm.finetune import finetune
+
+    t0 = time.perf_counter()
+    model, tok, st = finetune(student, convs, replace(config, max_steps=FEEDBACK_CALIBRATION_STEPS, epochs=1.0),
+                              seed, dtype=dtype)
+    engine = _engine(student, model, tok, config, dtype)
+    setup = time.perf_counter() - t0 - st["train_seconds"]
+    t1 = time.perf_counter()
+    response_losses(engine, convs)
+    forward = time.perf_counter() - t1
+    tokens = sum(token_lengths(_tokenizer(student), convs, config.max_length))
+    return {"setup_seconds": round(setup, 2), "train_tps": st["tokens_per_second"],
+            "forward_tps": round(tokens / max(forward, 1e-6), 1),
+            "generate_tps": EVAL_RATES["smollm2-135m"]["generate_tps"]}
+
+
+def measure_lm_rate(recipe: Recipe, eval_config: Any = None) -> dict[str, Any] | None:
     """The LM scoring rate on this machine, now, measured as a run's sample stage measures it: the stages the
     LM needs (ingest, resolving the model, the embeddings when a timed scorer reads them) run into a throwaway
     folder, then the timed scorers run on the same CALIBRATION_ROWS pool rows (curate.pipeline._lm_rate).
@@ -294,7 +322,9 @@ def measure_lm_rate(recipe: Recipe) -> dict[str, Any] | None:
     run would keep it. For the iterative strategy (a model other than the proxy) the feedback fine-tune is timed
     too: FEEDBACK_CALIBRATION_STEPS optimizer steps of its settings on the same rows. None when no scorer runs
     an LM. Returns _lm_rate's dict plus `passes_per_second` (engine passes, CALLS_PER_ROW), the `dtype` the
-    engine ran in and, when timed, `train_tps` (fine-tune tokens/s; its first step's set-up included)."""
+    engine ran in and, when timed, `train_tps` (fine-tune tokens/s; its first step's set-up included).
+    `eval_config` (a `curate.eval.EvalConfig`, for `curate plan --eval`): when its student is the scoring model,
+    its unit rates are measured on the same rows too (`eval_rates`); another student keeps the assumed ones."""
     import tempfile
 
     import numpy as np
@@ -324,13 +354,15 @@ def measure_lm_rate(recipe: Recipe) -> dict[str, Any] | None:
         info = _lm_rate(ctx, ctx.records(["id"])["id"], timed, None)
         info["dtype"] = ctx.dtype_choice()["dtype"]
         sel = recipe.select
+        recs = ctx.records(["id", "messages"])
+        rows = recs[np.sort(np.argsort(hash_rank(recs["id"].to_list(), recipe.seed))[:CALIBRATION_ROWS])]
+        convs = [[{"role": m["role"], "content": m["content"]} for m in msgs] for msgs in rows["messages"]]
+        if eval_config is not None and eval_config.student == recipe.score.model:
+            info["eval_rates"] = _time_eval_unit(ctx.model(), convs, eval_config, recipe.seed, info["dtype"])
         if sel.strategy == "iterative" and sel.rounds > 1 and recipe.score.model != "proxy":
             from curate.lm.finetune import FinetuneConfig, finetune
             from curate.select.iterative import feedback_settings
 
-            recs = ctx.records(["id", "messages"])
-            rows = recs[np.sort(np.argsort(hash_rank(recs["id"].to_list(), recipe.seed))[:CALIBRATION_ROWS])]
-            convs = [[{"role": m["role"], "content": m["content"]} for m in msgs] for msgs in rows["messages"]]
             fs = feedback_settings(ctx.model())
             cfg = FinetuneConfig(max_steps=FEEDBACK_CALIBRATION_STEPS, lr=fs["lr"], batch_size=int(fs["batch_size"]),
                                  micro_batch=fs["micro_batch"], max_length=recipe.score.max_length,

@@ -189,6 +189,7 @@ def test_plan_measure_times_the_lm_on_pool_rows_and_prices_with_it(tmp_path):
         EVAL_BYTES_PER_TOKEN,
         FEEDBACK_CALIBRATION_STEPS,
         REF_BYTES_PER_ROW,
+        eval_plan,
         feedback_seconds,
         measure_lm_rate,
     )
@@ -217,7 +218,22 @@ def test_plan_measure_times_the_lm_on_pool_rows_and_prices_with_it(tmp_path):
     assert m["train_tps"] > 0 and m["train_calibration"]["steps"] == FEEDBACK_CALIBRATION_STEPS
     train = feedback_seconds(recipe, 300, 0, measured=m) - feedback_seconds(recipe, 0, 0, measured=m)
     assert train == pytest.approx(300 * min(512, REF_BYTES_PER_ROW / EVAL_BYTES_PER_TOKEN) / m["train_tps"])
-    assert "train_tps" not in measure_lm_rate(load_recipe(None, {**over, "select.strategy": "kmq"}))
+    # --eval: a student that is the scoring model gets its unit rates measured on the same rows, and is priced so
+    from curate.eval import EvalConfig, unit_cost
+
+    kmq = load_recipe(None, {**over, "select.strategy": "kmq"})
+    assert "train_tps" not in measure_lm_rate(kmq) and "eval_rates" not in measure_lm_rate(kmq, EvalConfig())
+    cfg = EvalConfig(student=lm, seeds=1)
+    me = measure_lm_rate(kmq, cfg)
+    rates = me["eval_rates"]
+    assert rates["train_tps"] > 0 and rates["forward_tps"] > 0 and rates["setup_seconds"] >= 0
+    evals = {s.stage.split(" ")[0]: s for s in eval_plan(kmq, cfg, measured=me)}
+    unit = evals["eval:selected"]
+    tokens = 100 * (SAMPLE / "gsm8k_train.jsonl").stat().st_size / ifd.rows / EVAL_BYTES_PER_TOKEN
+    held = min(cfg.heldout_rows, (ifd.rows - 100) // 4) * tokens / 100
+    assert unit.seconds == pytest.approx(unit_cost(cfg, "selected", 100, tokens, held, 0.0, rates)[1], rel=1e-6)
+    assert unit.seconds != pytest.approx({s.stage.split(" ")[0]: s for s in eval_plan(kmq, cfg)}[
+        "eval:selected"].seconds)
     assert measure_lm_rate(load_recipe(None, {**over, "score.scorers": ["heuristics"]})) is None  # no LM to time
 
     cfg = tmp_path / "recipe.yaml"
