@@ -12,7 +12,7 @@ packaged model (SmolLM2). With `score.sample` / `score.minutes` the LM scores a 
 measures it the same way first (`measure_lm_rate`): on a CPU without fast bf16 the assumed rate was 6-8.5x too high.
 
 `curate plan --eval` adds `curate eval` of the subset (`eval_plan`): the formula `curate eval --dry-run` uses,
-at assumed rates (EVAL_RATES) instead of a calibration.
+at assumed rates (EVAL_RATES), or with `--measure` at rates timed on the calibration rows.
 """
 
 from __future__ import annotations
