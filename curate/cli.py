@@ -348,7 +348,8 @@ def plan(
 ) -> None:
     """Estimate rows, tokens, engine calls, time and memory per stage, without running anything (with
     --measure: after timing the scoring LM on a few pool rows)."""
-    from curate.plan import eval_plan, lm_rate_note, measure_lm_rate
+    from curate.measure import measure_lm_rate
+    from curate.plan import eval_plan, lm_rate_note
     from curate.plan import plan as make_plan
 
     recipe = _guard(_recipe, inputs, config, {

@@ -9,7 +9,8 @@ start-up (imports), the Prefect server, distilling the static embedder, training
 packaged model (SmolLM2). With `score.sample` / `score.minutes` the LM scores a stratified sample and
 `curate.distill` predicts the rest: the plan prices both parts. The LM rate here is an assumption
 (`lm_rate_note` says so in the output); a run measures it before sizing the sample, and `curate plan --measure`
-measures it the same way first (`measure_lm_rate`): on a CPU without fast bf16 the assumed rate was 6-8.5x too high.
+measures it the same way first (`curate.measure`): on a CPU without fast bf16 the assumed rate was 6-8.5x too
+high.
 
 `curate plan --eval` adds `curate eval` of the subset (`eval_plan`): the formula `curate eval --dry-run` uses,
 at assumed rates (EVAL_RATES), or with `--measure` at rates timed on the calibration rows.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,6 @@ RULE_RATE = 20_000.0
 # (SFTTrainer); not re-measured on that path. Its probe is priced at the proxy's pass rate.
 FINETUNE_RATE = 57.0  # rows/s of one proxy fine-tune epoch (the proxy only; other models: EVAL_RATES' train_tps)
 FEEDBACK_SETUP_S = {"proxy": 4.0, "other": 95.0}  # per round: model load, trainer and engine set-up (fitted, above)
-FEEDBACK_CALIBRATION_STEPS = 2  # optimizer steps `curate plan --measure` times of the feedback fine-tune
 FLOAT32_SLOWDOWN = 1.8  # float32 over bf16 time: SmolLM2's probe at 5.4 rows/s (above) vs PASS_RATES' 9.7 in bf16
 FEEDBACK_MEMORY_MB = {"proxy": 1000.0, "other": 13_000.0}  # "other": the bf16 SmolLM2 run's peak (float32: 20 GB)
 # one-off costs, seconds on 2 idle cores
@@ -229,9 +228,9 @@ def one_off(recipe: Recipe, rows: int, *, prefect: bool = True) -> list[StagePla
 def eval_plan(recipe: Recipe, config: Any = None, measured: dict[str, Any] | None = None) -> list[StagePlan]:
     """`curate eval` of the subset this recipe will select, one row per arm (calls = units): the subset's rows
     from the budget, tokens from input bytes (EVAL_BYTES_PER_TOKEN), the default reference set (the held-out
-    pool slice), at EVAL_RATES or the rates `measure_lm_rate` measured (`measured["eval_rates"]`). Generation is
-    not priced: the held-out slice gets exact-match questions only when most of its rows carry a GSM8K-style
-    `#### answer`."""
+    pool slice), at EVAL_RATES or the rates `curate.measure.measure_lm_rate` measured (`measured["eval_rates"]`).
+    Generation is not priced: the held-out slice gets exact-match questions only when most of its rows carry a
+    GSM8K-style `#### answer`."""
     from curate.eval import EvalConfig, unit_cost
 
     cfg = config or EvalConfig()
@@ -271,8 +270,8 @@ def feedback_seconds(recipe: Recipe, trained_rows: int, probe_rows: int,
     EVAL_BYTES_PER_TOKEN, capped at score.max_length) at EVAL_RATES' train_tps and its PASS_RATES, in the scoring
     dtype: `score.dtype: float32` costs FLOAT32_SLOWDOWN, `auto` is priced as bf16 (what it picks on a CPU with
     fast bf16; one without runs float32, ~1.8x slower). A model without EVAL_RATES trains at SmolLM2's rate scaled
-    by the two models' pass rates. `measured` (`measure_lm_rate`): the probe at the measured pass rate, the
-    fine-tune at the measured training rate (else the assumed one, in the dtype the run picks)."""
+    by the two models' pass rates. `measured` (`curate.measure.measure_lm_rate`): the probe at the measured pass
+    rate, the fine-tune at the measured training rate (else the assumed one, in the dtype the run picks)."""
     sc, sel = recipe.score, recipe.select
     setups = (sel.rounds - 1) * FEEDBACK_SETUP_S["proxy" if sc.model == "proxy" else "other"]
     if sc.model == "proxy":
@@ -290,96 +289,12 @@ def feedback_seconds(recipe: Recipe, trained_rows: int, probe_rows: int,
     return setups + slow * (tokens / tps + probe_rows / pass_rate(sc.model, bytes_per_row))
 
 
-def _time_eval_unit(student: str, convs: list[Any], config: Any, seed: int, dtype: str) -> dict[str, float]:
-    """`curate eval`'s rates on this machine, measured as `curate.eval.calibrate` measures them (a fine-tune of
-    FEEDBACK_CALIBRATION_STEPS steps with the eval's settings, then one loss pass over the same rows); the
-    generation rate stays assumed (eval_plan does not price generation)."""
-    from dataclasses import replace
-
-    from curate.eval import _engine, _tokenizer, token_lengths
-    from curate.lm.evaluate import response_losses
-    from curate.lm.finetune import finetune
-
-    t0 = time.perf_counter()
-    model, tok, st = finetune(student, convs, replace(config, max_steps=FEEDBACK_CALIBRATION_STEPS, epochs=1.0),
-                              seed, dtype=dtype)
-    engine = _engine(student, model, tok, config, dtype)
-    setup = time.perf_counter() - t0 - st["train_seconds"]
-    t1 = time.perf_counter()
-    response_losses(engine, convs)
-    forward = time.perf_counter() - t1
-    tokens = sum(token_lengths(_tokenizer(student), convs, config.max_length))
-    return {"setup_seconds": round(setup, 2), "train_tps": st["tokens_per_second"],
-            "forward_tps": round(tokens / max(forward, 1e-6), 1),
-            "generate_tps": EVAL_RATES["smollm2-135m"]["generate_tps"]}
-
-
-def measure_lm_rate(recipe: Recipe, eval_config: Any = None) -> dict[str, Any] | None:
-    """The LM scoring rate on this machine, now, measured as a run's sample stage measures it: the stages the
-    LM needs (ingest, resolving the model, the embeddings when a timed scorer reads them) run into a throwaway
-    folder, then the timed scorers run on the same CALIBRATION_ROWS pool rows (curate.pipeline._lm_rate).
-    One-off work of the model (training the proxy, converting a packaged model) happens here and is kept, as a
-    run would keep it. For the iterative strategy (a model other than the proxy) the feedback fine-tune is timed
-    too: FEEDBACK_CALIBRATION_STEPS optimizer steps of its settings on the same rows. None when no scorer runs
-    an LM. Returns _lm_rate's dict plus `passes_per_second` (engine passes, CALLS_PER_ROW), the `dtype` the
-    engine ran in and, when timed, `train_tps` (fine-tune tokens/s; its first step's set-up included).
-    `eval_config` (a `curate.eval.EvalConfig`, for `curate plan --eval`): when its student is the scoring model,
-    its unit rates are measured on the same rows too (`eval_rates`); another student keeps the assumed ones."""
-    import tempfile
-
-    import numpy as np
-
-    from curate.context import RunContext
-    from curate.distill import hash_rank
-    from curate.ingest import EmptyPoolError
-    from curate.pipeline import CALIBRATION_ROWS, _lm_rate, build_pipeline
-    from curate.run import Run
-    from curate.scoring.recipe import make_scorer, timed_scorers
-
-    timed = timed_scorers(recipe)
-    if not timed or not lm_rows_per_second(recipe):
-        return None
-    embeddings = any(make_scorer(recipe, n).needs.embeddings for n in timed)
-    needed = {"ingest", "model"} | ({"embed"} if embeddings else set())
-    with tempfile.TemporaryDirectory(prefix="curate-plan-") as tmp:
-        r = recipe.model_copy(update={"out": tmp})
-        ctx = RunContext(Run(tmp, autosave=False), r)
-        try:
-            for st in build_pipeline(r):
-                if st.name in needed:
-                    st(ctx, None)
-        except EmptyPoolError as e:  # its message names a file in the throwaway folder: name the command instead
-            raise EmptyPoolError(str(e).split("; each row's reason is in ")[0]
-                                 + "; `curate ingest INPUTS --out DIR` writes each row's reason") from None
-        info = _lm_rate(ctx, ctx.records(["id"])["id"], timed, None)
-        info["dtype"] = ctx.dtype_choice()["dtype"]
-        sel = recipe.select
-        recs = ctx.records(["id", "messages"])
-        rows = recs[np.sort(np.argsort(hash_rank(recs["id"].to_list(), recipe.seed))[:CALIBRATION_ROWS])]
-        convs = [[{"role": m["role"], "content": m["content"]} for m in msgs] for msgs in rows["messages"]]
-        if eval_config is not None and eval_config.student == recipe.score.model:
-            info["eval_rates"] = _time_eval_unit(ctx.model(), convs, eval_config, recipe.seed, info["dtype"])
-        if sel.strategy == "iterative" and sel.rounds > 1 and recipe.score.model != "proxy":
-            from curate.lm.finetune import FinetuneConfig, finetune
-            from curate.select.iterative import feedback_settings
-
-            fs = feedback_settings(ctx.model())
-            cfg = FinetuneConfig(max_steps=FEEDBACK_CALIBRATION_STEPS, lr=fs["lr"], batch_size=int(fs["batch_size"]),
-                                 micro_batch=fs["micro_batch"], max_length=recipe.score.max_length,
-                                 dtype=info["dtype"], threads=None)
-            _, _, stats = finetune(ctx.model(), convs, cfg, recipe.seed, dtype=info["dtype"])
-            info["train_tps"] = stats["tokens_per_second"]
-            info["train_calibration"] = {k: stats[k] for k in ("steps", "train_seconds", "epoch_tokens")}
-    info["passes_per_second"] = info["rows_per_second"] * sum(CALLS_PER_ROW.get(n, 1) for n in timed)
-    return info
-
-
 def plan(recipe: Recipe, *, prefect: bool = True, measured: dict[str, Any] | None = None) -> list[StagePlan]:
     """Every stage of the run (one-off work first), with rows, engine calls, seconds and peak memory.
 
-    `prefect=False` for `--no-prefect` (no server to start). `measured` (`measure_lm_rate`): the LM stages at
-    the rate measured on this machine instead of the assumed one; it sizes a `score.minutes` sample as the run
-    would."""
+    `prefect=False` for `--no-prefect` (no server to start). `measured` (`curate.measure.measure_lm_rate`): the
+    LM stages at the rate measured on this machine instead of the assumed one; it sizes a `score.minutes` sample
+    as the run would."""
     from curate.distill import FEATURE_VIEWS, sample_size
 
     files = expand_inputs(recipe.inputs)

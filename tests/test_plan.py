@@ -184,15 +184,9 @@ def test_plan_measure_times_the_lm_on_pool_rows_and_prices_with_it(tmp_path):
     run's sample stage times, and the LM stages are priced at that rate. On an AVX2-only CPU the assumed rate was
     6-8.5x the real one (BENCHMARKS.md, "Another CPU of the same machine kind")."""
     from curate.lm.tiny import make_tiny_model
+    from curate.measure import FEEDBACK_CALIBRATION_STEPS, measure_lm_rate
     from curate.pipeline import CALIBRATION_ROWS
-    from curate.plan import (
-        EVAL_BYTES_PER_TOKEN,
-        FEEDBACK_CALIBRATION_STEPS,
-        REF_BYTES_PER_ROW,
-        eval_plan,
-        feedback_seconds,
-        measure_lm_rate,
-    )
+    from curate.plan import EVAL_BYTES_PER_TOKEN, REF_BYTES_PER_ROW, eval_plan, feedback_seconds
 
     lm = str(make_tiny_model(tmp_path / "lm"))
     over = {"inputs": [str(SAMPLE / "gsm8k_train.jsonl")], "score.scorers": ["heuristics", "ifd"],
