@@ -625,6 +625,28 @@ def verdict_line(summary: dict[str, Any]) -> tuple[str, str]:
 
 
 # -- cost ---------------------------------------------------------------------------------------------------
+def unit_rates(student: str, convs: list[list[Message]], tokens: Sequence[int], config: EvalConfig, dtype: str, *,
+               steps: int = 2) -> tuple[dict[str, float], Any]:
+    """(rates, engine): fixed seconds per unit (load + trainer set-up + engine), fine-tune tokens/s and forward
+    (loss) tokens/s of `student` on `convs` (`tokens`: their token counts), from a fine-tune of `steps` optimizer
+    steps and one loss pass. `calibrate` and `curate plan --measure` (curate.measure) both measure with it."""
+    import trl.trainer.sft_trainer  # noqa: F401  (a one-off import cost, not a per-unit one)
+
+    from curate.lm.evaluate import response_losses
+
+    t0 = time.perf_counter()
+    model, tok, st = finetune(student, convs, replace(config, max_steps=steps, epochs=1.0), 0, dtype=dtype)
+    engine = _engine(student, model, tok, config, dtype)
+    total = time.perf_counter() - t0
+    mean = sum(tokens) / max(len(tokens), 1)
+    train_tps = st["rows"] and min(steps * config.batch_size, len(convs)) * mean / st["train_seconds"]
+    t1 = time.perf_counter()
+    response_losses(engine, convs)
+    fwd_tps = float(sum(tokens)) / max(time.perf_counter() - t1, 1e-6)
+    return {"setup_seconds": round(total - st["train_seconds"], 2), "train_tps": round(train_tps, 1),
+            "forward_tps": round(fwd_tps, 1)}, engine
+
+
 def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
     """Measure this machine: fixed seconds per unit (load + trainer set-up + engine), fine-tune tokens/s,
     forward (loss) tokens/s, greedy generation tokens/s. Cached in RUN/eval/calibration.json per set-up."""
@@ -642,17 +664,7 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
     import trl.trainer.sft_trainer  # noqa: F401  (a one-off import cost, not a per-unit one)
 
     t0 = time.perf_counter()
-    model, tok, st = finetune(plan.student, convs, replace(cfg, max_steps=steps, epochs=1.0), 0, dtype=plan.dtype)
-    engine = _engine(plan.student, model, tok, cfg, plan.dtype)
-    total = time.perf_counter() - t0
-    train_tps = st["rows"] and (min(steps * cfg.batch_size, len(convs)) * float(rows["tokens"].mean())
-                                / st["train_seconds"])
-    from curate.lm.evaluate import response_losses
-
-    t1 = time.perf_counter()
-    _, toks = response_losses(engine, convs)
-    fwd_s = time.perf_counter() - t1
-    fwd_tps = float(rows["tokens"].sum()) / max(fwd_s, 1e-6)
+    rates, engine = unit_rates(plan.student, convs, rows["tokens"].to_list(), cfg, plan.dtype, steps=steps)
     gen_tps = 0.0
     if cfg.accuracy_rows and any(r.qa_rows for r in plan.references):
         ref = next(r for r in plan.references if r.qa_rows)
@@ -661,8 +673,7 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
         t2 = time.perf_counter()
         engine.generate(prompts, temperature=0.0, max_tokens=new)
         gen_tps = len(prompts) * new / max(time.perf_counter() - t2, 1e-6)
-    c = {"key": key, "setup_seconds": round(total - st["train_seconds"], 2), "train_tps": round(train_tps, 1),
-         "forward_tps": round(fwd_tps, 1), "generate_tps": round(gen_tps, 1),
+    c = {"key": key, **rates, "generate_tps": round(gen_tps, 1),
          "calibration_seconds": round(time.perf_counter() - t0, 2), "dtype": plan.dtype, "threads": cfg.threads}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(c, indent=2) + "\n")

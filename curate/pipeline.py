@@ -206,15 +206,20 @@ CALIBRATION_ROWS = 32
 WARMUP_ROWS = 4
 
 
+def calibration_rows(ids: pl.Series, seed: int) -> np.ndarray:
+    """Positions of the CALIBRATION_ROWS rows timed for the LM rate: lowest seeded hash rank, in pool order."""
+    from curate.distill import hash_rank
+
+    return np.sort(np.argsort(hash_rank(ids.to_list(), seed), kind="stable")[:CALIBRATION_ROWS])
+
+
 def _lm_rate(ctx: RunContext, ids: pl.Series, timed: list[str], assumed: float | None) -> dict[str, Any]:
     """Rows/s of the timed scorers together, measured on CALIBRATION_ROWS pool rows (lowest seeded hash rank,
     so the same rows for the same pool and seed), or the assumed rate with the reason it was not measured.
     The engine is loaded outside the timing: a model that cannot load fails the run here, as scoring would."""
-    from curate.distill import hash_rank
     from curate.scoring.recipe import measure_rate
 
-    order = np.argsort(hash_rank(ids.to_list(), ctx.recipe.seed), kind="stable")[:CALIBRATION_ROWS]
-    calib = ids.gather(np.sort(order))
+    calib = ids.gather(calibration_rows(ids, ctx.recipe.seed))
     info: dict[str, Any] = {"source": "measured", "scorers": timed, "assumed_rows_per_second": assumed,
                             "assumed_from": f"curate.plan PASS_RATES[{ctx.recipe.score.model!r}] / passes per row"}
     if timed:
