@@ -61,13 +61,11 @@ def measure_lm_rate(recipe: Recipe, eval_config: Any = None) -> dict[str, Any] |
             rates, _ = unit_rates(model, convs, tokens, eval_config, dtype, steps=FEEDBACK_CALIBRATION_STEPS)
             info["eval_rates"] = {**rates, "generate_tps": EVAL_RATES["smollm2-135m"]["generate_tps"]}  # not priced
         if sel.strategy == "iterative" and sel.rounds > 1 and recipe.score.model != "proxy":
-            from curate.lm.finetune import FinetuneConfig, finetune
-            from curate.select.iterative import feedback_settings
+            from curate.lm.finetune import finetune
+            from curate.select.iterative import feedback_config
 
-            fs = feedback_settings(model)
-            cfg = FinetuneConfig(max_steps=FEEDBACK_CALIBRATION_STEPS, lr=fs["lr"], batch_size=int(fs["batch_size"]),
-                                 micro_batch=fs["micro_batch"], max_length=recipe.score.max_length,
-                                 dtype=dtype, threads=None)
+            cfg = feedback_config(model, max_length=recipe.score.max_length, dtype=dtype,
+                                  max_steps=FEEDBACK_CALIBRATION_STEPS)
             _, _, stats = finetune(model, convs, cfg, recipe.seed, dtype=dtype)
             info["train_tps"] = stats["tokens_per_second"]
             info["train_calibration"] = {k: stats[k] for k in ("steps", "train_seconds", "epoch_tokens")}

@@ -225,6 +225,18 @@ def feedback_settings(model_dir: str | Path) -> dict[str, float | None]:
     return {"lr": FinetuneConfig.lr, "batch_size": FinetuneConfig.batch_size, "micro_batch": FinetuneConfig.micro_batch}
 
 
+def feedback_config(model_dir: str | Path, *, max_length: int, dtype: str, epochs: float = 1.0,
+                    lr: float | None = None, batch_size: int | None = None, max_steps: int | None = None) -> Any:
+    """The feedback fine-tune's `FinetuneConfig` for this model (`feedback_settings` unless lr / batch_size are
+    given); `curate plan --measure` times a few `max_steps` of the same settings."""
+    from curate.lm.finetune import FinetuneConfig
+
+    settings = feedback_settings(model_dir)
+    return FinetuneConfig(epochs=epochs, max_steps=max_steps, lr=settings["lr"] if lr is None else lr,
+                          batch_size=int(settings["batch_size"] if batch_size is None else batch_size),
+                          micro_batch=settings["micro_batch"], max_length=max_length, dtype=dtype, threads=None)
+
+
 def loss_feedback(
     base_dir: str | Path,
     pool: Any,
@@ -260,7 +272,7 @@ def loss_feedback(
 
     from curate.lm.base import LMConfig
     from curate.lm.evaluate import response_losses
-    from curate.lm.finetune import FinetuneConfig, finetune
+    from curate.lm.finetune import finetune
     from curate.lm.hf import HFEngine, resolve_dtype
 
     if probe_per_cluster < 1:
@@ -273,12 +285,9 @@ def loss_feedback(
              .group_by("cluster", maintain_order=True).head(probe_per_cluster)
              .sort("cluster", "id"))
     by_id = pool.select(pl.col("id").cast(pl.String), "messages")
-    settings = feedback_settings(base_dir)
-    lr = settings["lr"] if lr is None else lr
-    batch_size = int(settings["batch_size"] if batch_size is None else batch_size)
     dtype = resolve_dtype(dtype)  # concrete before the first round, so every round (and the manifest) agrees
-    cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, micro_batch=settings["micro_batch"],
-                         max_length=max_length, dtype=dtype, threads=None)
+    cfg = feedback_config(base_dir, max_length=max_length, dtype=dtype, epochs=epochs, lr=lr, batch_size=batch_size)
+    lr, batch_size = cfg.lr, cfg.batch_size
     lm = LMConfig(str(base_dir), max_length=max_length, dtype=dtype)
 
     def feedback(selected_ids: list[str]) -> pl.DataFrame:
