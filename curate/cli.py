@@ -405,21 +405,34 @@ def eval_cmd(
     reference_rows: int = typer.Option(500, "--reference-rows", help="Rows sampled per reference set (0 = all)."),
     accuracy_rows: int = typer.Option(50, "--accuracy-rows", help="Q/A rows answered greedily (0 = off)."),
     gen_tokens: int = typer.Option(256, "--gen-tokens", help="New tokens per greedy answer."),
+    minutes: float = typer.Option(None, "--minutes", help="Fit the eval into this many minutes on this machine "
+                                  "(calibrated): leaves out random_rows, then seeds, then random_length, then base."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Estimate the time, run nothing."),
     no_prefect: bool = typer.Option(False, "--no-prefect", help="Run the units directly, without Prefect."),
 ) -> None:
     """Fine-tune a student on the subset and on random baselines; is the subset better than random?
 
     Each (arm, seed) is a Prefect task (a killed eval resumes at the unit it was in); `--no-prefect` runs the
-    same units in this process."""
-    from curate.eval import EvalConfig, calibrate, estimate, plan_eval, run_eval
+    same units in this process. `--minutes` keeps the finished units: run it again to add seeds."""
+    from curate.eval import EvalConfig, calibrate, estimate, fit_to_minutes, plan_eval, run_eval
+
+    if minutes is not None and not minutes > 0:
+        _fail(f"--minutes must be > 0, got {minutes:g}")
 
     cfg = _guard(EvalConfig, student=student, seeds=seeds, arms=tuple(a for a in arms.split(",") if a),
                  epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, micro_batch=micro_batch,
                  max_length=max_length, lora=lora, dtype=dtype, threads=threads, heldout_rows=heldout,
                  reference_rows=reference_rows or None, accuracy_rows=accuracy_rows, gen_tokens=gen_tokens)
     plan = _guard(plan_eval, run_dir, cfg, reference or None)
-    est = _guard(estimate, plan, _guard(calibrate, plan))
+    calib = _guard(calibrate, plan)
+    est = _guard(estimate, plan, calib)
+    if minutes is not None:
+        full = est["seconds"]
+        plan = _guard(fit_to_minutes, plan, est, minutes)
+        est = _guard(estimate, plan, calib)
+        left = ", ".join(plan.fitted["left_out"]) or "nothing"
+        out.print(f"--minutes {minutes:g}: left out {left} (the whole eval: about {full / 60:.1f} min here)",
+                  highlight=False)
     t = Table("unit", "rows", "train tokens", "estimate", "state",
               title=f"curate eval ({plan.dtype}, {threads} threads)")
     note = {"done": "finished: read back", "stale": "a file from other settings: run again", "todo": ""}
@@ -437,7 +450,7 @@ def eval_cmd(
                       highlight=False)
     done = sum(u["state"] == "done" for u in est["units"].values())
     out.print(f"estimated time: {est['seconds'] / 60:.1f} min for {len(est['units']) - done} of {len(est['units'])} "
-              "units" + (f" ({done} finished units are read back)" if done else ""))
+              "units" + (f" ({done} finished unit{'s are' if done != 1 else ' is'} read back)" if done else ""))
     if dry_run:
         return
     if no_prefect:

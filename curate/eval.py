@@ -152,6 +152,7 @@ class EvalPlan:
     arms: dict[tuple[str, int], list[str]]  # (arm, seed) -> training ids ([] for base)
     arm_info: dict[tuple[str, int], dict[str, Any]]
     dtype: str  # resolved
+    fitted: dict[str, Any] | None = None  # `fit_to_minutes`: the budget and what it left out (into eval.json)
 
     def units(self) -> list[tuple[str, int]]:
         return list(self.arms)
@@ -715,6 +716,43 @@ def estimate(plan: EvalPlan, calib: dict[str, float]) -> dict[str, Any]:
             "seconds_all": round(sum(u["seconds"] for u in units.values()), 1), "calibration": calib}
 
 
+# What `--minutes` gives up, in this order: the equal-rows arm (the comparison that length flatters most), then
+# seeds down to one, then the length-matched arm, then the untuned student. `selected` and `random_tokens`, the
+# verdict's pair, always stay.
+FIT_DROP_ORDER = ("random_rows", "seeds", "random_length", "base")
+
+
+def fit_to_minutes(plan: EvalPlan, est: dict[str, Any], minutes: float) -> EvalPlan:
+    """The largest eval of `plan` whose units left to run fit in `minutes` at `est`'s per-unit seconds
+    (`estimate`: calibrated on this machine), giving up what `FIT_DROP_ORDER` says first. Finished units cost
+    nothing, so a second call with the same budget adds seeds to the first one's. Raises ValueError, before any
+    work, when even one seed of the arms that must stay does not fit."""
+    cfg = plan.config
+
+    def cost(arms: list[str], seeds: int) -> float:
+        return sum(u["seconds"] for (a, s), u in ((k, est["units"][f"{k[0]}-seed{k[1]}"]) for k in plan.arms)
+                   if a in arms and s < seeds and u["state"] != "done")
+
+    def without(*drop: str) -> list[str]:
+        return [a for a in cfg.arms if a not in drop]
+
+    tries = [(list(cfg.arms), cfg.seeds)] + [(without("random_rows"), s) for s in range(cfg.seeds, 0, -1)]
+    tries += [(without("random_rows", "random_length"), 1), (without("random_rows", "random_length", "base"), 1)]
+    budget = minutes * 60
+    for arms, seeds in tries:
+        if cost(arms, seeds) <= budget:
+            break
+    else:
+        raise ValueError(f"--minutes {minutes:g}: the smallest eval that gives a verdict ({', '.join(arms)}, one "
+                         f"seed) needs about {cost(arms, seeds) / 60:.0f} min on this machine; give more minutes "
+                         "(or run it where the student trains faster)")
+    left = [a for a in cfg.arms if a not in arms] + ([f"seeds {cfg.seeds} -> {seeds}"] if seeds < cfg.seeds else [])
+    keep = {k: v for k, v in plan.arms.items() if k[0] in arms and k[1] < seeds}
+    return replace(plan, config=replace(cfg, arms=tuple(arms), seeds=seeds), arms=keep,
+                   arm_info={k: plan.arm_info[k] for k in keep},
+                   fitted={"minutes": minutes, "left_out": left, "seconds": round(cost(arms, seeds), 1)})
+
+
 _TOKENIZERS: dict[str, Any] = {}
 
 
@@ -751,6 +789,9 @@ def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], s
     summary = summarize(plan, results)
     overall, line = verdict_line(summary)
     cfg = plan.config
+    if cfg.seeds == 1 and overall != "n/a":  # fusion at 1,000 rows: a second seed moved two verdicts (eval.md)
+        line += (". One seed per arm: the intervals leave out the spread between fine-tunes; run more seeds before "
+                 "trusting a better or worse")
     doc = {
         "verdict": overall, "verdict_line": line, "student": cfg.student, "student_path": plan.student,
         "dtype": plan.dtype, "config": asdict(cfg), "references": summary,
@@ -761,6 +802,8 @@ def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], s
     }
     if executor is not None:
         doc["executor"] = executor
+    if plan.fitted:
+        doc["fitted"] = plan.fitted
     from curate.run import atomic_path
 
     with atomic_path(plan.run_dir / "eval.json") as tmp:
@@ -769,6 +812,6 @@ def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], s
 
 
 __all__ = ["ARMS", "EvalConfig", "EvalPlan", "Reference", "calibrate", "draw_length_matched", "draw_random_rows",
-           "draw_random_tokens", "estimate", "final_answer", "finetune", "load_reference", "plan_eval",
-           "predicted_answer", "resolve_student", "run_eval", "run_unit", "summarize", "training_chat_template",
-           "unit_cost", "unit_done", "unit_state", "verdict_line", "write_eval"]
+           "draw_random_tokens", "estimate", "final_answer", "finetune", "fit_to_minutes", "load_reference",
+           "plan_eval", "predicted_answer", "resolve_student", "run_eval", "run_unit", "summarize",
+           "training_chat_template", "unit_cost", "unit_done", "unit_state", "verdict_line", "write_eval"]

@@ -20,6 +20,7 @@ from curate.eval import (
     draw_random_tokens,
     estimate,
     final_answer,
+    fit_to_minutes,
     length_bin_edges,
     plan_eval,
     predicted_answer,
@@ -238,6 +239,53 @@ def test_dry_run_prices_only_the_units_left(evaluated, run_dir, plan, tiny_lm):
     finally:
         for p, text in saved.items():
             p.write_text(text)
+
+
+def test_minutes_leave_out_the_least_telling_units_first(evaluated, plan, run_dir, tiny_lm, tmp_path):
+    """`--minutes`: random_rows goes first, then seeds, then random_length, then base; selected and random_tokens
+    stay, and when one seed of them does not fit it stops before any work. Finished units cost nothing."""
+    from curate.cli import app
+    from curate.eval import unit_done, write_eval
+
+    doc, _, _ = evaluated
+    est = estimate(plan, calibrate(plan))
+    for name, u in est["units"].items():  # every unit left to run, trained ones 100 s, the untuned one 10 s
+        u.update(state="todo", seconds=10.0 if name.startswith("base") else 100.0)
+    for minutes, arms, seeds, left in [
+        (13.5, ("selected", "random_rows", "random_tokens", "random_length", "base"), 2, []),  # 810 s: all of it
+        (11, ("selected", "random_tokens", "random_length", "base"), 2, ["random_rows"]),  # 610 s
+        (6, ("selected", "random_tokens", "random_length", "base"), 1, ["random_rows", "seeds 2 -> 1"]),  # 310 s
+        (3.55, ("selected", "random_tokens", "base"), 1, ["random_rows", "random_length", "seeds 2 -> 1"]),
+        (3.4, ("selected", "random_tokens"), 1, ["random_rows", "random_length", "base", "seeds 2 -> 1"]),  # 200 s
+    ]:
+        fit = fit_to_minutes(plan, est, minutes)
+        assert (fit.config.arms, fit.config.seeds, fit.fitted["left_out"]) == (arms, seeds, left), minutes
+        assert sorted(fit.arms) == sorted(fit.config.units()) and set(fit.arm_info) == set(fit.arms)
+        assert all(fit.arms[k] == plan.arms[k] and fit.unit_key(*k) == plan.unit_key(*k) for k in fit.arms)
+        assert fit.fitted["seconds"] <= minutes * 60
+    with pytest.raises(ValueError, match=r"--minutes 3: the smallest eval .*selected, random_tokens.* about 3 min"):
+        fit_to_minutes(plan, est, 3)
+    est["units"]["selected-seed0"]["state"] = "done"  # read back: free, so the same 3 minutes now buy more
+    assert fit_to_minutes(plan, est, 3).config.arms == ("selected", "random_tokens", "base")
+
+    # a one-seed eval says what its intervals leave out (written to a copy: the module's eval.json stays)
+    one = fit_to_minutes(plan, est, 6)
+    results = {k: unit_done(one, *k) for k in one.units()}
+    one_doc = write_eval(replace(one, run_dir=tmp_path), results, 0.0)
+    assert one_doc["fitted"]["left_out"] == ["random_rows", "seeds 2 -> 1"] and one_doc["config"]["seeds"] == 1
+    assert "One seed per arm" in one_doc["verdict_line"] and "One seed" not in doc["verdict_line"]
+
+    base = ["eval", str(run_dir), "--student", tiny_lm, "--dry-run", "--seeds", "2", "--lr", "0.003", "--batch-size",
+            "8", "--max-length", "128", "--threads", "1", "--dtype", "float32", "--heldout", "24",
+            "--accuracy-rows", "0", "--gen-tokens", "16"]
+    res = CliRunner().invoke(app, [*base, "--minutes", "1"])  # every unit finished: all of it fits
+    assert res.exit_code == 0 and "--minutes 1: left out nothing" in " ".join(res.output.split()), res.output
+    res = CliRunner().invoke(app, [*base, "--minutes", "0"])
+    assert res.exit_code == 2 and "--minutes must be > 0" in res.output
+    other = [a if a != "128" else "96" for a in base]  # another max length: nothing finished, nothing fits
+    res = CliRunner().invoke(app, [*other, "--minutes", "0.001"])
+    assert res.exit_code == 2 and "the smallest eval that gives a verdict" in " ".join(res.output.split())
+    assert "Traceback" not in res.output
 
 
 def test_fine_tune_is_deterministic_per_seed(plan):
