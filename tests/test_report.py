@@ -591,6 +591,11 @@ def test_eval_section_reads_curate_eval_output(run_dir, tmp_path):
     assert "lima loss (lower is better)" in section and "gsm8k accuracy (higher is better)" in section
     assert "Paired differences" in section and "<td>better</td>" in section
     assert "Evaluation:</b> selected vs random at equal tokens: no different" in page  # the line, not the word
+    assert "Fitted to" not in section
+    (tmp_path / "eval.json").write_text(json.dumps({**EVAL_REFS, "fitted": {
+        "minutes": 100, "left_out": ["random_rows", "random_length", "seeds 3 -> 1"], "seconds": 5375.0}}))
+    section = write_report(tmp_path).read_text().split('<section id="eval">')[1].split("</section>")[0]
+    assert "Fitted to 100 min" in section and "left out random_rows, random_length, seeds 3 -&gt; 1" in section
 
 
 def test_eval_json_broken(run_dir, tmp_path):

@@ -641,6 +641,11 @@ def sec_eval(d: RunData) -> str:
     verdict = _eval_verdict(ev)
     if verdict:
         parts.append(f'<p class="verdict"><b>Verdict:</b> {esc(verdict)}</p>')
+    fit = ev.get("fitted")
+    if isinstance(fit, dict) and fit.get("left_out"):  # `curate eval --minutes`: say which arms and seeds are missing
+        parts.append(f"<p>Fitted to {esc(fit.get('minutes'))} min (<code>curate eval --minutes</code>): left out "
+                     f"{esc(', '.join(map(str, fit['left_out'])))}. The same command with more minutes adds them; "
+                     "finished units are read back.</p>")
     metrics = eval_metrics(ev)
     if not metrics:
         parts.append(missing("eval.json holds no arms with a mean this report can read."))
