@@ -716,17 +716,13 @@ def estimate(plan: EvalPlan, calib: dict[str, float]) -> dict[str, Any]:
             "seconds_all": round(sum(u["seconds"] for u in units.values()), 1), "calibration": calib}
 
 
-# What `--minutes` gives up, in this order: the equal-rows arm (the comparison that length flatters most), then
-# seeds down to one, then the length-matched arm, then the untuned student. `selected` and `random_tokens`, the
-# verdict's pair, always stay.
-FIT_DROP_ORDER = ("random_rows", "seeds", "random_length", "base")
-
-
 def fit_to_minutes(plan: EvalPlan, est: dict[str, Any], minutes: float) -> EvalPlan:
     """The largest eval of `plan` whose units left to run fit in `minutes` at `est`'s per-unit seconds
-    (`estimate`: calibrated on this machine), giving up what `FIT_DROP_ORDER` says first. Finished units cost
-    nothing, so a second call with the same budget adds seeds to the first one's. Raises ValueError, before any
-    work, when even one seed of the arms that must stay does not fit."""
+    (`estimate`: calibrated on this machine). It gives up, in this order (`tries`): the equal-rows arm (the
+    comparison that length flatters most), then seeds down to one, then the length-matched arm, then the untuned
+    student; `selected` and `random_tokens`, the verdict's pair, always stay. Finished units cost nothing, so a
+    second call with the same budget adds seeds to the first one's. Raises ValueError, before any work, when even
+    one seed of the arms that must stay does not fit."""
     cfg = plan.config
 
     def cost(arms: list[str], seeds: int) -> float:
