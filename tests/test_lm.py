@@ -129,6 +129,15 @@ def test_truncation_rules(tiny):
     assert len(enc.ids) == 32 and enc.truncated
     assert eng.tokenizer.decode(enc.prompt_ids).endswith("<|im_start|>assistant\n")  # left side cut
     assert eng.signature() != load_engine(LMConfig(tiny, max_length=32, truncation_side="right")).signature()
+    # generation: the prompt is clipped on the same side so that max_tokens new tokens fit
+    full = eng.encoder.prompt_ids(long_prompt)
+    (left,) = eng.encoder.generation_prompt_ids([long_prompt], 12)
+    assert left == full[-20:]
+    right = load_engine(LMConfig(tiny, max_length=32, truncation_side="right"))
+    assert right.encoder.generation_prompt_ids([long_prompt], 12) == [full[:20]]
+    assert len(eng.generate([long_prompt], max_tokens=12, temperature=0)[0]) == 1
+    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        eng.generate([long_prompt], max_tokens=32)
 
 
 def test_choice_probs(engine):

@@ -256,11 +256,21 @@ class Encoder:
 
     def raw_prompt_ids(self, prompt: str) -> list[int]:
         """A raw-string prompt (deita templates) with the tokenizer's usual special tokens (BOS)."""
-        ids = list(self.tok(prompt, add_special_tokens=True)["input_ids"])
-        limit = self.config.max_length
-        if len(ids) > limit:
-            ids = ids[-limit:] if self.config.truncation_side == "left" else ids[:limit]
-        return ids
+        return self._clip(list(self.tok(prompt, add_special_tokens=True)["input_ids"]), self.config.max_length)
+
+    def generation_prompt_ids(self, prompts: Sequence[Sequence[Message]], max_tokens: int) -> list[list[int]]:
+        """Each prompt's ids, clipped on the truncation side so `max_tokens` new tokens fit in max_length;
+        ValueError when no prompt token would fit."""
+        limit = self.config.max_length - max_tokens
+        if limit < 1:
+            raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt in max_length "
+                             f"{self.config.max_length}")
+        return [self._clip(self.prompt_ids(p), limit) for p in prompts]
+
+    def _clip(self, ids: list[int], limit: int) -> list[int]:
+        if len(ids) <= limit:
+            return ids
+        return ids[len(ids) - limit:] if self.config.truncation_side == "left" else ids[:limit]
 
 
 def truncate(prompt: list[int], response: list[int], n_end: int, max_length: int, side: str) -> Encoded:

@@ -344,16 +344,7 @@ class HFEngine(Engine):
         seed: int = 0,
     ) -> list[list[str]]:
         """Sampled continuations; reproducible for a given seed and input list (batches are seeded in order)."""
-        limit = self.config.max_length - max_tokens
-        if limit < 1:
-            raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt in max_length "
-                             f"{self.config.max_length}")
-        seqs = []
-        for p in prompts:
-            ids = self.encoder.prompt_ids(p)
-            if len(ids) > limit:
-                ids = ids[len(ids) - limit:] if self.config.truncation_side == "left" else ids[:limit]
-            seqs.append(ids)
+        seqs = self.encoder.generation_prompt_ids(prompts, max_tokens)
         stop = self.encoder.end_token_ids()
         gen = torch.Generator().manual_seed(seed)
 

@@ -396,16 +396,7 @@ class VLLMEngine(Engine):
         seed: int = 0,
     ) -> list[list[str]]:
         """One request per prompt, seeded from (seed, index), so results do not depend on batching."""
-        limit = self.config.max_length - max_tokens
-        if limit < 1:
-            raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt in max_length "
-                             f"{self.config.max_length}")
-        items = []
-        for i, p in enumerate(prompts):
-            ids = self.encoder.prompt_ids(p)
-            if len(ids) > limit:
-                ids = ids[len(ids) - limit:] if self.config.truncation_side == "left" else ids[:limit]
-            items.append((i, ids))
+        items = list(enumerate(self.encoder.generation_prompt_ids(prompts, max_tokens)))
         stop = self.encoder.end_token_ids()
 
         k = n if temperature > 0 else 1  # greedy: one decode, repeated n times
