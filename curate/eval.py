@@ -483,7 +483,8 @@ def run_unit(plan: EvalPlan, arm: str, seed: int, *, force: bool = False) -> dic
     train: dict[str, Any] = {}
     if arm != "base":
         convs = [_plain(m) for m in plan.rows(arm, seed)["messages"].to_list()]
-        model, tok, train = finetune(plan.student, convs, cfg, seed, dtype=plan.dtype)
+        model, tok, train = finetune(plan.student, convs, cfg, seed, dtype=plan.dtype,
+                                     label=f"fine-tune {arm} seed {seed}")
     engine = _engine(plan.student, model, tok, cfg, plan.dtype)
     measured = {r.name: measure(engine, r, cfg) for r in plan.references}
     result = {"key": key, "arm": arm, "seed": seed, **plan.arm_info[(arm, seed)], "train": train,
@@ -636,7 +637,8 @@ def unit_rates(student: str, convs: list[list[Message]], tokens: Sequence[int], 
     from curate.lm.evaluate import response_losses
 
     t0 = time.perf_counter()
-    model, tok, st = finetune(student, convs, replace(config, max_steps=steps, epochs=1.0), 0, dtype=dtype)
+    model, tok, st = finetune(student, convs, replace(config, max_steps=steps, epochs=1.0), 0, dtype=dtype,
+                              label="calibration fine-tune")
     engine = _engine(student, model, tok, config, dtype)
     total = time.perf_counter() - t0
     mean = sum(tokens) / max(len(tokens), 1)

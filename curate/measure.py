@@ -66,7 +66,7 @@ def measure_lm_rate(recipe: Recipe, eval_config: Any = None) -> dict[str, Any] |
 
             cfg = feedback_config(model, max_length=recipe.score.max_length, dtype=dtype,
                                   max_steps=FEEDBACK_CALIBRATION_STEPS)
-            _, _, stats = finetune(model, convs, cfg, recipe.seed, dtype=dtype)
+            _, _, stats = finetune(model, convs, cfg, recipe.seed, dtype=dtype, label="feedback fine-tune (measure)")
             info["train_tps"] = stats["tokens_per_second"]
             info["train_calibration"] = {k: stats[k] for k in ("steps", "train_seconds", "epoch_tokens")}
     info["passes_per_second"] = info["rows_per_second"] * sum(CALLS_PER_ROW.get(n, 1) for n in timed)

@@ -4,6 +4,7 @@ the dry-run estimate against the real time, and the CLI."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import replace
 
@@ -509,7 +510,9 @@ def test_killed_prefect_eval_resumes_at_its_unit(evaluated, run_dir, tiny_lm, tm
     cache = tmp_path / "cache"
     _seed_home(cache)  # offline ephemeral Prefect, as a user's second run finds it (minus the DB migration)
     # the server's start-up limit raised from curate's 120 s: on a shared 2-core machine at nice 19 it once took longer
-    env = _clean_env(CURATE_CACHE_DIR=str(cache), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600")
+    env = _clean_env(CURATE_CACHE_DIR=str(cache), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600",
+                     CURATE_PROGRESS_EVERY="0")
+    env["CURATE_PROGRESS"] = "1"  # progress on (_clean_env turns it off): the lines are checked below
     cmd = [sys.executable, "-m", "curate.cli", "eval", str(out), "--student", tiny_lm,
            "--arms", "selected,random_tokens", "--seeds", "2", "--lr", "3e-3", "--batch-size", "8",
            "--max-length", "128", "--threads", "1", "--dtype", "float32", "--heldout", "24",
@@ -538,3 +541,11 @@ def test_killed_prefect_eval_resumes_at_its_unit(evaluated, run_dir, tiny_lm, tm
         b = json.loads((run_dir / "eval" / f"{name}.json").read_text())
         assert a["key"] == b["key"] and a["references"] == b["references"], name
     assert "selected vs random at equal tokens" in done.stdout
+    # a CI log shows each fine-tune alive, by name, in plain step lines; a unit read back trains nothing
+    lines = done.stderr.splitlines()
+    for name, state in doc["executor"]["units"].items():
+        arm, seed = name.rsplit("-seed", 1)
+        ran = [line for line in lines if line.startswith(f"fine-tune {arm} seed {seed}: ")]
+        assert bool(ran) == (state == "Completed"), (name, done.stderr[-3000:])
+        if ran:
+            assert re.match(rf"fine-tune {arm} seed {seed}: (\d+)/\1 \(100%\), ", ran[-1]), ran

@@ -296,7 +296,8 @@ def loss_feedback(
         train = [[{"role": m["role"], "content": m["content"]} for m in msgs]
                  for msgs in by_id.join(chosen, on="id", how="semi")["messages"].to_list()]
         left = probe.join(chosen, on="id", how="anti")
-        model, _, stats = finetune(str(base_dir), train, cfg, seed, dtype=dtype)
+        model, _, stats = finetune(str(base_dir), train, cfg, seed, dtype=dtype,
+                                  label=f"feedback fine-tune on {len(train):,} rows")
         # the tuned weights (float32 master copy) cast to the run's dtype, measured with the base's own tokenizer
         # and template, as the scoring engine measures; nothing is written to disk
         t1 = time.perf_counter()
