@@ -469,7 +469,7 @@ def eval_cmd(
                       f"{a['mean']:.3f}" if a else "-")
     out.print(t)
     out.print(doc["verdict_line"], highlight=False)
-    out.print(f"wrote {run_dir / 'eval.json'}")
+    out.print(f"wrote {run_dir / 'eval.json'}; `curate report {run_dir}` adds it to report.html", highlight=False)
 
 
 @proxy_app.command("train")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.lm.base import Message
+from curate.progress import progress
 
 
 @dataclass(frozen=True)
@@ -191,35 +192,29 @@ def training_chat_template(tokenizer: Any) -> str:
                      "TRL knows); give a student whose template has them")
 
 
-def _progress_callback(label: str) -> Any:
-    """A TrainerCallback writing curate's progress (steps done, elapsed, time left) for a fine-tune: the trainer's
-    own tqdm bar and loss prints are off, and a 1,000-row fine-tune on a CPU runs for most of an hour."""
+def _step_progress(bar: Any, label: str) -> Any:
+    """A TrainerCallback that reports optimizer steps to `bar` (curate's progress: steps done, elapsed, time left)
+    under `label`: the trainer's own tqdm bar and loss prints are off, and a 1,000-row fine-tune on a CPU runs for
+    most of an hour."""
     from transformers import TrainerCallback
-
-    from curate.progress import progress
 
     class StepProgress(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.bar = progress()
-            self.bar.start()
-            self.task = self.bar.add_task(label, total=state.max_steps)
+            self.task = bar.add_task(label, total=state.max_steps)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.bar.update(self.task, completed=state.global_step)
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.bar.stop()
+            bar.update(self.task, completed=state.global_step)
 
     return StepProgress()
 
 
 def sft_trainer(model: Any, tokenizer: Any, convs: Sequence[Sequence[Message]], config: FinetuneConfig, seed: int,
-                output_dir: str | Path, dtype: str, label: str = "fine-tune") -> Any:
+                output_dir: str | Path, dtype: str) -> Any:
     """The `SFTTrainer` every curate fine-tune runs: assistant-only loss, cosine schedule with 10 % warm-up, no
     weight decay, no checkpoints, no packing, batches grouped by length, the loss `loss_kind(config)`; LoRA (peft)
     when config.lora. `tokenizer` must already carry a training template (`training_chat_template`);
-    `micro_batch(config)` rows per forward pass, accumulated to config.batch_size rows per step; progress in
-    optimizer steps under the name `label`. Exposed so tests can read its batches."""
+    `micro_batch(config)` rows per forward pass, accumulated to config.batch_size rows per step. Exposed so tests
+    can read its batches."""
     import datasets
     import torch
     from transformers import PrinterCallback
@@ -250,7 +245,6 @@ def sft_trainer(model: Any, tokenizer: Any, convs: Sequence[Sequence[Message]], 
     trainer = trainer_class(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
                             peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)  # a loss dict printed every 10 steps; the stats carry the loss
-    trainer.add_callback(_progress_callback(label))
     return trainer
 
 
@@ -260,7 +254,7 @@ def finetune(student: str, convs: Sequence[Sequence[Message]], config: Any, seed
     """SFT of the model folder `student` on `convs` (see `sft_trainer`). `config`: a `FinetuneConfig` or any
     settings with its field names (`curate.eval.EvalConfig`); `out_dir`: the trainer's working folder (default a
     temporary one); `dtype`: an already resolved dtype (default: config.dtype resolved by the scoring engine's
-    `curate.lm.hf.resolve_dtype`); `label`: its name in the progress lines.
+    `curate.lm.hf.resolve_dtype`); `label`: its name in the progress lines (one per optimizer step).
 
     Returns (model, tokenizer, stats); the model is merged (LoRA) and in eval mode, on the training device; the
     tokenizer carries the training template (it renders the same text as the model's own).
@@ -283,9 +277,11 @@ def finetune(student: str, convs: Sequence[Sequence[Message]], config: Any, seed
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32, use_safetensors=True)
     with tempfile.TemporaryDirectory(prefix="curate-ft-") as tmp:
-        trainer = sft_trainer(model, tok, convs, config, seed, out_dir or tmp, dtype, label)
+        trainer = sft_trainer(model, tok, convs, config, seed, out_dir or tmp, dtype)
         t0 = time.perf_counter()
-        result = trainer.train()
+        with progress() as bar:  # closed however training ends
+            trainer.add_callback(_step_progress(bar, label))
+            result = trainer.train()
         seconds = time.perf_counter() - t0
         model = trainer.model
         if config.lora:
