@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_finetune_speed's timed step
 
 import torch  # noqa: E402
 
@@ -28,26 +29,16 @@ def gemm(threads: int, n: int = 2048, reps: int = 10) -> float:
 
 
 def raw_steps() -> None:
+    from bench_finetune_speed import timed_steps
     from transformers import AutoModelForCausalLM
 
     import curate.eval as E
 
     torch.set_num_threads(2)
     m = AutoModelForCausalLM.from_pretrained(E.resolve_student("smollm2-135m"), dtype=torch.float32)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
-    for bs, t in [(8, 128), (2, 128), (2, 256)]:
-        x = torch.randint(0, 40000, (bs, t))
-        for _ in range(3):  # the last of three is reported
-            t0 = time.perf_counter()
-            out = m(input_ids=x, labels=x)
-            t1 = time.perf_counter()
-            out.loss.backward()
-            t2 = time.perf_counter()
-            opt.step()
-            opt.zero_grad()
-            t3 = time.perf_counter()
-        print(json.dumps({"batch": bs, "tokens": t, "forward_s": round(t1 - t0, 2), "backward_s": round(t2 - t1, 2),
-                          "optimizer_s": round(t3 - t2, 2), "tokens_per_s": round(bs * t / (t3 - t0), 1)}), flush=True)
+    for bs, t in [(8, 128), (2, 128), (2, 256)]:  # the last of three steps is reported
+        print(json.dumps({"batch": bs, "tokens": t, **timed_steps(m, torch.randint(0, 40000, (bs, t)), 3)}),
+              flush=True)
 
 
 if __name__ == "__main__":

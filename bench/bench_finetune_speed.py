@@ -84,6 +84,24 @@ PATH_VARIANTS = {"lora": {"full": {"lora": False}, "lora": {"lora": True}},
                  "loss": {"trl": {"loss": "trl"}, "model": {"loss": "model"}}}
 
 
+def timed_steps(m: torch.nn.Module, x: torch.Tensor, reps: int, autocast: bool = False) -> dict:
+    """`reps` raw training steps (forward with labels, backward, AdamW) on the token batch `x`; the last one's
+    forward / backward / optimizer seconds and tokens/s (the earlier ones warm up)."""
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = m(input_ids=x, labels=x)
+        t1 = time.perf_counter()
+        out.loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad()
+        t3 = time.perf_counter()
+    return {"forward_s": round(t1 - t0, 2), "backward_s": round(t2 - t1, 2), "optimizer_s": round(t3 - t2, 2),
+            "tokens_per_s": round(x.numel() / (t3 - t0), 1)}
+
+
 def raw_steps() -> None:
     from transformers import AutoModelForCausalLM
 
@@ -93,19 +111,7 @@ def raw_steps() -> None:
     for mode in ("fp32", "autocast-bf16", "bf16-weights"):
         dtype = torch.bfloat16 if mode == "bf16-weights" else torch.float32
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
-        for _ in range(4):
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast-bf16"):
-                out = m(input_ids=x, labels=x)
-            t1 = time.perf_counter()
-            out.loss.backward()
-            t2 = time.perf_counter()
-            opt.step()
-            opt.zero_grad()
-            t3 = time.perf_counter()
-        print(json.dumps({"raw": mode, "forward_s": round(t1 - t0, 2), "backward_s": round(t2 - t1, 2),
-                          "optimizer_s": round(t3 - t2, 2), "tokens_per_s": round(1024 / (t3 - t0))}), flush=True)
+        print(json.dumps({"raw": mode, **timed_steps(m, x, 4, autocast=mode == "autocast-bf16")}), flush=True)
 
 
 if __name__ == "__main__":

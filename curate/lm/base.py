@@ -256,7 +256,8 @@ class Encoder:
 
     def raw_prompt_ids(self, prompt: str) -> list[int]:
         """A raw-string prompt (deita templates) with the tokenizer's usual special tokens (BOS)."""
-        return self._clip(list(self.tok(prompt, add_special_tokens=True)["input_ids"]), self.config.max_length)
+        ids = list(self.tok(prompt, add_special_tokens=True)["input_ids"])
+        return clip(ids, self.config.max_length, self.config.truncation_side)
 
     def generation_prompt_ids(self, prompts: Sequence[Sequence[Message]], max_tokens: int) -> list[list[int]]:
         """Each prompt's ids, clipped on the truncation side so `max_tokens` new tokens fit in max_length;
@@ -265,12 +266,14 @@ class Encoder:
         if limit < 1:
             raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt in max_length "
                              f"{self.config.max_length}")
-        return [self._clip(self.prompt_ids(p), limit) for p in prompts]
+        return [clip(self.prompt_ids(p), limit, self.config.truncation_side) for p in prompts]
 
-    def _clip(self, ids: list[int], limit: int) -> list[int]:
-        if len(ids) <= limit:
-            return ids
-        return ids[len(ids) - limit:] if self.config.truncation_side == "left" else ids[:limit]
+
+def clip(ids: list[int], limit: int, side: str) -> list[int]:
+    """At most `limit` ids, cut from the start ("left": the end of a prompt, next to the answer, stays) or the end."""
+    if len(ids) <= limit:
+        return ids
+    return ids[len(ids) - limit:] if side == "left" else ids[:limit]
 
 
 def truncate(prompt: list[int], response: list[int], n_end: int, max_length: int, side: str) -> Encoded:
@@ -283,7 +286,7 @@ def truncate(prompt: list[int], response: list[int], n_end: int, max_length: int
         truncated = True
     room = max_length - len(response)
     if len(prompt) > room:
-        prompt = prompt[len(prompt) - room:] if side == "left" else prompt[:room]
+        prompt = clip(prompt, room, side)
         truncated = True
     return Encoded(prompt, response, n_end, truncated)
 
