@@ -9,6 +9,7 @@
 
     nice -n 15 .venv/bin/python bench/bench_eval.py speed
     nice -n 15 .venv/bin/python bench/bench_eval.py eval [--slice 4000 --budget 200 --seeds 2 ...]
+    nice -n 5 .venv/bin/python bench/bench_eval.py plan --run RUN [--scale 1 4 20]
 
 Writes bench/results/eval.md (each stage rewrites its own section) and bench/out/eval/.
 """
@@ -253,6 +254,55 @@ def dry_run(args: argparse.Namespace) -> None:
     write_section(f"3. Dry-run estimate: the issue's eval (budget {args.budget})", "\n".join(body))
 
 
+def plan_cost(args: argparse.Namespace) -> None:
+    """What planning an eval costs as the pool grows: `plan_eval` (the pool tokenized as the draws visit it) against
+    tokenizing the whole pool, which the planner did before (what a `--dry-run` paid), on copies of a finished run
+    whose pool is repeated `--scale` times (new ids, the same subset)."""
+    import resource
+
+    import polars as pl
+
+    from curate.eval import _plain, _tokenizer, token_lengths
+
+    src = Path(args.run)
+    rows = []
+    for k in args.scale:
+        run_dir = OUT / f"plan-x{k}"
+        if not (run_dir / "records.parquet").exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            recs = pl.read_parquet(src / "records.parquet", columns=["id", "messages"])
+            pl.concat([recs] + [recs.with_columns(id=pl.col("id") + f"-copy{c}") for c in range(1, k)]).write_parquet(
+                run_dir / "records.parquet")
+            for name in ("selected.parquet", "semdedup.parquet"):
+                if (src / name).exists():
+                    pl.read_parquet(src / name).write_parquet(run_dir / name)
+        cfg = EvalConfig(student=args.student, seeds=3, max_length=512, threads=args.threads)
+        t0 = time.perf_counter()
+        plan = plan_eval(run_dir, cfg)
+        t_plan = time.perf_counter() - t0
+        visited = int(plan.pool["tokens"].is_not_null().sum())
+        t_whole = None
+        if plan.pool.height <= args.whole_max:
+            t0 = time.perf_counter()
+            token_lengths(_tokenizer(plan.student), [_plain(m) for m in plan.pool["messages"].to_list()], 512)
+            t_whole = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        rows.append((k, plan.pool.height, t_plan, visited, t_whole, rss))
+        print(rows[-1], flush=True)
+    cmd = " ".join(["nice -n 5 .venv/bin/python bench/bench_eval.py plan", *sys.argv[2:]])
+    body = [f"`{cmd}` (load: {uptime()}; a niced `curate eval` fine-tune shared the cores)", "",
+            "Planning draws every arm's rows and needs student-token lengths for them. Until 2026-12-05 the planner "
+            "tokenized the whole pool (chat template + tokenizer, ~0.5 ms a row here) on every `curate eval` and "
+            "`--dry-run`; now the draws walk a shuffle of the pool and tokenize only the rows they reach "
+            "(`curate.eval.PoolLengths`; the random_tokens draw is the same rows). Default arms, 3 seeds, subset "
+            f"{plan.selected.height:,} rows; the pool is the run's candidates repeated.", "",
+            "| pool rows | plan_eval (s) | pool rows tokenized | tokenizing the whole pool (s) | peak RSS (GB) |",
+            "|---|---|---|---|---|"]
+    for _, n, tp, v, tw, rss in rows:
+        body.append(f"| {n:,} | {tp:.1f} | {v:,} | {f'{tw:.1f}' if tw is not None else 'not run'} | {rss:.1f} |")
+    write_section("4. Planning an eval as the pool grows", "\n".join(body))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -294,8 +344,14 @@ def main() -> None:
     dr.add_argument("--accuracy-rows", type=int, default=50)
     dr.add_argument("--gen-tokens", type=int, default=256)
     dr.add_argument("--from-speed", action="store_true", help="Rates from `speed` (no calibration fine-tune).")
+    pc = sub.add_parser("plan")
+    pc.add_argument("--run", required=True, help="A finished run folder (its pool is repeated --scale times).")
+    pc.add_argument("--scale", type=int, nargs="+", default=[1, 4, 20])
+    pc.add_argument("--whole-max", type=int, default=300_000, help="Tokenize the whole pool up to this many rows.")
+    pc.add_argument("--student", default="smollm2-135m")
+    pc.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    {"speed": speed, "eval": evaluate, "dry-run": dry_run}[args.cmd](args)
+    {"speed": speed, "eval": evaluate, "dry-run": dry_run, "plan": plan_cost}[args.cmd](args)
 
 
 if __name__ == "__main__":

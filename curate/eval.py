@@ -39,7 +39,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -146,8 +146,8 @@ class EvalPlan:
     run_dir: Path
     config: EvalConfig
     student: str
-    pool: pl.DataFrame  # id, messages, tokens (student tokens, truncated at max_length)
-    selected: pl.DataFrame  # the same columns
+    pool: pl.DataFrame  # id, messages, tokens (student tokens, truncated at max_length; null: never tokenized)
+    selected: pl.DataFrame  # the same columns (every row tokenized)
     references: list[Reference]
     arms: dict[tuple[str, int], list[str]]  # (arm, seed) -> training ids ([] for base)
     arm_info: dict[tuple[str, int], dict[str, Any]]
@@ -290,6 +290,43 @@ def token_lengths(tokenizer: Any, convs: Sequence[Sequence[Message]], max_length
     return [min(len(x), max_length) for x in ids]
 
 
+class PoolLengths:
+    """The pool's token lengths, tokenized on first use: an arm draw walks a shuffle of the pool and asks only for
+    the rows it visits, so planning costs the subset's size, not the pool's (a 1M-row pool is never tokenized
+    whole). `lengths[idx]` (an int array of pool positions) returns their lengths, as a numpy array would."""
+
+    def __init__(self, tokenizer: Any, messages: pl.Series, max_length: int) -> None:
+        self.tokenizer, self.messages, self.max_length = tokenizer, messages, max_length
+        self.known = np.full(len(messages), -1, dtype=np.int64)  # -1: not tokenized yet
+
+    def __len__(self) -> int:
+        return len(self.known)
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        todo = np.unique(idx[self.known[idx] < 0])
+        if len(todo):
+            convs = [_plain(m) for m in self.messages.gather(todo).to_list()]
+            self.known[todo] = token_lengths(self.tokenizer, convs, self.max_length)
+        return self.known[idx]
+
+    @property
+    def tokenized(self) -> int:
+        """How many pool rows were tokenized so far."""
+        return int((self.known >= 0).sum())
+
+
+def _walk(order: np.ndarray, size: int = 512) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, chunk) over `order`, `size` rows at a time: a draw tokenizes at most `size` rows beyond the ones
+    it needs."""
+    for start in range(0, len(order), size):
+        yield start, order[start:start + size]
+
+
+def _lengths(tokens: Sequence[int] | np.ndarray | PoolLengths) -> np.ndarray | PoolLengths:
+    return tokens if isinstance(tokens, PoolLengths) else np.asarray(tokens, dtype=np.int64)
+
+
 # -- arms ---------------------------------------------------------------------------------------------------
 def draw_random_rows(pool_ids: Sequence[str], n: int, seed: int) -> list[str]:
     """n rows uniformly without replacement."""
@@ -299,17 +336,23 @@ def draw_random_rows(pool_ids: Sequence[str], n: int, seed: int) -> list[str]:
     return [pool_ids[i] for i in sorted(idx)]
 
 
-def draw_random_tokens(pool_ids: Sequence[str], tokens: Sequence[int], target: int, seed: int) -> list[str]:
+def draw_random_tokens(pool_ids: Sequence[str], tokens: Sequence[int] | PoolLengths, target: int,
+                       seed: int) -> list[str]:
     """A uniform shuffle's prefix whose token total is closest to `target`: |total - target| <= the boundary row's
-    tokens / 2, so within one row's tokens (no scan for short rows, which would bias the draw to short ones)."""
+    tokens / 2, so within one row's tokens (no scan for short rows, which would bias the draw to short ones).
+    Only the prefix's rows are tokenized (`PoolLengths`); the draw is the one the whole pool's lengths give."""
+    lengths = _lengths(tokens)
     order = np.random.default_rng(seed).permutation(len(pool_ids))
-    cum = np.cumsum(np.asarray(tokens, dtype=np.int64)[order])
-    if len(cum) == 0 or cum[-1] < target:
-        raise ValueError(f"random_tokens needs {target} tokens but the pool has {int(cum[-1]) if len(cum) else 0}")
-    k = int(np.searchsorted(cum, target))  # first prefix reaching the target: rows order[:k+1]
-    below = int(cum[k - 1]) if k > 0 else 0
-    take = k if target - below <= int(cum[k]) - target else k + 1
-    return [pool_ids[i] for i in sorted(order[:max(1, take)])]
+    total = 0
+    for start, chunk in _walk(order):
+        cum = total + np.cumsum(lengths[chunk])
+        if cum[-1] >= target:
+            k = int(np.searchsorted(cum, target))  # first prefix reaching the target: rows order[:start+k+1]
+            below = int(cum[k - 1]) if k > 0 else total
+            take = start + (k if target - below <= int(cum[k]) - target else k + 1)
+            return [pool_ids[i] for i in sorted(order[:max(1, take)])]
+        total = int(cum[-1])
+    raise ValueError(f"random_tokens needs {target} tokens but the pool has {total}")
 
 
 def length_bin_edges(lengths: Sequence[int], bins: int) -> np.ndarray:
@@ -318,15 +361,21 @@ def length_bin_edges(lengths: Sequence[int], bins: int) -> np.ndarray:
     return np.unique(np.ceil(q))
 
 
-def draw_length_matched(pool_ids: Sequence[str], pool_tokens: Sequence[int], target_tokens: Sequence[int],
-                        bins: int, seed: int) -> tuple[list[str], dict[str, Any]]:
-    """Uniform draws inside length bins, as many per bin as the subset has: the same length histogram. A bin the
-    pool cannot fill takes all it has and the shortfall comes from the nearest bins (reported)."""
+def draw_length_matched(pool_ids: Sequence[str], pool_tokens: Sequence[int] | PoolLengths,
+                        target_tokens: Sequence[int], bins: int, seed: int) -> tuple[list[str], dict[str, Any]]:
+    """Uniform draws inside length bins, as many per bin as the subset has: the same length histogram. It walks a
+    shuffle of the pool until every bin is full (each bin's rows in shuffle order are a uniform draw from that bin),
+    so only the visited rows are tokenized. A bin the pool cannot fill takes all it has and the shortfall comes
+    from the nearest bins (reported)."""
     edges = length_bin_edges(target_tokens, bins)
     want = np.bincount(np.searchsorted(edges, target_tokens, side="right"), minlength=len(edges) + 1)
-    pool_bin = np.searchsorted(edges, np.asarray(pool_tokens), side="right")
-    rng = np.random.default_rng(seed)
-    members = [rng.permutation(np.flatnonzero(pool_bin == b)).tolist() for b in range(len(want))]
+    lengths = _lengths(pool_tokens)
+    members: list[list[int]] = [[] for _ in want]
+    for _, chunk in _walk(np.random.default_rng(seed).permutation(len(pool_ids))):
+        for i, b in zip(chunk.tolist(), np.searchsorted(edges, lengths[chunk], side="right").tolist(), strict=True):
+            members[b].append(i)
+        if all(len(m) >= n for m, n in zip(members, want, strict=True)):
+            break
     chosen: list[int] = []
     moved = 0
     for b, n in enumerate(want):
@@ -375,9 +424,7 @@ def plan_eval(run_dir: str | Path, config: EvalConfig | None = None,
         refs = [ref]
         ref_ids = set(ref.ids)
     pool = pool.filter(~pl.col("id").is_in(list(ref_ids))).sort("id")
-    msgs = [_plain(m) for m in pool["messages"].to_list()]
-    pool = pool.with_columns(messages=pl.Series(msgs, dtype=pool.schema["messages"]),
-                             tokens=pl.Series(token_lengths(tok, msgs, cfg.max_length), dtype=pl.Int64))
+    lengths = PoolLengths(tok, pool["messages"], cfg.max_length)  # tokenized as the draws visit rows
     sel = sel.sort("id")
     smsgs = [_plain(m) for m in sel["messages"].to_list()]
     sel = sel.with_columns(tokens=pl.Series(token_lengths(tok, smsgs, cfg.max_length), dtype=pl.Int64))
@@ -385,7 +432,7 @@ def plan_eval(run_dir: str | Path, config: EvalConfig | None = None,
     target_tokens = int(sel["tokens"].sum())
     arms: dict[tuple[str, int], list[str]] = {}
     info: dict[tuple[str, int], dict[str, Any]] = {}
-    ids, toks = pool["id"].to_list(), pool["tokens"].to_list()
+    ids = pool["id"].to_list()
     for arm, s in cfg.units():
         extra: dict[str, Any] = {}
         if arm == "selected":
@@ -394,13 +441,20 @@ def plan_eval(run_dir: str | Path, config: EvalConfig | None = None,
         elif arm == "random_rows":
             chosen = draw_random_rows(ids, sel.height, 1000 + s)
         elif arm == "random_tokens":
-            chosen = draw_random_tokens(ids, toks, target_tokens, 2000 + s)
+            chosen = draw_random_tokens(ids, lengths, target_tokens, 2000 + s)
         elif arm == "random_length":
-            chosen, extra = draw_length_matched(ids, toks, sel["tokens"].to_list(), cfg.length_bins, 3000 + s)
+            chosen, extra = draw_length_matched(ids, lengths, sel["tokens"].to_list(), cfg.length_bins,
+                                                3000 + s)
         else:
             chosen = []
         arms[(arm, s)] = chosen
         info[(arm, s)] = extra
+    lengths[_calibration_sample(len(ids), cfg.seed)]  # the rows `calibrate` picks from: tokenized with the rest
+    for key, chosen in arms.items():  # every training row's length (random_rows visits no lengths while drawing)
+        if key[0] != "selected" and chosen:
+            lengths[np.flatnonzero(pool["id"].is_in(chosen).to_numpy())]
+    known = pl.Series("tokens", lengths.known)
+    pool = pool.with_columns(tokens=pl.when(known >= 0).then(known))  # null: a row no draw visited
     plan = EvalPlan(run_dir, cfg, student, pool, sel, refs, arms, info, resolve_dtype(cfg.dtype))
     for key in arms:
         rows = plan.rows(*key)
@@ -650,6 +704,12 @@ def unit_rates(student: str, convs: list[list[Message]], tokens: Sequence[int], 
             "forward_tps": round(fwd_tps, 1)}, engine
 
 
+def _calibration_sample(n: int, seed: int, size: int = 512) -> np.ndarray:
+    """Pool positions `calibrate` times a fine-tune on (the middle of them by length): a seeded sample, so the
+    planner tokenizes 512 rows for it instead of the whole pool."""
+    return np.sort(np.random.default_rng(seed).permutation(n)[:size])
+
+
 def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
     """Measure this machine: fixed seconds per unit (load + trainer set-up + engine), fine-tune tokens/s,
     forward (loss) tokens/s, greedy generation tokens/s. Cached in RUN/eval/calibration.json per set-up."""
@@ -662,7 +722,8 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
         c = json.loads(path.read_text())
         if c.get("key") == key:
             return c
-    rows = plan.pool.sort("tokens").slice(plan.pool.height // 2 - cfg.batch_size, 2 * cfg.batch_size)
+    sample = plan.pool[_calibration_sample(plan.pool.height, cfg.seed)].sort("tokens")  # typical rows: the middle
+    rows = sample.slice(max(0, sample.height // 2 - cfg.batch_size), 2 * cfg.batch_size)
     convs = [_plain(m) for m in rows["messages"].to_list()]
     import trl.trainer.sft_trainer  # noqa: F401  (a one-off import cost, not a per-unit one)
 
@@ -809,7 +870,8 @@ def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], s
     return doc
 
 
-__all__ = ["ARMS", "EvalConfig", "EvalPlan", "Reference", "calibrate", "draw_length_matched", "draw_random_rows",
-           "draw_random_tokens", "estimate", "final_answer", "finetune", "fit_to_minutes", "load_reference",
-           "plan_eval", "predicted_answer", "resolve_student", "run_eval", "run_unit", "summarize",
-           "training_chat_template", "unit_cost", "unit_done", "unit_state", "verdict_line", "write_eval"]
+__all__ = ["ARMS", "EvalConfig", "EvalPlan", "PoolLengths", "Reference", "calibrate", "draw_length_matched",
+           "draw_random_rows", "draw_random_tokens", "estimate", "final_answer", "finetune", "fit_to_minutes",
+           "load_reference", "plan_eval", "predicted_answer", "resolve_student", "run_eval", "run_unit", "summarize",
+           "token_lengths", "training_chat_template", "unit_cost", "unit_done", "unit_state", "verdict_line",
+           "write_eval"]

@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 from curate.config import load_recipe
 from curate.eval import (
     EvalConfig,
+    PoolLengths,
     calibrate,
+    draw_length_matched,
     draw_random_tokens,
     estimate,
     final_answer,
@@ -27,6 +29,7 @@ from curate.eval import (
     predicted_answer,
     run_eval,
     run_unit,
+    token_lengths,
     training_chat_template,
 )
 from curate.pipeline import run_direct
@@ -128,6 +131,40 @@ def test_random_tokens_prefix_is_closest_to_target():
         assert abs(total - target) <= max(toks[int(i)] for i in chosen)
     with pytest.raises(ValueError, match="pool has"):
         draw_random_tokens(ids, toks, sum(toks) + 1, seed=0)
+
+
+def test_draws_tokenize_only_the_rows_they_visit(tiny_lm):
+    """The planner tokenizes the pool as the draws reach its rows (`PoolLengths`): the same random_tokens draw as
+    the whole pool's lengths give, the same length histogram, and a fraction of a 3,000-row pool tokenized (a
+    1M-row pool is never tokenized whole)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    rng = np.random.default_rng(0)
+    words = "the a cat sat on mat and ran far away with its friend today".split()
+    convs = [[{"role": "user", "content": " ".join(rng.choice(words, rng.integers(2, 12)))},
+              {"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 60)))}] for _ in range(3000)]
+    messages = pl.Series("messages", convs)
+    ids = [f"r{i:05d}" for i in range(3000)]
+    full = token_lengths(tok, convs, 128)
+    subset = full[:800]  # an 800-row "subset" (its prefix spans two chunks): its token total and length histogram
+    pos = {i: k for k, i in enumerate(ids)}
+    for seed in range(3):
+        lazy = PoolLengths(tok, messages, 128)
+        got = draw_random_tokens(ids, lazy, sum(subset), seed)
+        assert got == draw_random_tokens(ids, full, sum(subset), seed)
+        assert abs(sum(full[pos[i]] for i in got) - sum(subset)) <= max(full)  # within one row's tokens
+        assert lazy.tokenized in (1024, 1536), lazy.tokenized  # the chunks its prefix reached, not the pool
+    lazy = PoolLengths(tok, messages, 128)
+    got, info = draw_length_matched(ids, lazy, subset, 10, 0)
+    edges = np.asarray(info["bin_edges"])
+    hist = np.bincount(np.searchsorted(edges, [full[pos[i]] for i in got], side="right"), minlength=len(edges) + 1)
+    assert hist.tolist() == info["subset_histogram"] and info["moved_rows"] == 0
+    assert lazy.tokenized <= 2048, lazy.tokenized
+    known = np.flatnonzero(lazy.known >= 0)
+    assert lazy.known[known].tolist() == [full[i] for i in known]  # what it tokenized, it tokenized right
+    with pytest.raises(ValueError, match="pool has"):
+        draw_random_tokens(ids, PoolLengths(tok, messages, 128), sum(full) + 1, 0)
 
 
 def test_plans_are_deterministic(run_dir, cfg, plan):
