@@ -296,11 +296,14 @@ def plan_cost(args: argparse.Namespace) -> None:
             "`--dry-run`; now the draws walk a shuffle of the pool and tokenize only the rows they reach "
             "(`curate.eval.PoolLengths`; the random_tokens draw is the same rows). Default arms, 3 seeds, subset "
             f"{plan.selected.height:,} rows; the pool is the run's candidates repeated.", "",
-            "| pool rows | plan_eval (s) | pool rows tokenized | tokenizing the whole pool (s) | peak RSS (GB) |",
-            "|---|---|---|---|---|"]
+            "| pool rows | plan_eval (s) | pool rows tokenized | tokenizing the whole pool (s) "
+            "| process peak RSS so far (GB) |", "|---|---|---|---|---|"]
+    per_row = [tw / n for _, n, _, _, tw, _ in rows if tw]
     for _, n, tp, v, tw, rss in rows:
-        body.append(f"| {n:,} | {tp:.1f} | {v:,} | {f'{tw:.1f}' if tw is not None else 'not run'} | {rss:.1f} |")
-    write_section("4. Planning an eval as the pool grows", "\n".join(body))
+        guess = f"~{n * per_row[-1]:.0f} (not run: {per_row[-1] * 1e3:.2f} ms a row above)" if per_row else "not run"
+        whole = f"{tw:.1f}" if tw is not None else guess
+        body.append(f"| {n:,} | {tp:.1f} | {v:,} | {whole} | {rss:.1f} |")
+    write_section("9. Planning an eval as the pool grows", "\n".join(body))
 
 
 def main() -> None:
