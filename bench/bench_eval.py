@@ -259,6 +259,7 @@ def plan_cost(args: argparse.Namespace) -> None:
     tokenizing the whole pool, which the planner did before (what a `--dry-run` paid), on copies of a finished run
     whose pool is repeated `--scale` times (new ids, the same subset)."""
     import resource
+    import shutil
 
     import polars as pl
 
@@ -275,7 +276,7 @@ def plan_cost(args: argparse.Namespace) -> None:
                 run_dir / "records.parquet")
             for name in ("selected.parquet", "semdedup.parquet"):
                 if (src / name).exists():
-                    pl.read_parquet(src / name).write_parquet(run_dir / name)
+                    shutil.copyfile(src / name, run_dir / name)
         cfg = EvalConfig(student=args.student, seeds=3, max_length=512, threads=args.threads)
         t0 = time.perf_counter()
         plan = plan_eval(run_dir, cfg)

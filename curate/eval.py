@@ -299,9 +299,6 @@ class PoolLengths:
         self.tokenizer, self.messages, self.max_length = tokenizer, messages, max_length
         self.known = np.full(len(messages), -1, dtype=np.int64)  # -1: not tokenized yet
 
-    def __len__(self) -> int:
-        return len(self.known)
-
     def __getitem__(self, idx: np.ndarray) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
         todo = np.unique(idx[self.known[idx] < 0])
