@@ -118,6 +118,13 @@ def test_iterative_strategy_rounds_with_proxy_feedback(pool_dir, tiny_lm, tmp_pa
     # the feedback ran in the scoring engine's dtype, at FinetuneConfig's lr and batch (the test model is no proxy)
     assert fb["dtype"] == r.manifest["score_model"]["dtype"]["dtype"]
     assert (fb["lr"], fb["batch_size"]) == (1e-4, 8) and fb["steps"] == -(-fb["trained_rows"] // 8)
+    # the select stage runs again (a setting that only weighs the feedback changed); round 0 draws the same rows,
+    # so its feedback round is read back from the cache folder instead of fine-tuning again
+    r2 = run_direct(_recipe(pool_dir, tmp_path / "it2", tiny_lm, **{
+        "select.strategy": "iterative", "select.rounds": 2, "select.probe_per_cluster": 3,
+        "select.feedback_temperature": 0.5}))
+    fb2 = r2.manifest["stages"]["select"]["rounds"][1]["feedback"]
+    assert fb2["cached"] is True and fb2["loss"] == fb["loss"] and "cached" not in fb
 
 
 def test_iterative_select_key_follows_the_scoring_dtype(pool_dir, tiny_lm, tmp_path):

@@ -142,6 +142,51 @@ def test_loss_feedback_drops_for_the_cluster_trained_on(proxy, rows):
     assert [(h["trained_rows"], h["probe_rows"]) for h in fn.history] == [(100, 160), (100, 160)]
 
 
+def test_loss_feedback_rounds_are_kept_and_read_back(proxy, rows, tmp_path):
+    """A killed iterative select starts its stage again; with a store, the rounds it finished are read back
+    (identical values, no fine-tune) and any change to what a round depends on computes it anew."""
+    import polars as pl
+
+    from curate.select.iterative import loss_feedback
+
+    convs = load_conversations(rows[1650:1690])
+    pool = pl.DataFrame({"id": [f"r{i}" for i in range(40)], "cluster": [0, 1] * 20, "messages": convs})
+    chosen, other = [f"r{i}" for i in range(16)], [f"r{i}" for i in range(8, 24)]
+    store = tmp_path / "feedback"
+
+    def fn(data=pool, **kw):
+        return loss_feedback(proxy, data, probe_per_cluster=6, seed=0, dtype="float32", store=store, **kw)
+
+    first = fn()
+    a = first(chosen)
+    assert "cached" not in first.history[0]
+    (path_a,) = store.glob("*.json")
+    again = fn()
+    b = again(chosen)
+    assert b.equals(a) and b.schema == a.schema  # exact: a resumed select draws the same rows
+    h = again.history[0]
+    assert h["cached"] is True and h["train_loss"] == first.history[0]["train_loss"]
+    again(other)
+    assert "cached" not in again.history[1]  # other rows trained on: another round
+    slower = fn(lr=3e-4)
+    slower(chosen)
+    assert "cached" not in slower.history[0]  # other settings: another round
+    # the same ids with other text to train on (selected rows never enter the probe): another round
+    edited = pool.with_columns(messages=pl.Series(load_conversations(rows[1700:1716]) + convs[16:]))
+    retrained = fn(edited)
+    retrained(chosen)
+    assert "cached" not in retrained.history[0]
+    assert len(list(store.glob("*.json"))) == 4
+    # a file that is not the round's own (garbage, another round's, values of the wrong type) is computed again
+    good = path_a.read_text()
+    another = next(p for p in store.glob("*.json") if p != path_a).read_text()
+    for bad in ("{not json", another, json.dumps({**json.loads(good), "feedback": ["0.1"] * 2})):
+        path_a.write_text(bad)
+        f = fn()
+        assert f(chosen).equals(a) and "cached" not in f.history[0]
+        assert fn()(chosen).equals(a) and path_a.read_text() != bad  # and written back whole
+
+
 def test_loss_feedback_keeps_the_proxy_settings_and_records_the_dtype(proxy, rows):
     """The toy proxy keeps its feedback fine-tune (lr 1e-3, batch 16); each round records the dtype it ran in, and
     the dtype is really used: bf16 feedback differs from float32's on the same rows and seed."""

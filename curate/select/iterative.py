@@ -14,6 +14,8 @@ Multinomial(w) draw, which can ask a cluster for more rows than it has and varie
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -248,6 +250,7 @@ def loss_feedback(
     lr: float | None = None,
     batch_size: int | None = None,
     dtype: str = "auto",
+    store: str | Path | None = None,
 ) -> Any:
     """Diversify-and-Conquer's iterative feedback with a proxy fine-tune in place of the paper's reward model.
 
@@ -267,10 +270,16 @@ def loss_feedback(
     different rows; pin CURATE_TORCH_THREADS, or set `score.dtype: float32`, where selections must match across
     machines. The function's `history` attribute gets one dict per call (rows trained on, probe rows, per-cluster
     loss, dtype, lr, batch size, the fine-tune's steps, tokens and training loss, seconds), for the manifest.
+
+    `store`: a folder where each round's result is kept as JSON under a hash of everything it depends on (the
+    base weights, the fine-tune settings, seed, and the text of the rows trained on and probed). A round costs up
+    to an hour on a CPU and a killed select starts the stage again, so the rerun reads the finished rounds back
+    (`"cached": true` in their history) and resumes at the round it was in. A file that does not parse, or whose
+    key does not match, is computed again.
     """
     import torch
 
-    from curate.lm.base import LMConfig
+    from curate.lm.base import LMConfig, weights_fingerprint
     from curate.lm.evaluate import response_losses
     from curate.lm.finetune import finetune
     from curate.lm.hf import HFEngine, resolve_dtype
@@ -290,12 +299,25 @@ def loss_feedback(
     lr, batch_size = cfg.lr, cfg.batch_size
     lm = LMConfig(str(base_dir), max_length=max_length, dtype=dtype)
 
+    base_key = {"version": FEEDBACK_VERSION, "base": str(Path(base_dir).resolve()),
+                "weights": weights_fingerprint(base_dir), "lr": lr,
+                "batch_size": batch_size, "micro_batch": cfg.micro_batch, "epochs": epochs, "max_length": max_length,
+                "dtype": dtype, "seed": seed}
+
     def feedback(selected_ids: list[str]) -> pl.DataFrame:
         t0 = time.perf_counter()
         chosen = pl.DataFrame({"id": selected_ids}, schema={"id": pl.String})
         train = [[{"role": m["role"], "content": m["content"]} for m in msgs]
                  for msgs in by_id.join(chosen, on="id", how="semi")["messages"].to_list()]
         left = probe.join(chosen, on="id", how="anti")
+        path = None
+        if store is not None:
+            key = _round_key(base_key, train, left)
+            path = Path(store) / f"{key}.json"
+            hit = _read_round(path, key, left["cluster"].dtype)
+            if hit is not None:
+                feedback.history.append({**hit[1], "cached": True})
+                return hit[0]
         model, _, stats = finetune(str(base_dir), train, cfg, seed, dtype=dtype,
                                   label=f"feedback fine-tune on {len(train):,} rows")
         # the tuned weights (float32 master copy) cast to the run's dtype, measured with the base's own tokenizer
@@ -311,7 +333,47 @@ def loss_feedback(
             "steps": stats["steps"], "train_loss": stats["train_loss"], "train_tokens": stats["epoch_tokens"],
             "train_seconds": stats["train_seconds"], "probe_seconds": round(time.perf_counter() - t1, 1),
             "seconds": round(time.perf_counter() - t0, 1)})
+        if path is not None:
+            _write_round(path, key, out, feedback.history[-1])
         return out
 
     feedback.history = []
     return feedback
+
+
+#: bump when a round's result would change for the same inputs (the fine-tune or the probe's loss)
+FEEDBACK_VERSION = 1
+
+
+def _round_key(base: dict[str, Any], train: list[Any], probe: pl.DataFrame) -> str:
+    """Hash of one feedback round's inputs: `base` plus the text of the rows trained on (in training order) and
+    of the probe rows with their clusters."""
+    h = hashlib.sha256(json.dumps(base, sort_keys=True).encode())
+    for part in (train, probe["cluster"].to_list(), probe["messages"].to_list()):
+        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()[:24]
+
+
+def _read_round(path: Path, key: str, cluster_dtype: Any) -> tuple[pl.DataFrame, dict[str, Any]] | None:
+    """A stored round, or None when there is none or it is not one we wrote (it is then computed again)."""
+    try:
+        doc = json.loads(path.read_text())
+        clusters, values, history = doc["clusters"], doc["feedback"], doc["history"]
+        if not (doc["key"] == key and len(clusters) == len(values) and all(type(c) is int for c in clusters)
+                and all(type(v) is float for v in values)):
+            return None
+        # JSON made the loss's cluster keys strings; a fresh round has ints
+        history = {**history, "loss": {int(k): float(v) for k, v in history["loss"].items()}}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    out = pl.DataFrame({"cluster": pl.Series(clusters, dtype=cluster_dtype),
+                        "feedback": pl.Series(values, dtype=pl.Float64)})
+    return out, history
+
+
+def _write_round(path: Path, key: str, out: pl.DataFrame, history: dict[str, Any]) -> None:
+    from curate.run import write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json({"key": key, "clusters": [int(c) for c in out["cluster"].to_list()],
+                "feedback": [float(v) for v in out["feedback"].to_list()], "history": history}, path)

@@ -72,14 +72,17 @@ def _strategy(recipe: Recipe, pool: pl.DataFrame, ctx: RunContext | None = None,
     if cfg.strategy == "iterative":
         if ctx is None:
             raise ValueError("the iterative strategy needs a run folder (its feedback fine-tunes the scoring LM)")
+        from curate.run import cache_dir
         from curate.select import apply_thresholds, as_thresholds
         from curate.select.iterative import loss_feedback
 
         # probe only rows the strategy may choose from, so every cluster fed back is one it can draw on
         eligible = pool.filter(apply_thresholds(pool, as_thresholds(thresholds))["passed"]) if thresholds else pool
         # in the scoring engine's dtype (`auto` made concrete); lr and batch size follow the model (the proxy: its own)
+        # each finished round is kept in the cache folder: a killed select resumes at the round it was in
         fn = loss_feedback(ctx.model(), eligible, probe_per_cluster=cfg.probe_per_cluster,
-                           seed=recipe.seed, max_length=recipe.score.max_length, dtype=ctx.dtype_choice()["dtype"])
+                           seed=recipe.seed, max_length=recipe.score.max_length, dtype=ctx.dtype_choice()["dtype"],
+                           store=cache_dir() / "feedback")
         return make_strategy("iterative", rounds=cfg.rounds, temperature=cfg.feedback_temperature,
                              split=split, score_col=quality, feedback_fn=fn)
     if cfg.strategy == "deita":
