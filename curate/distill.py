@@ -64,6 +64,7 @@ HOLDOUT = 0.2
 TOP = 0.1  # top-10% overlap
 MIN_TRAIN = 20  # fewer usable computed values than this: predict their median
 TREE_COMPONENTS = 32  # principal directions per embedding view given to the tree models
+PREDICT_CHUNK = 65_536  # rows predicted at a time (~200 MB of features with two 384-d views)
 
 
 class DistillError(ValueError):
@@ -208,18 +209,31 @@ def choose_sample(
 
 @dataclass
 class Features:
-    """A feature matrix with one row per id (float32) and a name per column."""
+    """Features with one row per id (float32) and a name per column, kept as column blocks (one per embedding
+    view, lengths, flags): a pool's embeddings are most of its memory, and joining the blocks into one matrix
+    would hold them twice. `rows` / `take` assemble just the rows asked for."""
 
     ids: list[str]
-    matrix: np.ndarray
+    blocks: list[np.ndarray]
     names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.matrix.shape[0] != len(self.ids):
-            raise DistillError(f"features: {len(self.ids)} ids but {self.matrix.shape[0]} rows")
+        if isinstance(self.blocks, np.ndarray):  # one matrix
+            self.blocks = [self.blocks]
+        if any(b.ndim != 2 or b.shape[0] != len(self.ids) for b in self.blocks):
+            raise DistillError(f"features: {len(self.ids)} ids but blocks of shapes {[b.shape for b in self.blocks]}")
         self._pos = {i: p for p, i in enumerate(self.ids)}
         if len(self._pos) != len(self.ids):
             raise DistillError("features: ids must be unique")
+
+    @property
+    def width(self) -> int:
+        return sum(b.shape[1] for b in self.blocks)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """Every row (a new array: for small pools and tests)."""
+        return self.take(np.arange(len(self.ids)))
 
     def positions(self, ids: Sequence[str]) -> np.ndarray:
         """Row positions of ids; DistillError naming one that has no features."""
@@ -228,8 +242,16 @@ class Features:
         except KeyError as e:
             raise DistillError(f"id {e.args[0]!r} has no features (features cover {len(self.ids)} ids)") from None
 
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        out = np.empty((len(positions), self.width), np.float32)
+        j = 0
+        for b in self.blocks:
+            out[:, j:j + b.shape[1]] = b[positions]
+            j += b.shape[1]
+        return out
+
     def rows(self, ids: Sequence[str]) -> np.ndarray:
-        return self.matrix[self.positions(ids)]
+        return self.take(self.positions(ids))
 
 
 def heuristic_flags(records: pl.DataFrame) -> pl.DataFrame:
@@ -293,7 +315,7 @@ def features(
         names += fcols
     if not blocks:
         raise DistillError("features: nothing to build features from (no views, lengths or flags)")
-    return Features(ids, np.hstack(blocks), names)
+    return Features(ids, blocks, names)
 
 
 # --------------------------------------------------------------------------------------------- distill
@@ -352,9 +374,10 @@ def _classifier(seed: int) -> Any:
                                           random_state=seed)
 
 
-def _tree_view(feats: Features, X_comp: np.ndarray, X_rest: np.ndarray, seed: int,
-               n_components: int = TREE_COMPONENTS) -> tuple[np.ndarray, np.ndarray]:
+def _tree_view(feats: Features, X_comp: np.ndarray, seed: int,
+               n_components: int = TREE_COMPONENTS) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """The tree models' features: each embedding view reduced by PCA (fitted on the computed rows), the rest as is.
+    Returns them for the computed rows and the function that makes them from any rows of the full features.
 
     Why: gradient boosting bins every feature; on 768 embedding dimensions it is 20x slower than Ridge for no
     gain, while a few dozen principal directions per view keep what it can use.
@@ -368,13 +391,15 @@ def _tree_view(feats: Features, X_comp: np.ndarray, X_rest: np.ndarray, seed: in
             groups.setdefault(name.rsplit("_", 1)[0], []).append(j)
         else:
             other.append(j)
-    comp_blocks, rest_blocks = [X_comp[:, other]], [X_rest[:, other]]
+    pcas = []
     for cols in groups.values():
         k = min(n_components, len(cols), max(1, X_comp.shape[0] - 1))
-        pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(X_comp[:, cols])
-        comp_blocks.append(pca.transform(X_comp[:, cols]))
-        rest_blocks.append(pca.transform(X_rest[:, cols]) if len(X_rest) else np.zeros((0, k)))
-    return np.hstack(comp_blocks).astype(np.float32), np.hstack(rest_blocks).astype(np.float32)
+        pcas.append((cols, PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(X_comp[:, cols])))
+
+    def view(X: np.ndarray) -> np.ndarray:
+        return np.hstack([X[:, other]] + [pca.transform(X[:, cols]) for cols, pca in pcas]).astype(np.float32)
+
+    return view(X_comp), view
 
 
 def _split(n: int, holdout: float, seed: int, salt: str) -> tuple[np.ndarray, np.ndarray]:
@@ -385,25 +410,29 @@ def _split(n: int, holdout: float, seed: int, salt: str) -> tuple[np.ndarray, np
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
-def _fit_numeric(views: dict[str, tuple[np.ndarray, np.ndarray]], ok: np.ndarray, y: np.ndarray, *, seed: int,
-                 holdout: float, column: str, models: Sequence[str], higher: bool) -> tuple[np.ndarray, dict]:
-    """Predictions for the rest from the model with the best held-out Spearman, refitted on every usable row.
+#: a fitted column: its model kind (the features it reads) and rows of those features -> predicted values
+Predictor = tuple[str, Callable[[np.ndarray], np.ndarray]]
 
-    views: model kind -> (features of the computed rows, features of the rows to predict); ok: computed rows
-    whose value is usable (finite); y: those values.
+
+def _fit_numeric(views: dict[str, np.ndarray], ok: np.ndarray, y: np.ndarray, *, seed: int,
+                 holdout: float, column: str, models: Sequence[str], higher: bool) -> tuple[Predictor, dict]:
+    """The model with the best held-out Spearman, refitted on every usable row, as a predictor for the rest.
+
+    views: model kind -> features of the computed rows; ok: computed rows whose value is usable (finite); y:
+    those values.
     """
     info: dict[str, Any] = {"kind": "regression", "n_train": int(len(y))}
-    n_rest = len(next(iter(views.values()))[1])
     if len(y) < MIN_TRAIN:
         info.update(model="median", spearman=None, top10_overlap=None, n_holdout=0)
-        return np.full(n_rest, float(np.median(y)) if len(y) else np.nan), info
+        med = float(np.median(y)) if len(y) else np.nan
+        return (models[0], lambda X: np.full(len(X), med)), info
     log = bool(np.all(y > 0))
     t = np.log(y) if log else y
     tr, ho = _split(len(y), holdout, seed, column)
     cands: dict[str, dict[str, Any]] = {}
     for kind in models:
         t0 = time.perf_counter()
-        X = views[kind][0][ok]
+        X = views[kind][ok]
         if len(ho):
             m = _regressor(kind, seed).fit(X[tr], t[tr])
             p = m.predict(X[ho])
@@ -413,30 +442,27 @@ def _fit_numeric(views: dict[str, tuple[np.ndarray, np.ndarray]], ok: np.ndarray
             cands[kind] = {"spearman": None, "top10_overlap": None, "seconds": 0.0}
     best = max(models, key=lambda k: (cands[k]["spearman"] if cands[k]["spearman"] is not None else -2.0,
                                       -models.index(k)))
-    final = _regressor(best, seed).fit(views[best][0][ok], t)
-    Xp = views[best][1]
-    pred = final.predict(Xp) if len(Xp) else np.zeros(0)
-    pred = np.exp(pred) if log else pred
+    final = _regressor(best, seed).fit(views[best][ok], t)
     info.update(model=best, log_target=log, n_holdout=int(len(ho)), spearman=cands[best]["spearman"],
                 top10_overlap=cands[best]["top10_overlap"], candidates=cands)
-    return pred, info
+    return (best, lambda X: np.exp(final.predict(X)) if log else final.predict(X)), info
 
 
-def _fit_boolean(X: np.ndarray, y: np.ndarray, Xp: np.ndarray, *, seed: int, holdout: float,
-                 column: str) -> tuple[np.ndarray, dict[str, Any]]:
+def _fit_boolean(kind: str, X: np.ndarray, y: np.ndarray, *, seed: int, holdout: float,
+                 column: str) -> tuple[Predictor, dict[str, Any]]:
     info: dict[str, Any] = {"kind": "classification", "n_train": int(len(y)), "positive_rate": float(y.mean())
                             if len(y) else None}
     if len(y) < MIN_TRAIN or y.min() == y.max():
         majority = bool(y.mean() >= 0.5) if len(y) else False
         info.update(model="constant", accuracy=None, n_holdout=0)
-        return np.full(len(Xp), majority), info
+        return (kind, lambda X: np.full(len(X), majority)), info
     tr, ho = _split(len(y), holdout, seed, column)
     acc = None
     if len(ho) and y[tr].min() != y[tr].max():
         acc = float((_classifier(seed).fit(X[tr], y[tr]).predict(X[ho]) == y[ho]).mean())
-    pred = _classifier(seed).fit(X, y).predict(Xp).astype(bool) if len(Xp) else np.zeros(0, bool)
+    final = _classifier(seed).fit(X, y)
     info.update(model="hgb", accuracy=acc, n_holdout=int(len(ho)))
-    return pred, info
+    return (kind, lambda X: final.predict(X).astype(bool)), info
 
 
 def distill(
@@ -481,16 +507,18 @@ def _distill(feats: Features, computed: pl.DataFrame, all_ids: Sequence[str] | p
     cols = [c for c in computed.columns if c != "id"]
     is_comp = pool["id"].is_in(comp["id"].implode()).to_numpy()
     rest_ids = [i for i, c in zip(ids, is_comp, strict=True) if not c]
-    X_rest = feats.rows(rest_ids) if rest_ids else np.zeros((0, feats.matrix.shape[1]), np.float32)
+    rest_pos = feats.positions(rest_ids)
     X_comp = feats.rows(comp["id"].to_list())
-    views: dict[str, tuple[np.ndarray, np.ndarray]] = {"ridge": (X_comp, X_rest)}
+    # model kind -> (features of the computed rows, the same features from rows of the full features)
+    views: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {"ridge": (X_comp, lambda X: X)}
     if any(m != "ridge" for m in models) and comp.height > 1:
-        views["hgb"] = _tree_view(feats, X_comp, X_rest, seed)
+        views["hgb"] = _tree_view(feats, X_comp, seed)
     if "ridge_scalar" in models:  # lengths and flags only: what a small sample can fit without overfitting
         scalar = [j for j, name in enumerate(feats.names) if not name.startswith("emb_")] or [0]
-        views["ridge_scalar"] = (X_comp[:, scalar], X_rest[:, scalar])
+        views["ridge_scalar"] = (X_comp[:, scalar], lambda X: X[:, scalar])
     views = {m: views.get(m, views["ridge"]) for m in models} or views
-    predicted: dict[str, np.ndarray] = {}
+    comp_views = {k: v[0] for k, v in views.items()}
+    fitted: dict[str, Predictor] = {}
     report: dict[str, Any] = {}
     derived = [c for c in cols if c in DERIVED and DERIVED[c][0] in cols]
     for c in cols:
@@ -501,20 +529,31 @@ def _distill(feats: Features, computed: pl.DataFrame, all_ids: Sequence[str] | p
         if dt.is_numeric():
             v = s.cast(pl.Float64).to_numpy()
             ok = np.isfinite(v)
-            pred, info = _fit_numeric(views, ok, v[ok], seed=seed, holdout=holdout, column=c,
-                                      models=tuple(models), higher=_higher_is_better(c))
-            if dt.is_integer() and len(pred):
-                pred = np.round(pred)
+            fitted[c], info = _fit_numeric(comp_views, ok, v[ok], seed=seed, holdout=holdout, column=c,
+                                           models=tuple(models), higher=_higher_is_better(c))
         elif dt == pl.Boolean:
             v = s.to_numpy()
             ok = s.is_not_null().to_numpy()
-            Xc, Xr = views.get("hgb", views[models[0]])
-            pred, info = _fit_boolean(Xc[ok], v[ok].astype(bool), Xr, seed=seed, holdout=holdout, column=c)
+            kind = "hgb" if "hgb" in views else models[0]
+            fitted[c], info = _fit_boolean(kind, comp_views[kind][ok], v[ok].astype(bool), seed=seed,
+                                           holdout=holdout, column=c)
         else:  # text (error messages) and anything else: not predicted
-            pred, info = np.full(len(rest_ids), None, dtype=object), {"kind": "not predicted"}
-        predicted[c] = pred
+            info = {"kind": "not predicted"}
         info.update(n_computed=int(comp.height), n_predicted=len(rest_ids))
         report[c] = info
+    # the rest, a chunk of rows at a time: never a copy of the pool's features, whatever its size
+    predicted: dict[str, np.ndarray] = {c: np.full(len(rest_ids), None, dtype=object) for c in cols}
+    predicted.update({c: np.empty(len(rest_ids)) for c in fitted})
+    for start in range(0, len(rest_ids), PREDICT_CHUNK):
+        X = feats.take(rest_pos[start:start + PREDICT_CHUNK])
+        chunk = {kind: views[kind][1](X) for kind in {k for k, _ in fitted.values()}}
+        for c, (kind, predict) in fitted.items():
+            predicted[c][start:start + len(X)] = predict(chunk[kind])
+    for c in fitted:
+        if comp.schema[c].is_integer() and len(rest_ids):
+            predicted[c] = np.round(predicted[c])
+        elif comp.schema[c] == pl.Boolean:
+            predicted[c] = predicted[c].astype(bool)
     for c in derived:
         parent, rule = DERIVED[c]
         pv = np.asarray(predicted[parent], np.float64)
@@ -532,6 +571,6 @@ def _distill(feats: Features, computed: pl.DataFrame, all_ids: Sequence[str] | p
                      rest.with_columns(score_predicted=pl.lit(True))], how="vertical_relaxed")
     out = pool.join(out, on="id", how="left", maintain_order="left")
     summary = {"seed": seed, "holdout": holdout, "n_pool": len(ids), "n_computed": int(comp.height),
-               "n_predicted": len(rest_ids), "n_features": int(feats.matrix.shape[1]),
+               "n_predicted": len(rest_ids), "n_features": feats.width,
                "seconds": round(time.perf_counter() - t_start, 3), "columns": report}
     return out, summary
