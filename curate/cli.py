@@ -371,6 +371,7 @@ def plan(
     out.print(t)
     total = sum(s.seconds for s in stages)
     out.print(f"total: about {total / 60:.1f} min on 2 CPU cores (GPU: embed and score stages are far faster)")
+    out.print("(priced cold: embeddings, scores and feedback rounds already in the cache are read back, not redone)")
     note = lm_rate_note(recipe, measured=measured)
     if note:
         out.print(note)

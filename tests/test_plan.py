@@ -69,6 +69,7 @@ def test_plan_cli_prints_a_table():
     res = CliRunner().invoke(app, ["plan", str(SAMPLE), "--strategy", "iterative", "--budget", "500"])
     assert res.exit_code == 0, res.output
     assert "select:feedback" in res.output and "total: about" in res.output
+    assert "priced cold" in res.output  # a rerun reads stored work back; the plan does not pretend to know which
     assert "LM scoring rate assumed, not measured" in res.output  # the run measures it (issue #15)
 
 
