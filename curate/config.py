@@ -100,6 +100,10 @@ class SelectConfig(_Section):
     budget_tokens: int | None = Field(default=None, ge=1)
     tokenizer: str | None = None  # model whose tokenizer counts tokens for budget_tokens (None: n_tokens)
     score: str | None = None  # quality column for kmq/deita (None: strategy default)
+    # kMQ's (and the iterative strategy's in-cluster) draw: p proportional to exp(score / temperature), on the
+    # score's own scale; 0 = greedy. At 1, IFD (std ~0.2) barely tilts the draw: the default's 1,000 Alpaca rows
+    # share 943 with cluster-stratified random of the same seed (BENCHMARKS.md "kmq-temperature")
+    temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     fusion: dict[str, float] = Field(default_factory=dict)  # column -> signed weight (negative = lower is better)
     # rank (default): weighted mean of percentile ranks, blind to a column's scale and tail; topsis (vector
     # normalised) lets one heavy-tailed column (perplexity reaches 1e6 on Alpaca) flatten to a constant, so the

@@ -527,6 +527,37 @@ def test_recipe_fusion_ranks_by_default_because_topsis_ignores_a_heavy_tailed_co
     np.testing.assert_allclose(r, strat.scores(pool.with_columns(pl.col("perplexity").log())))  # scale-blind
 
 
+def test_recipe_kmq_temperature_sets_how_much_the_score_tilts_the_draw():
+    """`select.temperature` reaches kMQ: at 1 a score with IFD's spread (std ~0.2) barely moves the draw away from
+    cluster-stratified random of the same seed; lower temperatures follow the score, 0 takes each cluster's best."""
+    from curate.config import RecipeError, load_recipe
+    from curate.select.recipe import _strategy
+
+    rng = np.random.default_rng(0)
+    n = 6000
+    pool = pl.DataFrame({"id": [f"r{i:05d}" for i in range(n)], "cluster": rng.integers(0, 30, n),
+                         "ifd": rng.normal(0.7, 0.2, n)})
+
+    def chosen(temperature: float | None) -> set[str]:
+        over = {"select.strategy": "kmq"} | ({"select.temperature": temperature} if temperature is not None else {})
+        strat = _strategy(load_recipe(overrides=over), pool)
+        dec = select(pool, strat, Budget(rows=600), seed=0)
+        return set(dec.filter(pl.col("selected"))["id"])
+
+    uniform = set(select(pool, KMQ(score_col=None), Budget(rows=600), seed=0).filter(pl.col("selected"))["id"])
+    default, sharp, greedy = chosen(None), chosen(0.05), chosen(0.0)
+    assert default == chosen(1.0)
+    mean = {name: pool.filter(pl.col("id").is_in(list(ids)))["ifd"].mean()
+            for name, ids in (("uniform", uniform), ("default", default), ("sharp", sharp), ("greedy", greedy))}
+    assert len(default & uniform) > 0.8 * 600  # temperature 1 on this scale: mostly the uniform draw
+    assert len(sharp & uniform) < 0.5 * 600
+    assert mean["uniform"] < mean["default"] < mean["sharp"] < mean["greedy"]
+    top = pool.sort("ifd", descending=True).group_by("cluster", maintain_order=True).head(1)["id"]
+    assert set(top) <= greedy  # every cluster's best row is in the greedy pick
+    with pytest.raises(RecipeError, match="select.temperature"):
+        load_recipe(overrides={"select.temperature": -0.5})
+
+
 def test_fusion_per_cluster_and_caps():
     pool = make_pool(2000)
     f = Fusion(columns=("quality", "ifd", "perplexity"), cost=("ifd", "perplexity"), weights=(2, 1, 1))

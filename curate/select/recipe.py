@@ -68,7 +68,7 @@ def _strategy(recipe: Recipe, pool: pl.DataFrame, ctx: RunContext | None = None,
     quality = _quality_column(pool, cfg.score)
     split = "proportional" if cfg.proportional else "uniform"
     if cfg.strategy == "kmq":
-        return make_strategy("kmq", score_col=quality, split=split)
+        return make_strategy("kmq", score_col=quality, split=split, temperature=cfg.temperature)
     if cfg.strategy == "iterative":
         if ctx is None:
             raise ValueError("the iterative strategy needs a run folder (its feedback fine-tunes the scoring LM)")
@@ -84,7 +84,8 @@ def _strategy(recipe: Recipe, pool: pl.DataFrame, ctx: RunContext | None = None,
                            seed=recipe.seed, max_length=recipe.score.max_length, dtype=ctx.dtype_choice()["dtype"],
                            store=cache_dir() / "feedback")
         return make_strategy("iterative", rounds=cfg.rounds, temperature=cfg.feedback_temperature,
-                             split=split, score_col=quality, feedback_fn=fn)
+                             split=split, score_col=quality,
+                             sample_temperature=cfg.temperature, feedback_fn=fn)
     if cfg.strategy == "deita":
         if quality is None:
             raise ValueError("the deita strategy needs a score column: add a scorer or set select.score")
