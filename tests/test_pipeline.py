@@ -91,9 +91,13 @@ def test_exports_and_selection_is_deterministic(run, pool_dir, tiny_lm, tmp_path
 
 def test_token_budget_and_strategies(pool_dir, tiny_lm, tmp_path):
     r = run_direct(_recipe(pool_dir, tmp_path / "t", tiny_lm, **{"select.budget": None,
-                                                                 "select.budget_tokens": 5000}))
+                                                                 "select.budget_tokens": 5000,
+                                                                 "select.score": "perplexity_loss"}))
     sel = pl.read_parquet(r.file("selected.parquet"))
     assert 0 < sel["n_tokens"].sum() <= 5000
+    tilt = r.manifest["stages"]["select"]["score_tilt"]  # how many rows the score decided, for the report
+    assert tilt["score"] == "perplexity_loss" and tilt["selected"] == sel.height
+    assert 0 <= tilt["shared_with_stratified_random"] <= sel.height
     r2 = run_direct(_recipe(pool_dir, tmp_path / "d", tiny_lm, **{
         "select.strategy": "deita", "select.score": "perplexity_loss", "select.budget": 50}))
     assert pl.read_parquet(r2.file("selected.parquet")).height == 50

@@ -554,6 +554,17 @@ def test_recipe_kmq_temperature_sets_how_much_the_score_tilts_the_draw():
     assert mean["uniform"] < mean["default"] < mean["sharp"] < mean["greedy"]
     top = pool.sort("ifd", descending=True).group_by("cluster", maintain_order=True).head(1)["id"]
     assert set(top) <= greedy  # every cluster's best row is in the greedy pick
+    # the manifest and the report say how many rows the score decided (select_pool -> stages.select.score_tilt)
+    from curate.report.sections import score_tilt_sentence
+    from curate.select.recipe import score_tilt
+
+    for temperature, ids, kind in ((1.0, default, "mixed"), (0.0, greedy, "neutral")):
+        strat = KMQ(score_col="ifd", temperature=temperature)
+        tilt = score_tilt(pool, select(pool, strat, Budget(rows=600), seed=0), strat, Budget(rows=600), None, (), 0)
+        assert tilt == {"score": "ifd", "temperature": temperature, "selected": 600,
+                        "shared_with_stratified_random": len(ids & uniform)}
+        verdict, sentence = score_tilt_sentence({"score_tilt": tilt})
+        assert verdict == kind and f"decided {600 - len(ids & uniform)} of the 600 selected rows" in sentence
     with pytest.raises(RecipeError, match="select.temperature"):
         load_recipe(overrides={"select.temperature": -0.5})
 

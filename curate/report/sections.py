@@ -79,10 +79,28 @@ def sec_summary(d: RunData, div: dict[str, Any] | None) -> str:
     if div:
         kind, sentence = diversity_verdict(div)
         lines.append(f'<p class="verdict {kind}"><b>Diversity:</b> {esc(sentence)}</p>')
+    tilt = score_tilt_sentence((d.manifest.get("stages") or {}).get("select") or {})
+    if tilt:
+        lines.append(f'<p class="verdict {tilt[0]}"><b>Score:</b> {esc(tilt[1])}</p>')
     ev = _eval_verdict(d.eval) if d.eval else None
     if ev:
         lines.append(f'<p class="verdict"><b>Evaluation:</b> {esc(ev)}</p>')
     return f'<div class="cards">{html_cards}</div>{"".join(lines)}{notes}'
+
+
+def score_tilt_sentence(select_stage: dict[str, Any]) -> tuple[str, str] | None:
+    """(verdict class, sentence) on how many selected rows kMQ's quality score decided; None without a record."""
+    t = select_stage.get("score_tilt")
+    if not t or not t.get("selected"):
+        return None
+    n, shared = int(t["selected"]), int(t["shared_with_stratified_random"])
+    sentence = (f"the quality score ({t['score']}, select.temperature {t['temperature']:g}) decided {fmt(n - shared)} "
+                f"of the {fmt(n)} selected rows; the other {fmt(shared)} are the ones cluster-stratified random "
+                "sampling with the same seed picks.")
+    if shared > 0.8 * n:
+        return "mixed", (sentence + " The selection is mostly stratified random: a lower select.temperature "
+                         "makes the score count more.")
+    return "neutral", sentence
 
 
 def sec_funnel(d: RunData) -> str:

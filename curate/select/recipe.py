@@ -99,6 +99,21 @@ def _strategy(recipe: Recipe, pool: pl.DataFrame, ctx: RunContext | None = None,
     return make_strategy("random")
 
 
+def score_tilt(pool: pl.DataFrame, decisions: pl.DataFrame, strategy: Any, budget: Any, quotas: Any,
+               thresholds: Any, seed: int) -> dict[str, Any]:
+    """How many of kMQ's rows the quality score decided: the same draw without the score (cluster-stratified
+    uniform, same seed, quotas and thresholds) shares the rest. At temperature 1 a score with IFD's spread moves
+    few rows (BENCHMARKS.md "kmq-temperature"), which a reader of a "no better than random" verdict should know."""
+    from curate.select import make_strategy, select
+
+    uniform = select(pool, make_strategy("kmq", score_col=None, split=strategy.split), budget, quotas=quotas,
+                     thresholds=thresholds, seed=seed)
+    mine = decisions.filter(pl.col("selected"))["id"]
+    shared = int(mine.is_in(uniform.filter(pl.col("selected"))["id"].implode()).sum())
+    return {"score": strategy.score_col, "temperature": strategy.temperature, "selected": mine.len(),
+            "shared_with_stratified_random": shared}
+
+
 def select_pool(ctx: RunContext, pool: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Decisions for every pool row plus what the manifest should record about the choice."""
     from curate.select import Quotas, resolve_thresholds, select
@@ -120,6 +135,8 @@ def select_pool(ctx: RunContext, pool: pl.DataFrame) -> tuple[pl.DataFrame, dict
         "thresholds": {str(t.column) + " " + t.op: cut for t, cut in resolve_thresholds(pool, thresholds)}
         if thresholds else {},
     }
+    if cfg.strategy == "kmq" and getattr(strategy, "score_col", None):
+        info["score_tilt"] = score_tilt(pool, decisions, strategy, budget, quotas, thresholds, recipe.seed)
     if cfg.strategy == "iterative":
         info["rounds"] = [h | {"feedback": f} for h, f in
                           zip(strategy.history, [None, *strategy.feedback_fn.history], strict=True)]
