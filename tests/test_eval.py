@@ -225,7 +225,9 @@ def test_eval_reports_every_arm_with_intervals(evaluated, plan):
         assert v["ci"][0] <= v["mean"] <= v["ci"][1], arm
         assert len(v["seeds"]) == (1 if arm == "base" else 2)
     for a in ("selected", "random_rows", "random_tokens", "random_length"):  # every fine-tune learned something
-        assert e["diff"][f"{a} - base"]["verdict"] == "better"
+        assert max(e["loss"][a]["seeds"]) < e["loss"]["base"]["mean"], (a, e["loss"][a], e["loss"]["base"])
+        d = e["diff"][f"{a} - base"]  # (with 2 seeds the Welch part of its interval has 1 degree of freedom)
+        assert d["ci"][0] <= d["mean"] < 0 and d["verdict"] != "worse", d
     assert {"selected - random_rows", "selected - random_tokens", "selected - random_length"} <= set(e["diff"])
     assert doc["verdict"] in ("better", "no different", "worse", "mixed")
     assert doc["verdict_line"].startswith("selected vs random at equal tokens: ")
@@ -352,14 +354,15 @@ def test_planted_reference_is_seen(run_dir, tiny_lm, tmp_path):
     out.mkdir()
     for name in ("records.parquet", "semdedup.parquet", "selected.parquet"):
         (out / name).write_bytes((run_dir / name).read_bytes())
+    # 3 seeds, the default: with 2 the Welch part of the interval has ~1 degree of freedom (t = 12.7)
     cfg = EvalConfig(student=tiny_lm, **{**TINY, "arms": ("selected", "random_tokens"), "epochs": 12.0,
-                                               "lr": 5e-3})
+                                               "lr": 5e-3, "seeds": 3})
     doc = run_eval(out, cfg, [str(ref)])
     e = doc["references"]["planted"]
     assert e["rows"] == sel.height
     d = e["diff"]["selected - random_tokens"]
     # the interval excludes zero and the mean gain is large (random arms differ by ~0): the eval sees it
-    assert d["verdict"] == "better" and d["ci"][1] < 0 and d["mean"] < -0.1, d
+    assert d["verdict"] == "better" and d["ci"][1] < 0 and d["mean"] < -0.1, (d, e["loss"])
     assert doc["verdict"] == "better"
     # the reference rows are in the subset: the eval says so
     assert doc["arms"]["selected-seed0"]["reference_overlap"] == sel.height
@@ -528,6 +531,48 @@ def test_overall_verdict_is_corrected_for_several_comparisons():
         overall, line = verdict_line({"a": a, **{f"r{i}": entry(b, 4) for i, b in enumerate(flat)}})
         assert overall == "better"
         assert ("no better than random rows with the same lengths on a " in line) is named, line
+
+
+def test_difference_interval_covers_the_spread_between_random_draws():
+    """Three random draws that happen to agree must not make a 'better' that the next draws could undo: the
+    difference's interval adds the arms' seed spread as a Welch t-interval, where resampling three seeds never
+    went past the extreme ones. The same gain against tightly agreeing draws, or a large one, stays 'better'."""
+    from pathlib import Path
+
+    import numpy as np
+    import polars as pl
+
+    from curate.eval import EvalConfig, EvalPlan, Reference, summarize, verdict_line
+
+    rng = np.random.default_rng(0)
+    n = 300
+    tok = rng.integers(20, 200, n).astype(float)
+    row_loss = rng.normal(2.0, 0.3, n)  # per-token loss of each reference row, shared by every arm
+
+    def run(gain: float, random_spread: float) -> dict:
+        offsets = {"selected": [-gain - 0.0005, -gain, -gain + 0.0005],
+                   "random_tokens": [random_spread, 0.0, -random_spread], "base": [0.3]}
+        results = {(a, k): {"references": {"ref": {"nll": ((row_loss + o) * tok).tolist(), "tokens": tok.tolist()}}}
+                   for a, offs in offsets.items() for k, o in enumerate(offs)}
+        ref = Reference(name="ref", convs=[[]] * n, ids=[str(i) for i in range(n)])
+        plan = EvalPlan(run_dir=Path("."), config=EvalConfig(student="none"), student="none", pool=pl.DataFrame(),
+                        selected=pl.DataFrame(), references=[ref], arms={}, arm_info={}, dtype="float32")
+        return summarize(plan, results)["ref"]["diff"]
+
+    # the old interval (rows and 3 seeds resampled) was about [-0.009, -0.001] here: 'better'
+    d = run(gain=0.005, random_spread=0.004)["selected - random_tokens"]
+    assert abs(d["mean"] + 0.005) < 1e-5
+    assert d["verdict"] == "no different" and d["ci"][0] < -0.012 and d["ci"][1] > 0.003, d
+    assert run(gain=0.005, random_spread=0.0005)["selected - random_tokens"]["verdict"] == "better"
+    assert run(gain=0.05, random_spread=0.004)["selected - random_tokens"]["verdict"] == "better"
+    # base is one deterministic unit: its difference widens only by the other arm's spread
+    b = run(gain=0.005, random_spread=0.004)["random_tokens - base"]
+    assert b["verdict"] == "better" and b["ci"][1] - b["ci"][0] < 0.03, b
+    # the verdict line: a gain that holds against length-matched random but with a wide interval is not 'length'
+    e = {"diff": {"selected - random_tokens": {"mean": -0.0067, "ci": [-0.0102, -0.0032], "verdict": "better"},
+                  "selected - random_length": {"mean": -0.0085, "ci": [-0.0180, 0.0009], "verdict": "no different"}}}
+    _, line = verdict_line({"lima": e})
+    assert "the gain is the rows' length" not in line and "not yet shown not to be length" in line, line
 
 
 def test_killed_prefect_eval_resumes_at_its_unit(evaluated, run_dir, tiny_lm, tmp_path):
