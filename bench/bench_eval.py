@@ -200,8 +200,9 @@ def evaluate(args: argparse.Namespace) -> None:
             body.append(f"| {name} | {arm} | {info['rows']} | {info['tokens']:,} | {v['mean']:.4f} "
                         f"[{v['ci'][0]:.4f}, {v['ci'][1]:.4f}] | {', '.join(f'{x:.4f}' for x in v['seeds'])} | "
                         + (f"{a['mean']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]" if a else "-") + " |")
-    body += ["", "Paired differences (arm − baseline, loss; negative = arm better), 95% bootstrap CI over reference "
-             "rows and seeds:", "", "| reference | comparison | Δ loss | 95% CI | verdict |", "|---|---|---|---|---|"]
+    body += ["", "Paired differences (arm − baseline, loss; negative = arm better), 95% CI: paired bootstrap over "
+             "reference rows, widened by a Welch t-interval over seeds (`curate.eval._diff_ci`):", "",
+             "| reference | comparison | Δ loss | 95% CI | verdict |", "|---|---|---|---|---|"]
     for name, e in doc["references"].items():
         for k, d in e["diff"].items():
             if k.startswith("selected") or k.endswith("base"):
