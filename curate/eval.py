@@ -895,6 +895,9 @@ def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], s
     if cfg.seeds == 1 and overall != "n/a":  # fusion at 1,000 rows: a second seed moved two verdicts (eval.md)
         line += (". One seed per arm: the intervals leave out the spread between fine-tunes; run more seeds before "
                  "trusting a better or worse")
+    elif cfg.seeds == 2 and overall != "n/a":  # the Welch part then has ~1 degree of freedom (t ~12.7)
+        line += (". Two seeds per arm: the intervals' seed part rests on one degree of freedom and is very wide; a "
+                 "third seed narrows it most")
     doc = {
         "verdict": overall, "verdict_line": line, "student": cfg.student, "student_path": plan.student,
         "dtype": plan.dtype, "config": asdict(cfg), "references": summary,

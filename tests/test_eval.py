@@ -314,6 +314,8 @@ def test_minutes_leave_out_the_least_telling_units_first(evaluated, plan, run_di
     one_doc = write_eval(replace(one, run_dir=tmp_path), results, 0.0)
     assert one_doc["fitted"]["left_out"] == ["random_rows", "seeds 2 -> 1"] and one_doc["config"]["seeds"] == 1
     assert "One seed per arm" in one_doc["verdict_line"] and "One seed" not in doc["verdict_line"]
+    # ... and a two-seed one (the module's eval) that its seed part is very wide
+    assert "Two seeds per arm" in doc["verdict_line"] and "Two seeds" not in one_doc["verdict_line"]
 
     base = ["eval", str(run_dir), "--student", tiny_lm, "--dry-run", "--seeds", "2", "--lr", "0.003", "--batch-size",
             "8", "--max-length", "128", "--threads", "1", "--dtype", "float32", "--heldout", "24",
