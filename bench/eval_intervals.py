@@ -21,17 +21,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from curate.eval import seed_halfwidth  # noqa: E402
+from curate.eval import _verdict, seed_halfwidth, widen  # noqa: E402
 
 SRC = ROOT / "bench" / "results" / "eval.md"
 OUT = ROOT / "bench" / "results" / "eval-intervals.md"
 ARM_ROW = re.compile(r"^\| (\S+) \| (\w+) \| \d+ \| [\d,]+ \| [\d.]+ \[[^]]+\] \| ([\d., ]+) \|", re.M)
 DIFF_ROW = re.compile(r"^\| (\S+) \| selected - (random_\w+) \| ([-+\d.]+) \| "
                       r"\[([-+\d.]+), ([-+\d.]+)\] \| ([\w ]+) \|", re.M)
-
-
-def word(lo: float, hi: float) -> str:
-    return "better" if hi < 0 else "worse" if lo > 0 else "no different"
 
 
 def main() -> None:
@@ -50,9 +46,8 @@ def main() -> None:
             xa, xb = seeds.get((ref, "selected")), seeds.get((ref, base))
             if xa is None or xb is None:
                 continue
-            h = seed_halfwidth(xa, xb)
-            nlo, nhi = mean - float(np.hypot(mean - lo, h)), mean + float(np.hypot(hi - mean, h))
-            new = word(nlo, nhi)
+            nlo, nhi = widen(mean, lo, hi, seed_halfwidth(xa, xb), 4)
+            new = _verdict([nlo, nhi], -1)
             if old == new == "no different":
                 continue  # widening cannot change it
             rows.append(f"| {title} | {ref} | selected − {base} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {old} | "

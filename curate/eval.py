@@ -589,9 +589,8 @@ def summarize(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]]) ->
             entry["skipped"] = {"rows": ref.skipped, "example": ref.skipped_example}
         vals = {a: np.array([_ratio(nll[a][k], tok) for k in range(len(seeds[a]))]) for a in arms}
         for a in arms:
-            per_seed = vals[a].tolist()
-            entry["loss"][a] = {"mean": round(float(np.mean(per_seed)), 5), "ci": _ci(boot[a]),
-                                "seeds": [round(x, 5) for x in per_seed]}
+            entry["loss"][a] = {"mean": round(float(vals[a].mean()), 5), "ci": _ci(boot[a]),
+                                "seeds": [round(float(x), 5) for x in vals[a]]}
         for b in [x for x in RANDOM_ARMS + ("base",) if x in arms]:
             for a in [x for x in arms if x != b and x != "base"]:
                 d = rows_only[a] - rows_only[b]
@@ -655,7 +654,11 @@ def _diff_ci(rows_boot: np.ndarray, mean: float, xa: np.ndarray, xb: np.ndarray,
     extreme seeds, so three random draws that happen to agree (LIMA loss 2.7549-2.7563 at 1,000 rows; the default
     eval's three spanned 2.7491-2.7558) made a narrow interval and a "better" the next draws could undo."""
     lo, hi = np.percentile(rows_boot, [50 * alpha, 100 - 50 * alpha])
-    h = seed_halfwidth(xa, xb, alpha)
+    return widen(mean, float(lo), float(hi), seed_halfwidth(xa, xb, alpha), digits)
+
+
+def widen(mean: float, lo: float, hi: float, h: float, digits: int = 5) -> list[float]:
+    """[lo, hi] around `mean` with each side's distance to the mean widened in quadrature by `h`."""
     return [round(mean - float(np.hypot(max(mean - lo, 0.0), h)), digits),
             round(mean + float(np.hypot(max(hi - mean, 0.0), h)), digits)]
 
