@@ -452,6 +452,13 @@ def eval_cmd(
     done = sum(u["state"] == "done" for u in est["units"].values())
     out.print(f"estimated time: {est['seconds'] / 60:.1f} min for {len(est['units']) - done} of {len(est['units'])} "
               "units" + (f" ({done} finished unit{'s are' if done != 1 else ' is'} read back)" if done else ""))
+    if est["scale"]["from_units"]:
+        n = est["scale"]["from_units"]
+        out.print(f"  priced from {n} finished unit{'s' * (n != 1)}' real times: x{est['scale']['factor']:.2f} the "
+                  "calibration", highlight=False)
+    elif calib.get("load", 0) >= calib.get("cpus", 1):
+        out.print(f"  calibrated while the machine was busy (load {calib['load']:.1f} on {calib['cpus']} cores): the "
+                  "estimate may be high; once a unit finishes, its real time corrects it", highlight=False)
     if dry_run:
         return
     if no_prefect:

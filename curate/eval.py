@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -774,6 +775,7 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
     convs = [_plain(m) for m in rows["messages"].to_list()]
     import trl.trainer.sft_trainer  # noqa: F401  (a one-off import cost, not a per-unit one)
 
+    load = round(os.getloadavg()[0], 2)  # before our own threads add to it
     t0 = time.perf_counter()
     rates, engine = unit_rates(plan.student, convs, rows["tokens"].to_list(), cfg, plan.dtype, steps=steps)
     gen_tps = 0.0
@@ -785,7 +787,8 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
         engine.generate(prompts, temperature=0.0, max_tokens=new)
         gen_tps = len(prompts) * new / max(time.perf_counter() - t2, 1e-6)
     c = {"key": key, **rates, "generate_tps": round(gen_tps, 1),
-         "calibration_seconds": round(time.perf_counter() - t0, 2), "dtype": plan.dtype, "threads": cfg.threads}
+         "calibration_seconds": round(time.perf_counter() - t0, 2), "dtype": plan.dtype, "threads": cfg.threads,
+         "load": load, "cpus": os.cpu_count() or 1}  # how busy the machine was: a busy one prices units high
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(c, indent=2) + "\n")
     return c
@@ -811,19 +814,30 @@ def unit_cost(config: EvalConfig, arm: str, rows: int, tokens: float, reference_
 def estimate(plan: EvalPlan, calib: dict[str, float]) -> dict[str, Any]:
     """Seconds per unit (`unit_cost`) at the calibrated rates, and each unit's `unit_state`; generated answers are
     assumed full length (an upper bound). "seconds" is what is left to run: finished units are read back, so a
-    resumed eval is priced at its remaining units ("seconds_all": every unit)."""
+    resumed eval is priced at its remaining units ("seconds_all": every unit).
+
+    Once units have finished, their real times correct the calibration: every unit's price is scaled by the median
+    of (real / calibrated) over them ("scale"). A calibration is a few steps, taken once and cached; one taken
+    while the machine was busy priced the rest of an eval at 6x its real time (bench/results/eval.md)."""
     cfg = plan.config
     tok = _tokenizer(plan.student)
     ref_tokens = sum(sum(token_lengths(tok, r.convs, cfg.max_length)) for r in plan.references)
     gen_tokens = sum(min(len(r.qa_rows), cfg.accuracy_rows) for r in plan.references) * cfg.gen_tokens
-    units = {}
+    units, ratios = {}, []
     for (arm, seed), info in plan.arm_info.items():
         train_tokens, secs = unit_cost(cfg, arm, info["rows"], info["tokens"], ref_tokens, gen_tokens, calib)
-        units[f"{arm}-seed{seed}"] = {"train_tokens": int(train_tokens), "seconds": round(secs, 1),
+        units[f"{arm}-seed{seed}"] = {"train_tokens": int(train_tokens), "calibrated_seconds": round(secs, 1),
                                       "state": unit_state(plan, arm, seed)}
+        done = unit_done(plan, arm, seed)
+        if done is not None and done.get("seconds") and secs > 0:
+            ratios.append(done["seconds"] / secs)
+    scale = float(np.median(ratios)) if ratios else 1.0
+    for u in units.values():
+        u["seconds"] = round(u["calibrated_seconds"] * scale, 1)
     return {"units": units, "reference_tokens": int(ref_tokens), "generated_tokens": gen_tokens,
             "seconds": round(sum(u["seconds"] for u in units.values() if u["state"] != "done"), 1),
-            "seconds_all": round(sum(u["seconds"] for u in units.values()), 1), "calibration": calib}
+            "seconds_all": round(sum(u["seconds"] for u in units.values()), 1), "calibration": calib,
+            "scale": {"factor": round(scale, 3), "from_units": len(ratios)}}
 
 
 def fit_to_minutes(plan: EvalPlan, est: dict[str, Any], minutes: float) -> EvalPlan:

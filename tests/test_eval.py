@@ -281,6 +281,29 @@ def test_dry_run_prices_only_the_units_left(evaluated, run_dir, plan, tiny_lm):
             p.write_text(text)
 
 
+def test_finished_units_correct_a_calibration_taken_on_a_busy_machine(evaluated, plan):
+    """A calibration is cached: one measured while the machine was busy (rates 10x too slow here) would price
+    every later unit 10x high. Once units have finished, their real times set the price of the rest."""
+    calib = calibrate(plan)
+    busy = {**calib, "setup_seconds": calib["setup_seconds"] * 10, "train_tps": calib["train_tps"] / 10,
+            "forward_tps": calib["forward_tps"] / 10, "generate_tps": calib["generate_tps"] / 10}
+    victim = plan.unit_path("random_tokens", 1)
+    saved = victim.read_text()
+    real = json.loads(saved)["seconds"]
+    try:
+        victim.unlink()
+        est = estimate(plan, busy)
+        unit = est["units"]["random_tokens-seed1"]
+        assert est["scale"]["from_units"] == 8 and est["scale"]["factor"] < 1
+        assert unit["calibrated_seconds"] > 2 * unit["seconds"]  # the busy calibration alone: far too high
+        assert 0.25 <= real / unit["seconds"] <= 4.0, (real, unit)  # the stated factor of the dry-run test
+        assert est["seconds"] == unit["seconds"]
+    finally:
+        victim.write_text(saved)
+    fresh = estimate(replace(plan, run_dir=plan.run_dir.parent / "no-such-run"), busy)
+    assert fresh["scale"] == {"factor": 1.0, "from_units": 0}  # nothing finished: the calibration as it is
+
+
 def test_minutes_leave_out_the_least_telling_units_first(evaluated, plan, run_dir, tiny_lm, tmp_path):
     """`--minutes`: random_rows goes first, then seeds, then random_length, then base; selected and random_tokens
     stay, and when one seed of them does not fit it stops before any work. Finished units cost nothing."""
