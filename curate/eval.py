@@ -775,7 +775,10 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
     convs = [_plain(m) for m in rows["messages"].to_list()]
     import trl.trainer.sft_trainer  # noqa: F401  (a one-off import cost, not a per-unit one)
 
-    load = round(os.getloadavg()[0], 2)  # before our own threads add to it
+    try:  # before our own threads add to it
+        load = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # no load average on this OS
+        load = 0.0
     t0 = time.perf_counter()
     rates, engine = unit_rates(plan.student, convs, rows["tokens"].to_list(), cfg, plan.dtype, steps=steps)
     gen_tps = 0.0
