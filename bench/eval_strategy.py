@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_eval as B  # noqa: E402
 
-from curate.eval import EvalConfig, _verdict, plan_eval, unit_done, widen  # noqa: E402
+from curate.eval import EvalConfig, _ratio, _verdict, plan_eval, unit_done, widen  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "eval-strategy.md"
 LEGEND = ("Loss in nats/token, negative = the subset better. Reference sets (150 rows each, as in \"eval\"): "
@@ -37,11 +37,12 @@ LEGEND = ("Loss in nats/token, negative = the subset better. Reference sets (150
           "student: SmolLM2-135M-Instruct, bf16 on the 2-core CPU.")
 
 
-def arm_loss(res: dict, arm: str, seeds: int, ref: str, tok: np.ndarray, rows: np.ndarray) -> tuple[float, np.ndarray]:
-    """An arm's token-weighted loss (mean over seeds) on one reference set, and the same per bootstrap replicate."""
+def arm_loss(res: dict, arm: str, seeds: int, ref: str, tok: np.ndarray, rows: np.ndarray,
+             tok_b: np.ndarray) -> tuple[float, np.ndarray]:
+    """An arm's token-weighted loss (mean over seeds, as `curate eval` reports it) on one reference set, and the
+    same per bootstrap replicate (`rows`, with `tok_b` their token counts)."""
     nll = [np.array(res[(arm, s)]["references"][ref]["nll"]) for s in range(seeds)]
-    tok_b = np.maximum(tok[rows].sum(1), 1)
-    return float(np.mean([x.sum() / tok.sum() for x in nll])), np.mean([x[rows].sum(1) / tok_b for x in nll], 0)
+    return float(np.mean([_ratio(x, tok) for x in nll])), np.mean([x[rows].sum(1) / tok_b for x in nll], 0)
 
 
 def pooled(runs: list[Path], base: str, seeds: int, refs: list[str], bootstrap: int = 4000,
@@ -68,21 +69,21 @@ def pooled(runs: list[Path], base: str, seeds: int, refs: list[str], bootstrap: 
         tok = np.array(units[0][("selected", 0)]["references"][ref.name]["tokens"], float)
         n = len(tok)
         rows = rng.integers(0, n, size=(bootstrap, n))
+        tok_b = np.maximum(tok[rows].sum(1), 1)
         d_run, d_boot = [], []
         for i, res in enumerate(units):
-            (sa, ba), (sb, bb) = (arm_loss(res, a, seeds, ref.name, tok, rows) for a in ("selected", base))
+            (sa, ba), (sb, bb) = (arm_loss(res, a, seeds, ref.name, tok, rows, tok_b) for a in ("selected", base))
             d_run.append(sa - sb)
             d_boot.append(ba - bb)
             per_run[i][ref.name] = round(sa - sb, 5)
         d = np.array(d_run)
         mean = float(d.mean())
         row_boot = np.mean(d_boot, 0)
-        h = float(t.ppf(1 - alpha / 2, k - 1) * d.std(ddof=1) / np.sqrt(k)) if k > 1 else 0.0
+        se = float(d.std(ddof=1) / np.sqrt(k)) if k > 1 else 0.0  # between selections
         res = {}
         for name, a in (("95%", alpha), ("Bonferroni", alpha / len(plans[0].references))):
             lo, hi = np.percentile(row_boot, [50 * a, 100 - 50 * a])
-            ha = h * (t.ppf(1 - a / 2, k - 1) / t.ppf(1 - alpha / 2, k - 1)) if k > 1 else 0.0
-            ci = widen(mean, float(lo), float(hi), ha, 5)
+            ci = widen(mean, float(lo), float(hi), float(t.ppf(1 - a / 2, k - 1)) * se if k > 1 else 0.0, 5)
             res[name] = {"ci": ci, "verdict": _verdict(ci, -1)}
         out[ref.name] = {"mean": round(mean, 5), **res}
     return out, per_run

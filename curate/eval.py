@@ -829,9 +829,9 @@ def estimate(plan: EvalPlan, calib: dict[str, float]) -> dict[str, Any]:
     units, ratios = {}, []
     for (arm, seed), info in plan.arm_info.items():
         train_tokens, secs = unit_cost(cfg, arm, info["rows"], info["tokens"], ref_tokens, gen_tokens, calib)
+        done = unit_done(plan, arm, seed)  # read once: the state and the real time both come from it
         units[f"{arm}-seed{seed}"] = {"train_tokens": int(train_tokens), "calibrated_seconds": round(secs, 1),
-                                      "state": unit_state(plan, arm, seed)}
-        done = unit_done(plan, arm, seed)
+                                      "state": "done" if done is not None else unit_state(plan, arm, seed)}
         if done is not None and done.get("seconds") and secs > 0:
             ratios.append(done["seconds"] / secs)
     scale = float(np.median(ratios)) if ratios else 1.0
