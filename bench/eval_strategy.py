@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_eval as B  # noqa: E402
 
-from curate.eval import EvalConfig, _ratio, _verdict, plan_eval, unit_done, widen  # noqa: E402
+from curate.eval import EvalConfig, _ratio, _verdict, plan_eval, seed_halfwidth, unit_done, widen  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "eval-strategy.md"
 LEGEND = ("Loss in nats/token, negative = the subset better. Reference sets (150 rows each, as in \"eval\"): "
@@ -51,17 +51,12 @@ def arm_loss(res: dict, arm: str, seeds: int, ref: str, tok: np.ndarray, rows: n
 def seed_part(d_run: list[float], per_seed: list[np.ndarray], alpha: float) -> tuple[float, str]:
     """Half-width of the seed part of the mean over selections' interval, and which estimate gave it: the
     t-interval over the k selections' differences, or, where larger, the Welch t-interval from every selection's
-    per-seed losses (`per_seed`: both arms of each selection), each variance over k squared."""
+    per-seed losses (`per_seed`: both arms of each selection; the mean over k selections divides it by k)."""
     from scipy.stats import t
 
     k = len(d_run)
     between = float(t.ppf(1 - alpha / 2, k - 1) * np.std(d_run, ddof=1) / np.sqrt(k)) if k > 1 else 0.0
-    terms = [(float(np.var(x, ddof=1)) / len(x) / k ** 2, len(x)) for x in per_seed if len(x) > 1]
-    se2 = sum(v for v, _ in terms)
-    within = 0.0
-    if se2 > 0:
-        df = se2 ** 2 / sum(v ** 2 / (n - 1) for v, n in terms if v > 0)
-        within = float(t.ppf(1 - alpha / 2, df) * np.sqrt(se2))
+    within = seed_halfwidth(*per_seed, alpha=alpha) / k
     return (between, "between") if between >= within else (within, "within")
 
 

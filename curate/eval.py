@@ -635,12 +635,13 @@ def _ci(x: np.ndarray, digits: int = 5, alpha: float = 0.05) -> list[float]:
     return [round(float(lo), digits), round(float(hi), digits)]
 
 
-def seed_halfwidth(xa: np.ndarray, xb: np.ndarray, alpha: float = 0.05) -> float:
-    """Half-width of the Welch t-interval of mean(xa) - mean(xb) over per-seed values: 0 where no arm has two
-    seeds (one seed cannot show its spread; the verdict line says so) or they do not differ (`base`)."""
+def seed_halfwidth(*xs: np.ndarray, alpha: float = 0.05) -> float:
+    """Half-width of the Welch t-interval of mean(xa) - mean(xb) (or any signed sum of the `xs` means) over
+    per-seed values: 0 where no arm has two seeds (one seed cannot show its spread; the verdict line says so) or
+    they do not differ (`base`)."""
     from scipy.stats import t
 
-    terms = [(float(np.var(x, ddof=1)) / len(x), len(x)) for x in (xa, xb) if len(x) > 1]
+    terms = [(float(np.var(x, ddof=1)) / len(x), len(x)) for x in xs if len(x) > 1]
     se2 = sum(v for v, _ in terms)
     if se2 <= 0:
         return 0.0
@@ -655,7 +656,7 @@ def _diff_ci(rows_boot: np.ndarray, mean: float, xa: np.ndarray, xb: np.ndarray,
     extreme seeds, so three random draws that happen to agree (LIMA loss 2.7549-2.7563 at 1,000 rows; the default
     eval's three spanned 2.7491-2.7558) made a narrow interval and a "better" the next draws could undo."""
     lo, hi = np.percentile(rows_boot, [50 * alpha, 100 - 50 * alpha])
-    return widen(mean, float(lo), float(hi), seed_halfwidth(xa, xb, alpha), digits)
+    return widen(mean, float(lo), float(hi), seed_halfwidth(xa, xb, alpha=alpha), digits)
 
 
 def widen(mean: float, lo: float, hi: float, h: float, digits: int = 5) -> list[float]:
