@@ -143,6 +143,12 @@ def _check_columns(recipe: Recipe, scorer_columns: set[str]) -> None:
         raise RecipeError("select.fusion: the fusion strategy needs {column: weight} (negative = lower is better)")
     if sel.score:
         need(sel.score, "select.score")
+    elif sel.strategy == "deita":
+        from curate.select.recipe import QUALITY_PRIORITY
+
+        if not any(c in known for c in QUALITY_PRIORITY):
+            raise RecipeError(f"select.score: the deita strategy ranks by a score, and the chosen scorers ({chosen}) "
+                              f"write none of {', '.join(QUALITY_PRIORITY)}; add a scorer or set select.score")
     if sel.cluster_max is not None and sel.cluster_max < sel.cluster_min:
         raise RecipeError(f"select.cluster_max ({sel.cluster_max}) is below select.cluster_min ({sel.cluster_min})")
     if any(w < 0 for w in sel.source_weights.values()):

@@ -310,6 +310,7 @@ def test_billion_laughs_and_recursive_recipes_fail_fast(tmp_path):
     (["--scorers", "heuristic"], ["unknown scorer 'heuristic'", "heuristics"]),
     (["--seed", str(2**70)], ["seed"]),
     (["--strategy", "fusion"], ["select.fusion"]),
+    (["--strategy", "deita", "--scorers", "heuristics"], ["select.score", "deita strategy"]),
     (["--strategy", "nosuch"], ["select.strategy"]),
 ])
 def test_options_are_checked_before_any_work(tmp_path, args, fragments):
