@@ -291,12 +291,16 @@ def stage_select(ctx: RunContext) -> dict[str, Any]:
 def stage_export(ctx: RunContext) -> dict[str, Any]:
     """The trainer hand-off next to selected.parquet: Alpaca / ShareGPT JSONL if asked, and always a
     LLaMA-Factory dataset_info.json and a dataset card (README.md) that name the files written."""
-    from curate.io.writers import export, write_handoff
+    from curate.io.writers import EXPORT_FORMATS, export, write_handoff
 
     run = ctx.run
+    # an export made earlier by `curate export` still holds the previous subset, and the card and dataset_info.json
+    # would list it as this one: it is written again from the new selected.parquet
+    earlier = [f for f in EXPORT_FORMATS if f not in ctx.recipe.export and run.file(f"selected.{f}.jsonl").exists()]
     exports = {fmt: export(run.file("selected.parquet"), fmt, run.file(f"selected.{fmt}.jsonl"), handoff=False)
-               for fmt in ctx.recipe.export}
+               for fmt in (*ctx.recipe.export, *earlier)}
     written, notes = write_handoff(run.file("selected.parquet"), run.path, exports=exports)
+    notes += [f"{exports[f]}: an earlier export, rewritten for this subset" for f in earlier]
     return {"files": [str(p) for p in [*exports.values(), *written]], "notes": notes}
 
 

@@ -209,3 +209,27 @@ def test_export_to_another_folder_points_back_to_the_parquet(run_dir, tmp_path):
     assert info["selected"]["file_name"].startswith("..")
     assert info["selected_alpaca"]["file_name"] == "train.jsonl"
     assert (dest.parent / "README.md").exists()
+
+
+def test_a_new_selection_rewrites_an_earlier_export(tmp_path):
+    """`curate export` then a re-select with another budget: the JSONL held the old subset while the card and
+    dataset_info.json listed it as the new one."""
+    src = tmp_path / "mine.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+
+    def select(budget):
+        return run_direct(load_recipe(None, {"inputs": [str(src)], "out": str(tmp_path / "run"), "embed.enabled": False,
+                                             "score.scorers": ["heuristics"], "select.strategy": "random",
+                                             "select.budget": budget, "select.thresholds": [], "report": False}))
+
+    run = select(8)
+    res = subprocess.run([sys.executable, "-m", "curate.cli", "export", str(run.path), "--format", "alpaca"],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert len(_jsonl(run.path / "selected.alpaca.jsonl")) == 8
+    run = select(12)
+    ids = set(pl.read_parquet(run.path / "selected.parquet")["id"])
+    assert len(ids) == 12
+    assert {r["id"] for r in _jsonl(run.path / "selected.alpaca.jsonl")} == ids
+    assert json.loads((run.path / "dataset_info.json").read_text())["selected_alpaca"]["file_name"] == \
+        "selected.alpaca.jsonl"
