@@ -415,12 +415,21 @@ def eval_cmd(
 
     Each (arm, seed) is a Prefect task (a killed eval resumes at the unit it was in); `--no-prefect` runs the
     same units in this process. `--minutes` keeps the finished units: run it again to add seeds."""
-    from curate.eval import EvalConfig, calibrate, estimate, fit_to_minutes, plan_eval, run_eval
+    from curate.eval import (
+        EvalConfig,
+        calibrate,
+        estimate,
+        fit_to_minutes,
+        long_prompt_note,
+        overlap_note,
+        plan_eval,
+        run_eval,
+    )
 
     if minutes is not None and not minutes > 0:
         _fail(f"--minutes must be > 0, got {minutes:g}")
 
-    cfg = _guard(EvalConfig, student=student, seeds=seeds, arms=tuple(a for a in arms.split(",") if a),
+    cfg = _guard(EvalConfig, student=student, seeds=seeds, arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
                  epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, micro_batch=micro_batch,
                  max_length=max_length, lora=lora, dtype=dtype, threads=threads, heldout_rows=heldout,
                  reference_rows=reference_rows or None, accuracy_rows=accuracy_rows, gen_tokens=gen_tokens)
@@ -449,12 +458,16 @@ def eval_cmd(
             out.print(f"  {r.name}: {n:,} row{'s' * (n != 1)} skipped "
                       f"({', '.join(f'{k}: {v:,}' for k, v in r.skipped.items())}), e.g. {r.skipped_example}",
                       highlight=False)
+    for note in (overlap_note(plan), long_prompt_note(plan)):  # before the units run: the user can still change it
+        if note:
+            out.print(note, highlight=False)
     done = sum(u["state"] == "done" for u in est["units"].values())
     out.print(f"estimated time: {est['seconds'] / 60:.1f} min for {len(est['units']) - done} of {len(est['units'])} "
               "units" + (f" ({done} finished unit{'s are' if done != 1 else ' is'} read back)" if done else ""))
     if est["scale"]["from_units"]:
         n = est["scale"]["from_units"]
-        out.print(f"  priced from {n} finished unit{'s' * (n != 1)}' real times: x{est['scale']['factor']:.2f} the "
+        whose = "unit's" if n == 1 else "units'"
+        out.print(f"  priced from {n} finished {whose} real times: x{est['scale']['factor']:.2f} the "
                   "calibration", highlight=False)
     elif calib.get("load", 0) >= calib.get("cpus", 1):
         out.print(f"  calibrated while the machine was busy (load {calib['load']:.1f} on {calib['cpus']} cores): the "

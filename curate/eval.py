@@ -58,8 +58,9 @@ RANDOM_ARMS = ("random_rows", "random_tokens", "random_length")
 DEFAULT_STUDENT = "smollm2-135m"
 
 Message = dict[str, str]
-_ANSWER_RE = re.compile(r"####\s*(.+?)\s*$", re.S)
-_NUMBER_RE = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+_ANSWER_RE = re.compile(r"####\s*([^\n]*)")  # the first marker's line: a student that goes on after it is not wrong
+_NUMBER_RE = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+ANSWER_PARSE = 2  # bump when final_answer / predicted_answer read an answer differently (in Q/A units' keys)
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,29 @@ class EvalConfig:
         bad = [a for a in self.arms if a not in ARMS]
         if bad:
             raise ValueError(f"unknown arm(s) {bad}; arms are {', '.join(ARMS)}")
+        if not self.arms:  # an eval of no unit got as far as the summary and failed there (IndexError)
+            raise ValueError(f"--arms is empty; arms are {', '.join(ARMS)}")
         if self.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        # each of these was accepted and then failed after the calibration (--lr -1, --gen-tokens -3), trained
+        # nothing (--epochs 0), was read another way (--accuracy-rows -1: all Q/A rows but the last; --max-steps 0:
+        # no cap) or blamed the pool (--heldout 0): checked here, before any work
+        if not self.epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs:g}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr:g}")
+        if self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.heldout_rows < 1:
+            raise ValueError(f"--heldout must be >= 1, got {self.heldout_rows}")
+        if self.reference_rows is not None and self.reference_rows < 1:
+            raise ValueError(f"--reference-rows must be >= 1 (0: all rows), got {self.reference_rows}")
+        if self.accuracy_rows < 0:
+            raise ValueError(f"--accuracy-rows must be >= 0 (0: off), got {self.accuracy_rows}")
+        if self.accuracy_rows and self.gen_tokens < 1:
+            raise ValueError(f"--gen-tokens must be >= 1 (or --accuracy-rows 0), got {self.gen_tokens}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         self.finetune_config()  # checks the fine-tune settings (the loss) before any work
@@ -173,6 +195,8 @@ class EvalPlan:
                    "train": self.config.training_key(), "dtype": self.dtype, "arm": arm, "seed": seed,
                    "ids": sorted(self.arms[(arm, seed)]), "references": ref,
                    "accuracy_rows": self.config.accuracy_rows, "gen_tokens": self.config.gen_tokens}
+        if self.config.accuracy_rows and any(r.qa_rows for r in self.references):
+            payload["answer_parse"] = ANSWER_PARSE  # exact match read another way: that unit runs again
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -184,6 +208,8 @@ def resolve_student(name: str) -> str:
 
     if Path(name).exists():
         return str(Path(name))
+    if name.startswith(("/", "./", "../", "~")) or name.endswith("/"):  # a folder, not a hub name: say so (the
+        raise ValueError(f"student {name!r}: no such folder")  # hub's "Repo id must be in the form ..." did not)
     try:
         return str(model_path(name))  # packaged names (smollm2-135m) are converted once into the model cache
     except LMError as e:
@@ -220,9 +246,17 @@ def load_pool(run_dir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 
 def final_answer(text: str) -> str | None:
-    """The checkable final answer of a GSM8K-style response (`#### 72`), normalised; None if it has none."""
+    """The checkable final answer of a GSM8K-style response (`#### 72`), normalised; None if it has none.
+
+    The number that opens the first `####` line (else that line): a generation that goes on after its answer
+    ("#### 72\n\nQuestion: ...", "#### 72 clips", "#### 72<|im_end|>") still answers 72, as lm-eval's GSM8K
+    strict match reads it; the whole rest of the text was compared before, so such answers counted as wrong."""
     m = _ANSWER_RE.search(text)
-    return _norm_number(m.group(1)) if m else None
+    line = m.group(1).strip() if m else ""
+    if not line:
+        return None
+    num = _NUMBER_RE.match(line)
+    return _norm_number(num.group(0) if num else line)
 
 
 def _norm_number(s: str) -> str:
@@ -230,6 +264,8 @@ def _norm_number(s: str) -> str:
     try:
         x = float(s)
     except ValueError:
+        return s
+    if not np.isfinite(x):  # "nan", "inf", "1e999": int() raised and a generated "#### nan" ended the eval
         return s
     return str(int(x)) if x == int(x) else str(x)
 
@@ -243,16 +279,58 @@ def predicted_answer(text: str) -> str | None:
     return _norm_number(nums[-1]) if nums else None
 
 
+def reference_names(paths: Sequence[str]) -> list[str]:
+    """One distinct name per reference path: its file stem (`gsm8k_test.jsonl` -> gsm8k_test), and where stems
+    collide (lima/test.jsonl and gsm8k/test.jsonl; ref.jsonl and ref.parquet) the first longer form that tells the
+    group apart. Why: units and eval.json key each set's numbers by name, so a second `test` silently replaced
+    the first, and the eval reported one set of two."""
+    stems = [Path(p).name.split(".")[0] or str(p) for p in paths]
+    names = list(stems)
+    for stem in {s for s in stems if stems.count(s) > 1}:
+        group = [i for i, s in enumerate(stems) if s == stem]
+        for form in (lambda q: f"{q.parent.name}/{q.name.split('.')[0]}", lambda q: q.name,
+                     lambda q: f"{q.parent.name}/{q.name}"):
+            cand = [form(Path(paths[i]).resolve()) for i in group]
+            if len(set(cand)) == len(cand):
+                break
+        else:  # the same file twice
+            cand = [f"{stem}-{k + 1}" for k in range(len(group))]
+        for i, c in zip(group, cand, strict=True):
+            names[i] = c
+    return names
+
+
+def _one_split(sources: Sequence[str]) -> None:
+    """Refuse a dataset with several splits (a DatasetDict folder, a JSON dict of splits) as one reference set: it
+    was read as all its splits together, so GSM8K's train rows went into its test set without a word (and were
+    taken out of the pool)."""
+    from curate.io.readers import split_source
+
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for src in sources:
+        base, split = split_source(src)
+        if split is None and (Path(src).parent / "dataset_dict.json").is_file():
+            base, split = str(Path(src).parent), Path(src).name
+        if split is not None:
+            groups.setdefault(base, []).append((src, split))
+    for base, group in groups.items():
+        if len(group) > 1:
+            raise ValueError(f"{base}: holds the splits {', '.join(s for _, s in group)}; a reference set is one "
+                             f"of them: give e.g. {group[-1][0]}")
+
+
 def load_reference(path: str, *, name: str | None = None) -> Reference:
     """Any file or folder `curate ingest` reads, normalised the same way (ids comparable with the pool's)."""
     from curate.ingest import row_record
     from curate.io.readers import expand_inputs, iter_rows
     from curate.schema import RowError
 
+    sources = expand_inputs([path])
+    _one_split(sources)
     convs, ids = [], []
     skipped: dict[str, int] = {}
     example = ""
-    for f in expand_inputs([path]):
+    for f in sources:
         for raw in iter_rows(f):
             try:
                 _, rec = row_record(raw, f)
@@ -405,11 +483,12 @@ def plan_eval(run_dir: str | Path, config: EvalConfig | None = None,
     run_dir = Path(run_dir)
     student = resolve_student(cfg.student)
     try:
-        tok = AutoTokenizer.from_pretrained(student)
+        tok = _plain_if_no_template(AutoTokenizer.from_pretrained(student))
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the student {cfg.student!r}: {e}") from None
     pool, sel = load_pool(run_dir)
-    refs = [_sample(load_reference(p), cfg.reference_rows, cfg.seed) for p in references or []]
+    refs = [_sample(load_reference(p, name=n), cfg.reference_rows, cfg.seed)
+            for p, n in zip(references or [], reference_names(references or []), strict=True)]
     ref_ids = {i for r in refs for i in r.ids}
     if not refs:  # default: a held-out slice of the pool that no arm trains on
         rest = pool.join(sel.select("id"), on="id", how="anti").sort("id")
@@ -455,10 +534,44 @@ def plan_eval(run_dir: str | Path, config: EvalConfig | None = None,
     known = pl.Series("tokens", lengths.known)
     pool = pool.with_columns(tokens=pl.when(known >= 0).then(known))  # null: a row no draw visited
     plan = EvalPlan(run_dir, cfg, student, pool, sel, refs, arms, info, resolve_dtype(cfg.dtype))
+    trained: dict[str, bool] = {}  # id -> whether any response token survives the fine-tune's truncation
     for key in arms:
         rows = plan.rows(*key)
         info[key].update(rows=rows.height, tokens=int(rows["tokens"].sum()) if rows.height else 0)
+        todo = rows.filter(~pl.col("id").is_in(list(trained)))
+        convs = [_plain(m) for m in todo["messages"].to_list()]
+        trained.update(zip(todo["id"].to_list(), [not x for x in long_prompts(tok, convs, cfg.max_length)],
+                           strict=True))
+        dropped = sum(not trained[i] for i in rows["id"].to_list())
+        if dropped:
+            info[key]["long_prompt_rows"] = dropped
     return plan
+
+
+def long_prompts(tokenizer: Any, convs: Sequence[Sequence[Message]], max_length: int) -> list[bool]:
+    """Whether each conversation's first response starts at or past `max_length` tokens. Why: the fine-tune (TRL's
+    SFTTrainer) keeps a row's first max_length tokens and drops a row left without a response token, so such a row
+    trains nothing, though its arm counts it in its rows and tokens; the loss measurement instead cuts the prompt's
+    start and keeps the response."""
+    first = [next((i for i, m in enumerate(c) if m["role"] == "assistant"), len(c)) for c in convs]
+    texts = [tokenizer.apply_chat_template(list(c[:i]), tokenize=False, add_generation_prompt=True)
+             for c, i in zip(convs, first, strict=True)]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [len(x) >= max_length for x in ids]
+
+
+def long_prompt_note(plan: EvalPlan) -> str:
+    """One line naming the units whose fine-tune drops rows (`long_prompts`), "" when none does."""
+    per_arm: dict[str, list[str]] = {}
+    for (arm, _), i in plan.arm_info.items():
+        if i.get("long_prompt_rows"):
+            per_arm.setdefault(arm, []).append(f"{i['long_prompt_rows']:,} of {i['rows']:,}")
+    if not per_arm:
+        return ""
+    units = "; ".join(f"{arm} {', '.join(v)}" for arm, v in per_arm.items())
+    return (f"rows whose prompt fills --max-length ({plan.config.max_length}) tokens train nothing (the fine-tune "
+            f"drops a row with no response token left) but count in their arm's rows and tokens: {units}; a larger "
+            "--max-length trains on them")
 
 
 # -- measure ------------------------------------------------------------------------------------------------
@@ -616,7 +729,7 @@ def summarize(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]]) ->
                     d = per_seed_acc[a].mean(1) - per_seed_acc[b].mean(1)
                     mean = float(acc[a].mean() - acc[b].mean())
                     xs = (acc[a].mean(1), acc[b].mean(1))
-                    ci = _diff_ci(d, mean, *xs, 4)
+                    ci = _proportion_diff(_diff_ci(d, mean, *xs, 4))
                     entry["accuracy"]["diff"][f"{a} - {b}"] = {"mean": round(mean, 4), "ci": ci,
                                                                "verdict": _verdict(ci, 1)}
                     if (a, b) == ("selected", "random_tokens"):
@@ -626,8 +739,15 @@ def summarize(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]]) ->
     # gets a (1 - 0.05/m) interval (Bonferroni), so one lucky set out of several does not make a "better"
     for d, boot, xs, sign, digits in family:
         ci = _diff_ci(boot, d["mean"], *xs, digits, alpha=0.05 / len(family))
+        ci = _proportion_diff(ci) if sign > 0 else ci  # sign > 0: exact match, a difference of proportions
         d["family"] = {"comparisons": len(family), "ci": ci, "verdict": _verdict(ci, sign)}
     return out
+
+
+def _proportion_diff(ci: list[float]) -> list[float]:
+    """An exact-match difference's interval inside [-1, 1]: with 2 seeds the Welch part (t ~12.7) widened it to
+    [-1.468, +1.733], bounds no difference of two accuracies can take. The verdict is unchanged (same signs)."""
+    return [max(-1.0, ci[0]), min(1.0, ci[1])]
 
 
 def _ci(x: np.ndarray, digits: int = 5, alpha: float = 0.05) -> list[float]:
@@ -767,10 +887,12 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
     key = hashlib.sha256(json.dumps([plan.student, _student_id(plan.student), plan.dtype, cfg.training_key(),
                                      cfg.threads, steps, EVAL_VERSION], sort_keys=True).encode()).hexdigest()[:16]
     path = plan.run_dir / "eval" / "calibration.json"
-    if path.exists():
+    try:  # a file cut short by a kill (or edited) is measured again: every later eval of the run failed on it
         c = json.loads(path.read_text())
-        if c.get("key") == key:
+        if isinstance(c, dict) and c.get("key") == key:
             return c
+    except (OSError, ValueError):
+        pass
     sample = plan.pool[_calibration_sample(plan.pool.height, cfg.seed)].sort("tokens")  # typical rows: the middle
     rows = sample.slice(max(0, sample.height // 2 - cfg.batch_size), 2 * cfg.batch_size)
     convs = [_plain(m) for m in rows["messages"].to_list()]
@@ -794,7 +916,10 @@ def calibrate(plan: EvalPlan, *, steps: int = 2) -> dict[str, float]:
          "calibration_seconds": round(time.perf_counter() - t0, 2), "dtype": plan.dtype, "threads": cfg.threads,
          "load": load, "cpus": os.cpu_count() or 1}  # how busy the machine was: a busy one prices units high
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(c, indent=2) + "\n")
+    from curate.run import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(c, indent=2) + "\n")
     return c
 
 
@@ -862,12 +987,15 @@ def fit_to_minutes(plan: EvalPlan, est: dict[str, Any], minutes: float) -> EvalP
 
     tries = [(list(cfg.arms), cfg.seeds)] + [(without("random_rows"), s) for s in range(cfg.seeds, 0, -1)]
     tries += [(without("random_rows", "random_length"), 1), (without("random_rows", "random_length", "base"), 1)]
+    # `--arms random_rows,base`: the last tries keep no arm, which always "fits" and ran an eval of nothing
+    tries = [(arms, seeds) for arms, seeds in tries if arms]
     budget = minutes * 60
     for arms, seeds in tries:
         if cost(arms, seeds) <= budget:
             break
     else:
-        raise ValueError(f"--minutes {minutes:g}: the smallest eval that gives a verdict ({', '.join(arms)}, one "
+        what = "that gives a verdict" if {"selected", "random_tokens"} <= set(arms) else "of these arms"
+        raise ValueError(f"--minutes {minutes:g}: the smallest eval {what} ({', '.join(arms)}, one "
                          f"seed) needs about {cost(arms, seeds) / 60:.0f} min on this machine; give more minutes "
                          "(or run it where the student trains faster)")
     left = [a for a in cfg.arms if a not in arms] + ([f"seeds {cfg.seeds} -> {seeds}"] if seeds < cfg.seeds else [])
@@ -880,11 +1008,20 @@ def fit_to_minutes(plan: EvalPlan, est: dict[str, Any], minutes: float) -> EvalP
 _TOKENIZERS: dict[str, Any] = {}
 
 
+def _plain_if_no_template(tok: Any) -> Any:
+    """A student without a chat template (a base model) is trained and scored on curate's plain rendering
+    (`curate.lm.finetune.PLAIN_TRAINING_TEMPLATE`, `curate.lm.base.render_plain`): count its tokens on the same
+    text. Planning called `apply_chat_template` on the bare tokenizer and failed on every such student."""
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = training_chat_template(tok)
+    return tok
+
+
 def _tokenizer(student: str) -> Any:
     from transformers import AutoTokenizer
 
     if student not in _TOKENIZERS:
-        _TOKENIZERS[student] = AutoTokenizer.from_pretrained(student)
+        _TOKENIZERS[student] = _plain_if_no_template(AutoTokenizer.from_pretrained(student))
     return _TOKENIZERS[student]
 
 
@@ -906,6 +1043,20 @@ def run_eval(run_dir: str | Path, config: EvalConfig | None = None, references: 
     return write_eval(plan, results, time.perf_counter() - t0, executor={"kind": "local", "units": states})
 
 
+def overlap_note(plan: EvalPlan) -> str:
+    """A warning when the subset holds reference rows ("" when not): the selected arm trains on them and the random
+    arms never do (the pool leaves them out), so a "better" there is memorisation. Recorded before only as a number
+    in eval.json's arms (`reference_overlap`), which neither the verdict nor the CLI mentioned."""
+    if "selected" not in plan.config.arms:
+        return ""
+    n = int(plan.arm_info.get(("selected", 0), {}).get("reference_overlap", 0))
+    if not n:
+        return ""
+    return (f"Warning: {n:,} of the subset's {plan.selected.height:,} rows are reference rows: the selected arm "
+            "trains on them and no random arm does, so its loss on those sets is not a fair comparison (give "
+            "reference sets from outside the pool)")
+
+
 def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], seconds: float, *,
                executor: dict[str, Any] | None = None) -> dict[str, Any]:
     """Summarize the units' results into RUN/eval.json (written atomically); returns that dict. `executor`
@@ -919,6 +1070,9 @@ def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], s
     elif cfg.seeds == 2 and overall != "n/a":  # the Welch part then has ~1 degree of freedom (t ~12.7)
         line += (". Two seeds per arm: the intervals' seed part rests on one degree of freedom and is very wide; a "
                  "third seed narrows it most")
+    leak = overlap_note(plan)
+    if leak:
+        line += ". " + leak
     doc = {
         "verdict": overall, "verdict_line": line, "student": cfg.student, "student_path": plan.student,
         "dtype": plan.dtype, "config": asdict(cfg), "references": summary,
@@ -940,6 +1094,6 @@ def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], s
 
 __all__ = ["ARMS", "EvalConfig", "EvalPlan", "PoolLengths", "Reference", "calibrate", "draw_length_matched",
            "draw_random_rows", "draw_random_tokens", "estimate", "final_answer", "finetune", "fit_to_minutes",
-           "load_reference", "plan_eval", "predicted_answer", "resolve_student", "run_eval", "run_unit", "summarize",
-           "token_lengths", "training_chat_template", "unit_cost", "unit_done", "unit_state", "verdict_line",
-           "write_eval"]
+           "load_reference", "long_prompt_note", "long_prompts", "overlap_note", "plan_eval", "predicted_answer",
+           "reference_names", "resolve_student", "run_eval", "run_unit", "summarize", "token_lengths",
+           "training_chat_template", "unit_cost", "unit_done", "unit_state", "verdict_line", "write_eval"]

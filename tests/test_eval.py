@@ -656,3 +656,208 @@ def test_killed_prefect_eval_resumes_at_its_unit(evaluated, run_dir, tiny_lm, tm
         assert bool(ran) == (state == "Completed"), (name, done.stderr[-3000:])
         if ran:
             assert re.match(rf"fine-tune {arm} seed {seed}: (\d+)/\1 \(100%\), ", ran[-1]), ran
+
+
+def _copy_run(run_dir, dest):
+    dest.mkdir()
+    for name in ("records.parquet", "semdedup.parquet", "selected.parquet"):
+        (dest / name).write_bytes((run_dir / name).read_bytes())
+    return dest
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(arms=()), "--arms is empty"),  # ran an eval of no unit: IndexError in the summary
+    (dict(epochs=0.0), "--epochs must be > 0"),  # trained nothing and reported it as the subset's model
+    (dict(max_steps=0), "--max-steps must be >= 1"),  # read as no cap
+    (dict(lr=-1.0), "--lr must be > 0"),  # failed inside the calibration's optimizer
+    (dict(threads=0), "--threads must be >= 1"),
+    (dict(heldout_rows=0), "--heldout must be >= 1"),  # blamed the pool ("no rows outside the subset")
+    (dict(reference_rows=-5), "--reference-rows must be >= 1"),
+    (dict(accuracy_rows=-1), "--accuracy-rows must be >= 0"),  # qa_rows[:-1]: all but the last Q/A row
+    (dict(accuracy_rows=4, gen_tokens=0), "--gen-tokens must be >= 1"),  # empty answers, or a fail after training
+])
+def test_settings_that_failed_late_or_meant_something_else_are_refused_first(bad, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EvalConfig(**bad)
+
+
+def test_cli_checks_arms_and_student_before_reading_the_run(tmp_path):
+    """Refused before the run folder is read (tmp_path is no run): an empty --arms, and a student path that does not
+    exist (the hub's "Repo id must be in the form ..." before); "selected, base" (a space) names two arms."""
+    from curate.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", str(tmp_path), "--arms", ",", "--dry-run"])
+    assert res.exit_code == 2 and "--arms is empty" in res.output, res.output
+    res = runner.invoke(app, ["eval", str(tmp_path), "--arms", "selected, base", "--student",
+                              str(tmp_path / "no-model"), "--dry-run"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "no-model': no such folder" in text and "unknown arm" not in text, res.output
+
+
+def test_gsm8k_answer_is_the_first_marker_line():
+    """A student that goes on after its answer line still answers it; a degenerate answer is wrong, not a crash
+    (int(float("nan")) raised after every fine-tune had run)."""
+    assert predicted_answer("48+24 = 72\n#### 72\n\nQuestion: Tom has 5 apples. #### 5") == "72"
+    assert predicted_answer("#### 72 clips") == predicted_answer("#### 72<|im_end|>") == "72"
+    assert final_answer("so 72.\n#### $1,200.") == "1200" and final_answer("#### 3/4") == "3/4"
+    assert predicted_answer("#### nan") == "nan" and predicted_answer("#### inf") == "inf"
+    assert predicted_answer("9" * 400) == "9" * 400  # float() is inf: int() raised OverflowError
+    assert final_answer("####") is None
+    assert final_answer("#### Step 1: add them") == "Step 1: add them"  # a markdown heading is not an answer of 1
+
+
+def test_reference_sets_with_one_file_stem_keep_their_own_numbers(run_dir, tiny_lm, tmp_path):
+    """`-r lima/test.jsonl -r gsm8k/test.jsonl`: both were named "test", the second's numbers replaced the
+    first's and the eval reported one set of two. Each now gets its own name, in the units, eval.json and CLI."""
+    from curate.cli import app
+    from curate.eval import reference_names
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    lines = (SAMPLE / "gsm8k_train.jsonl").read_text().splitlines()
+    (a / "test.jsonl").write_text("\n".join(lines[-12:]) + "\n")
+    (b / "test.jsonl").write_text("\n".join(lines[-20:-12]) + "\n")
+    refs = [str(a / "test.jsonl"), str(b / "test.jsonl")]
+    assert reference_names(refs) == ["a/test", "b/test"]
+    assert reference_names(["x/ref.jsonl", "x/ref.parquet", "x/gsm.jsonl"]) == ["ref.jsonl", "ref.parquet", "gsm"]
+    out = _copy_run(run_dir, tmp_path / "run")
+    cfg = EvalConfig(student=tiny_lm, **{**TINY, "arms": ("base",)})
+    doc = run_eval(out, cfg, refs)
+    assert {k: v["rows"] for k, v in doc["references"].items()} == {"a/test": 12, "b/test": 8}
+    res = CliRunner().invoke(app, ["eval", str(out), "--student", tiny_lm, "--dry-run", "--arms", "base",
+                                   "--seeds", "2", "--lr", "0.003", "--batch-size", "8", "--max-length", "128",
+                                   "--threads", "1", "--dtype", "float32", "--heldout", "24", "--accuracy-rows", "0",
+                                   "--gen-tokens", "16", "-r", refs[0], "-r", refs[1]])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0, res.output
+    assert "reference sets: a/test (12 rows), b/test (8 rows)" in text, text
+    assert "priced from 1 finished unit's real times" in text, text  # was "1 finished unit' real times"
+
+
+def test_minutes_never_cut_to_an_eval_of_no_arm(run_dir, cfg):
+    """`--arms random_rows,base --minutes N` too short for the untuned student: the last cut kept no arm, which
+    "fit", and the eval of nothing ended in an IndexError; now it is refused before any work."""
+    plan = plan_eval(run_dir, replace(cfg, arms=("random_rows", "base")))
+    est = {"units": {f"{a}-seed{s}": {"seconds": 100.0, "state": "todo"} for a, s in plan.arms}}
+    with pytest.raises(ValueError, match=r"smallest eval of these arms \(base, one seed\)"):
+        fit_to_minutes(plan, est, 1)
+    assert fit_to_minutes(plan, est, 2).config.arms == ("base",)
+
+
+def test_calibration_file_cut_short_is_measured_again(run_dir, cfg, tmp_path):
+    """A calibration.json a kill cut short made every later `curate eval` of the run fail on its JSON."""
+    plan = plan_eval(_copy_run(run_dir, tmp_path / "run"), cfg)
+    path = plan.run_dir / "eval" / "calibration.json"
+    path.parent.mkdir()
+    path.write_text('{"key": "')
+    c = calibrate(plan)
+    assert c["train_tps"] > 0 and json.loads(path.read_text()) == c
+
+
+def test_a_subset_holding_reference_rows_is_warned(run_dir, tiny_lm, tmp_path):
+    """Reference rows inside the subset: the selected arm trains on them, the random arms never do (the pool
+    leaves them out), so its "better" there is memorisation. The verdict line says so (before: only a number in
+    eval.json's arms)."""
+    from curate.eval import overlap_note
+
+    sel = pl.read_parquet(run_dir / "selected.parquet", columns=["messages"])
+    ref = tmp_path / "leak.jsonl"
+    ref.write_text("".join(json.dumps({"messages": m}) + "\n" for m in sel["messages"].to_list()[:5]))
+    out = _copy_run(run_dir, tmp_path / "run")
+    cfg = EvalConfig(student=tiny_lm, **{**TINY, "arms": ("selected",), "seeds": 1})
+    plan = plan_eval(out, cfg, [str(ref)])
+    assert overlap_note(plan).startswith(f"Warning: 5 of the subset's {sel.height} rows are reference rows")
+    doc = run_eval(out, plan=plan)
+    assert "Warning: 5 of the subset's" in doc["verdict_line"]
+    assert overlap_note(plan_eval(out, cfg)) == ""  # the held-out slice is never in the subset
+
+
+def test_rows_the_fine_tune_drops_are_counted_and_shown(plan, tmp_path):
+    """TRL keeps a row's first max_length tokens and drops a row left with no response token: such rows trained
+    nothing yet counted in their arm's rows and tokens, silently. The plan counts them per unit (eval.json's arms)
+    as the trainer itself drops them, and the dry run says so."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from curate.eval import _plain, long_prompt_note
+    from curate.lm.finetune import FinetuneConfig, sft_trainer
+
+    info = plan.arm_info[("selected", 0)]
+    assert info.get("long_prompt_rows", 0) > 0, info  # GSM8K prompts fill 128 tiny-tokenizer tokens
+    tok = AutoTokenizer.from_pretrained(plan.student)
+    tok.chat_template = training_chat_template(tok)
+    convs = [_plain(m) for m in plan.rows("selected", 0)["messages"].to_list()]
+    trainer = sft_trainer(AutoModelForCausalLM.from_pretrained(plan.student), tok, convs,
+                          FinetuneConfig.of(plan.config), 0, tmp_path, "float32")
+    assert len(trainer.train_dataset) == info["rows"] - info["long_prompt_rows"]
+    note = long_prompt_note(plan)
+    assert f"selected {info['long_prompt_rows']} of {info['rows']}" in note and "--max-length (128)" in note
+    assert long_prompt_note(plan_eval(plan.run_dir, replace(plan.config, max_length=1024))) == ""
+
+
+def test_a_reference_with_several_splits_is_refused(tmp_path):
+    """A DatasetDict folder or a JSON dict of splits given as one reference set was read as every split together
+    (GSM8K's train rows inside its test set); it is refused with the split to give, and that split reads."""
+    import datasets
+
+    from curate.eval import load_reference
+
+    rows = [json.loads(line) for line in (SAMPLE / "gsm8k_train.jsonl").read_text().splitlines()[-12:]]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:8]),
+                          "test": datasets.Dataset.from_list(rows[8:])}).save_to_disk(str(tmp_path / "gsm8k"))
+    (tmp_path / "splits.json").write_text(json.dumps({"train": rows[:8], "test": rows[8:]}))
+    with pytest.raises(ValueError, match=r"holds the splits train, test; .* give e.g. .*gsm8k/test"):
+        load_reference(str(tmp_path / "gsm8k"))
+    with pytest.raises(ValueError, match=r"holds the splits train, test; .* give e.g. .*splits.json#test"):
+        load_reference(str(tmp_path / "splits.json"))
+    assert len(load_reference(str(tmp_path / "gsm8k" / "test")).convs) == 4
+    assert len(load_reference(str(tmp_path / "splits.json#test")).convs) == 4
+
+
+def test_exact_match_difference_interval_stays_within_one():
+    """With 2 seeds the Welch part (t ~12.7) pushed an exact-match difference's interval to [-1.468, +1.733] in the
+    verdict line; a difference of two accuracies lies in [-1, 1], and so does its interval now."""
+    from pathlib import Path
+
+    from curate.eval import EvalPlan, Reference, summarize, verdict_line
+
+    n = 8
+    correct = {("selected", 0): [1] * 6 + [0] * 2, ("selected", 1): [0] * 7 + [1],
+               ("random_tokens", 0): [0] * n, ("random_tokens", 1): [0] * 7 + [1]}
+    results = {k: {"references": {"gsm": {"nll": [2.0] * n, "tokens": [10] * n, "qa_rows": list(range(n)),
+                                          "correct": c}}} for k, c in correct.items()}
+    ref = Reference(name="gsm", convs=[[]] * n, ids=[str(i) for i in range(n)], answers=["1"] * n)
+    plan = EvalPlan(run_dir=Path("."), config=EvalConfig(student="none", seeds=2), student="none",
+                    pool=pl.DataFrame(), selected=pl.DataFrame(), references=[ref], arms={}, arm_info={},
+                    dtype="float32")
+    d = summarize(plan, results)["gsm"]["accuracy"]["diff"]["selected - random_tokens"]
+    assert d["mean"] == pytest.approx(0.375) and d["verdict"] == "no different"
+    assert d["ci"] == [-1.0, 1.0] and d["family"]["ci"] == [-1.0, 1.0], d
+    assert "exact match (+0.375 [-1.000, +1.000])" in verdict_line({"gsm": {"diff": {}, "accuracy": {"diff": {
+        "selected - random_tokens": d}}}})[1]
+
+
+def test_a_student_without_a_chat_template_is_evaluated(run_dir, tiny_lm, tmp_path):
+    """A base model (no chat template) is fine-tuned and scored on curate's plain rendering, but planning called
+    `apply_chat_template` on its bare tokenizer and every such eval failed ("tokenizer.chat_template is not set").
+    Its tokens are now counted on the plain training text, and the eval runs."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from curate.eval import _plain
+    from curate.lm.finetune import PLAIN_TRAINING_TEMPLATE
+
+    student = tmp_path / "base-model"
+    shutil.copytree(tiny_lm, student)
+    (student / "chat_template.jinja").unlink()
+    assert AutoTokenizer.from_pretrained(student).chat_template is None
+    out = _copy_run(run_dir, tmp_path / "run")
+    cfg = EvalConfig(student=str(student), **{**TINY, "arms": ("selected", "base"), "seeds": 1})
+    plan = plan_eval(out, cfg)
+    tok = AutoTokenizer.from_pretrained(student)
+    tok.chat_template = PLAIN_TRAINING_TEMPLATE
+    convs = [_plain(m) for m in plan.selected["messages"].to_list()]
+    assert plan.selected["tokens"].to_list() == token_lengths(tok, convs, cfg.max_length)
+    doc = run_eval(out, plan=plan)
+    assert set(doc["references"]["heldout"]["loss"]) == {"selected", "base"}
