@@ -224,7 +224,7 @@ def ingest(
     finally:
         run.save()  # also when ingest stops (an empty pool): the counts behind decisions.parquet stay on record
     _print_inputs(run.manifest)
-    out.print(f"records: [bold]{run.file('records.parquet')}[/]")
+    out.print(f"records: [bold]{escape(str(run.file('records.parquet')))}[/]")
 
 
 def _print_inputs(manifest: dict) -> None:
@@ -291,6 +291,9 @@ def inspect(path: Path = typer.Argument(..., help="A dataset file/folder or a ru
     """Counts, formats, length distributions and rejects by reason, for a dataset or a run."""
     from curate.inspect import inspect_path
 
+    if not (path / "manifest.json").exists():  # a dataset: a damaged file in it is the user's input, not a run's
+        inspect_path(path, out)
+        return
     _on_run(path, inspect_path, path, out)
 
 
@@ -305,20 +308,24 @@ def export(
 ) -> None:
     """Export the selected subset to Alpaca or ShareGPT JSONL, with a LLaMA-Factory `dataset_info.json` and a
     dataset card (`README.md`) beside it."""
+    import polars as pl
+
     from curate.io.writers import export as do_export
     from curate.io.writers import write_handoff
 
     src = run_dir / "selected.parquet"
     if not src.exists():
         _fail(f"{src}: no selected.parquet in this run (run `curate select` first)")
+    if _on_run(run_dir, lambda: pl.scan_parquet(src, glob=False).select(pl.len()).collect().item()) == 0:  # empty
+        _fail(f"{src}: no row was selected (each row's reason is in decisions.parquet); nothing to export")
     if dest is not None and dest.is_dir():  # a folder: the file goes inside it
         dest = dest / f"selected.{fmt}.jsonl"
     path = _on_run(run_dir, lambda: do_export(src, fmt, dest or run_dir / f"selected.{fmt}.jsonl", handoff=False))
     files, notes = _on_run(run_dir, lambda: write_handoff(src, path.parent, exports={fmt: path}, license=license,
                                                           license_note=license_note))
-    out.print(f"wrote {path}", *files, sep="\n  ", highlight=False)
+    out.print(escape(f"wrote {path}"), *(escape(str(f)) for f in files), sep="\n  ", highlight=False)
     for note in notes:
-        err.print(f"note: {note}", highlight=False)
+        err.print(escape(f"note: {note}"), highlight=False)
 
 
 @app.command()

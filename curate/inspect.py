@@ -8,6 +8,7 @@ from pathlib import Path, PurePath
 
 import polars as pl
 from rich.console import Console, Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -37,13 +38,14 @@ def input_table(manifest: dict, title: str) -> RenderableType:
     """Per-input counts with short, whole names, under a line naming the folder they share."""
     inputs = manifest.get("inputs", {})
     common, names = short_names(list(inputs))
-    t = Table("input", "rows", "records", "duplicates", "rejected", "formats", title=title)
+    # cells are escaped: rich reads `[...]` as markup, so `data[v2].jsonl` showed as `data.jsonl`, `[red]a` in red
+    t = Table("input", "rows", "records", "duplicates", "rejected", "formats", title=escape(title))
     t.columns[0].overflow = "fold"
     t.columns[5].overflow = "fold"
     for path, e in inputs.items():
         rej = ", ".join(f"{k}:{v}" for k, v in e.get("rejected", {}).items()) or "0"
         fm = ", ".join(f"{k}:{v}" for k, v in e.get("formats", {}).items())
-        t.add_row(names[path], f"{e['rows']:,}", f"{e['records'] - e.get('duplicates', 0):,}",
+        t.add_row(escape(names[path]), f"{e['rows']:,}", f"{e['records'] - e.get('duplicates', 0):,}",
                   f"{e.get('duplicates', 0):,}", rej, fm)
     if common in ("", "."):
         return t
@@ -62,7 +64,7 @@ def _lengths(df: pl.DataFrame, console: Console) -> None:
 def _rejects(path: Path, console: Console) -> None:
     if not path.exists():
         return
-    rej = pl.read_parquet(path)
+    rej = pl.read_parquet(path, glob=False)  # glob=False: a '[' in a folder name is not a pattern
     if rej.is_empty():
         console.print("rejects: none")
         return
@@ -71,7 +73,7 @@ def _rejects(path: Path, console: Console) -> None:
     _, names = short_names(rej["source"].unique().to_list())
     for reason, n, src, row in (rej.group_by("reason").agg(pl.len(), pl.first("source"), pl.first("row"))
                                 .sort("len", descending=True).iter_rows()):
-        t.add_row(reason, f"{n:,}", f"{names[src]}:{row}")
+        t.add_row(escape(reason), f"{n:,}", escape(f"{names[src]}:{row}"))
     console.print(t)
 
 
@@ -92,13 +94,13 @@ def inspect_run(run_dir: Path, console: Console, title: str | None = None) -> No
     console.print(input_table(m, title or f"run {run_dir}"))
     console.print(stage_table(m))
     if run.file("records.parquet").exists():
-        _lengths(pl.read_parquet(run.file("records.parquet")), console)
+        _lengths(pl.read_parquet(run.file("records.parquet"), glob=False), console)
     _rejects(run.file("rejects.parquet"), console)
     if run.file("decisions.parquet").exists():
-        d = pl.read_parquet(run.file("decisions.parquet"), columns=["status", "reason"])
+        d = pl.read_parquet(run.file("decisions.parquet"), columns=["status", "reason"], glob=False)
         dt = Table("status", "reason", "rows", title="decisions")
         for status, reason, n in d.group_by("status", "reason").len().sort("status", "reason").iter_rows():
-            dt.add_row(status, reason, str(n))
+            dt.add_row(status, escape(reason), str(n))
         console.print(dt)
 
 

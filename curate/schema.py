@@ -114,20 +114,34 @@ def make_record(
             raise RowError("unknown_role", f"message {i} has role {role!r}; expected one of {ROLES}")
         if content is None:
             content = ""
+        if isinstance(content, int | float) and not isinstance(content, bool):
+            content = str(content)  # a numeric answer in a turn is text, as Alpaca's numeric `output` is
         if not isinstance(content, str):
             raise RowError("wrong_type", f"message {i} content is {type(content).__name__}, not text")
         clean.append({"role": role, "content": normalise_text(content)})
     # a conversation may end on an unanswered user turn (common in ShareGPT dumps): trim it
+    asked = any(m["role"] == "user" for m in clean)
     while clean and clean[-1]["role"] != "assistant":
         if clean[-1]["role"] == "system":
             break
         clean.pop()
-    if not any(m["role"] == "user" for m in clean):
+    if not any(m["role"] == "user" for m in clean):  # a lone question has no answer (it was trimmed above)
+        if asked:
+            raise RowError("missing_response", "conversation has no assistant turn")
         raise RowError("missing_instruction", "conversation has no user turn")
     if not clean or clean[-1]["role"] != "assistant":
         raise RowError("missing_response", "conversation has no assistant turn")
     if any(m["role"] == "system" for m in clean[1:]):
         raise RowError("misplaced_system", "a system message may only come first")
+    # LLaMA-Factory skips a conversation whose turns do not alternate from a user turn, and many chat templates
+    # refuse one, so such a row would be selected and then never trained on: it is rejected here instead
+    first = 1 if clean[0]["role"] == "system" else 0
+    for i in range(first, len(clean)):
+        want = "user" if (i - first) % 2 == 0 else "assistant"
+        if clean[i]["role"] != want:
+            where = "comes first" if i == first else f"follows another {clean[i]['role']} turn"
+            raise RowError("roles_not_alternating", f"message {i} ({clean[i]['role']}) {where}; turns must "
+                           "alternate user, assistant, ... from a user turn")
     for i, m in enumerate(clean):
         if m["role"] != "system" and not m["content"]:
             what = "empty_response" if m["role"] == "assistant" else "empty_instruction"

@@ -27,10 +27,13 @@ def validate_recipe(recipe: Recipe, *, outputs: bool = True, selection: bool = T
     the chosen scorers write; the strategy has what it needs; the run folder and the cache are writable.
     selection=False (`curate ingest`) skips what only scoring and selection use (and the scorers' imports).
     """
-    from curate.io.readers import expand_inputs
+    from curate.io.readers import detect_container, expand_inputs
 
     if recipe.inputs:
-        expand_inputs(recipe.inputs, recipe.ingest.split)
+        sources = expand_inputs(recipe.inputs, recipe.ingest.split)
+        if recipe.ingest.container is None:  # an unknown file type is known now, not after Prefect and a run start
+            for source in sources:
+                detect_container(source)
     if selection:
         _check_selection(recipe)
     if outputs:
@@ -161,7 +164,14 @@ def _check_columns(recipe: Recipe, scorer_columns: set[str]) -> None:
 
 
 def check_writable_dir(path: Path, what: str) -> None:
-    """`path` is (or can be made) a folder we can write in: not a file, not read-only. Creates it."""
+    """`path` is (or can be made) a folder we can write in: not a file, not read-only. Creates it.
+
+    A '[' in it is refused: polars reads a Parquet path as a glob, so every stage after ingest failed on such a
+    folder with an internal error ("expanded paths were empty").
+    """
+    if "[" in str(path):
+        raise RecipeError(f"{what} {path}: a '[' in the path is read as a file pattern by the Parquet reader; "
+                          "choose a folder without '['")
     if path.exists() and not path.is_dir():
         raise RecipeError(f"{what} {path}: is a file, not a folder")
     try:

@@ -139,7 +139,7 @@ def test_dataset_card(run_dir):
     card = (run_dir / "README.md").read_text()
     head = card.split("---")[1]
     assert "license: cc-by-nc-4.0" in head
-    assert "path: selected.parquet" in head and "selected.alpaca.jsonl" in head
+    assert "path: selected.parquet" in head and "selected.alpaca.jsonl" in card.split("---", 2)[2]
     assert "Derived from my own forum data." in card
     assert "mine.jsonl" in card  # the source file
     assert "random" in card  # the strategy from the recipe
@@ -147,6 +147,40 @@ def test_dataset_card(run_dir):
     # the card's own data_files config loads with `datasets` as the hub would
     ds = datasets.load_dataset(str(run_dir), split="train")
     assert ds.num_rows == 15 and "messages" in ds.column_names
+
+
+def test_every_config_the_card_declares_loads(run_dir):
+    """`datasets` picks one builder for all of a card's configs (from the first one's files): a JSONL export
+    declared as a config beside the Parquet failed with "Parquet magic bytes not found" (the Hub viewer too)."""
+    import yaml
+
+    head = yaml.safe_load((run_dir / "README.md").read_text().split("---")[1])
+    names = [c["config_name"] for c in head["configs"]]
+    assert names[0] == "default"
+    for name in names:
+        ds = datasets.load_dataset(str(run_dir), name, split="train")
+        assert ds.num_rows == 15 and "messages" in ds.column_names, name
+
+
+def test_export_names_a_json_file_it_cannot_read(run_dir, tmp_path):
+    """An existing dataset_info.json, or the run's manifest, that is not a JSON object: one line naming it, exit 2
+    (was a bare parser message without the file, or "internal error ... This is a bug")."""
+    import shutil
+
+    for i, text in enumerate(["{oops", "[1, 2]"]):
+        dest = tmp_path / f"d{i}"
+        dest.mkdir()
+        (dest / "dataset_info.json").write_text(text)
+        run = tmp_path / f"run{i}"
+        shutil.copytree(run_dir, run)
+        (run / "manifest.json").write_text(text)
+        for args, bad in (([str(run_dir), "--dest", str(dest)], dest / "dataset_info.json"),
+                          ([str(run)], run / "manifest.json")):
+            cmd = [sys.executable, "-m", "curate.cli", "export", *args, "--format", "alpaca"]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+            assert res.returncode == 2, res.stderr
+            assert f"{bad}: " in res.stderr and "Traceback" not in res.stderr
+            assert len(res.stderr.strip().splitlines()) == 1 and bad.read_text() == text
 
 
 def test_card_never_overwrites_a_readme_it_did_not_write(tmp_path, run_dir):
@@ -233,3 +267,19 @@ def test_a_new_selection_rewrites_an_earlier_export(tmp_path):
     assert {r["id"] for r in _jsonl(run.path / "selected.alpaca.jsonl")} == ids
     assert json.loads((run.path / "dataset_info.json").read_text())["selected_alpaca"]["file_name"] == \
         "selected.alpaca.jsonl"
+
+
+def test_export_of_an_empty_subset_is_refused(tmp_path):
+    """A selection left empty (a strict threshold) exported an empty JSONL that no loader reads (`datasets` stops
+    with StopIteration) and pointed LLaMA-Factory at it."""
+    src = tmp_path / "mine.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    recipe = load_recipe(None, {"inputs": [str(src)], "out": str(tmp_path / "run"), "embed.enabled": False,
+                                "score.scorers": ["heuristics"], "select.strategy": "threshold",
+                                "select.thresholds": ["heur_flags < 0"], "report": False})
+    run = run_direct(recipe)
+    assert pl.read_parquet(run.file("selected.parquet")).height == 0
+    cmd = [sys.executable, "-m", "curate.cli", "export", str(run.path), "--format", "alpaca"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 2 and "no row was selected" in res.stderr and "Traceback" not in res.stderr
+    assert not (run.path / "selected.alpaca.jsonl").exists()

@@ -147,6 +147,53 @@ def test_dict_of_splits_json_is_read_as_splits(tmp_path):
     assert [(c.rows, c.records) for c in counts.values()] == [(3, 3), (1, 1)]
 
 
+def test_linked_sub_folders_are_read_once_and_loops_end(tmp_path):
+    """A pool of links to datasets kept elsewhere: a linked sub-folder was skipped without a word (exit 0, its rows
+    missing from every count). A link back up the tree, or a second link to one folder, is read once."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _jsonl(elsewhere / "kept.jsonl", [ROW, {"instruction": "Name a shape.", "output": "Circle."}])
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    _jsonl(pool / "own.jsonl", [{"instruction": "Name a tree.", "output": "Oak."}])
+    (pool / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (pool / "again").symlink_to(elsewhere, target_is_directory=True)
+    (pool / "loop").symlink_to(pool, target_is_directory=True)
+    sources = expand_inputs([str(pool)])
+    assert sources == [str(pool / "again" / "kept.jsonl"), str(pool / "own.jsonl")]
+    run, _ = _ingest(tmp_path, pool)
+    assert _conserved(run) == (3, 3, 0, 0)
+
+
+def test_data_file_under_another_compression_is_an_error_not_skipped(tmp_path):
+    """`train.jsonl.xz` beside `a.jsonl`: the folder walk left it out (exit 0, its rows in no count)."""
+    import lzma
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    _jsonl(pool / "a.jsonl", [ROW])
+    (pool / "train.jsonl.xz").write_bytes(lzma.compress((json.dumps(ROW) + "\n").encode()))
+    (pool / "notes.md").write_text("not data: still left out\n")
+    with pytest.raises(InputError, match=r"train\.jsonl\.xz: \.xz compression is not read"):
+        expand_inputs([str(pool)])
+    with pytest.raises(InputError, match=r"train\.jsonl\.xz: \.xz compression is not read"):
+        _ingest(tmp_path, pool / "train.jsonl.xz")
+
+
+def test_one_row_json_object_with_a_list_column_is_one_row(tmp_path):
+    """A one-row .json whose only list is a column of the row (`tags`, Self-Instruct's `instances`) was read as a
+    wrapper of rows: the row vanished and its list items were rejected as rows."""
+    tagged = tmp_path / "tagged.json"
+    tagged.write_text(json.dumps({"instruction": "Name a colour.", "output": "Blue.", "tags": ["easy", "art"]}))
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"instruction": "Add.", "instances": [{"input": "1+1", "output": "2"}]}))
+    run, counts = _ingest(tmp_path, tagged, task)
+    assert [(c.rows, c.records) for c in counts.values()] == [(1, 1), (1, 1)]
+    recs = pl.read_parquet(run.file("records.parquet"))
+    assert recs["format"].to_list() == ["alpaca", "self_instruct"]
+    assert recs["meta"].struct.field("tags").to_list() == [["easy", "art"], None]
+
+
 def test_datasetdict_folder_is_one_source_per_split(tmp_path):
     import datasets
 
@@ -320,6 +367,19 @@ def test_options_are_checked_before_any_work(tmp_path, args, fragments):
     assert not (tmp_path / "run" / "records_all.parquet").exists()  # nothing ran
 
 
+def test_unknown_file_type_is_refused_before_any_work(tmp_path):
+    """Knowable from the name: it used to be found by the ingest stage, after the run (and Prefect) had started."""
+    good = _jsonl(tmp_path / "a.jsonl", [ROW])
+    notes = tmp_path / "notes.txt"
+    notes.write_text(json.dumps(ROW) + "\n")
+    for cmd in ("select", "ingest"):
+        code, output = _cli(cmd, good, notes, "--out", tmp_path / cmd, *(["--no-prefect"] if cmd == "select" else []))
+        _one_clear_line(code, output, "notes.txt: unknown file type '.txt'", "--container")
+        assert not (tmp_path / cmd / "manifest.json").exists()  # no run was opened
+    code, output = _cli("ingest", notes, "--container", "jsonl", "--out", tmp_path / "forced")
+    assert code == 0, output
+
+
 @pytest.mark.parametrize("recipe, fragments", [
     ({"name": "../.."}, ["name", "not a plain folder name"]),
     ({"select": {"thresholds": ["nosuch_col < 3"]}}, ["select.thresholds", "'nosuch_col'"]),
@@ -410,6 +470,14 @@ def test_cli_run_folder_problems(tmp_path):
     data = (run / "rejects.parquet").read_bytes()
     (run / "rejects.parquet").write_bytes(data[: len(data) // 2])
     _one_clear_line(*_cli("inspect", run), "rejects.parquet", "corrupt Parquet", alone=False)
+    # inspect of a dataset folder with a damaged input: the reader's message, not advice to re-run a command
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    shutil.copy(src, pool / "a.jsonl")
+    (pool / "b.parquet").write_bytes(data[: len(data) // 2])
+    code, output = _cli("inspect", pool)
+    _one_clear_line(code, output, "b.parquet: not a readable Parquet file", alone=False)
+    assert "re-run the command" not in output
 
 
 def test_cli_unwritable_out_and_cache(tmp_path):
@@ -630,3 +698,28 @@ def test_broken_input_corpus_through_the_cli(tmp_path):
     cp, qp, _ = get_scorer("deita").prompts(msgs)
     slot = re.compile(r"#\s*#?\s*(Quality|Complexity)\s*:", re.I)
     assert [len(slot.findall(p)) for p in cp + qp] == [1, 1]
+
+
+def test_brackets_in_names_are_shown_and_read_as_they_are(tmp_path):
+    """rich read `[...]` in a file name as markup (`data[v2].jsonl` showed as `data.jsonl`, `[red]x.jsonl` in red as
+    `x.jsonl`), and polars reads a Parquet path as a glob: a run folder with '[' failed with an internal error."""
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    _jsonl(pool / "data[v2].jsonl", [ROW])
+    _jsonl(pool / "[red]x.jsonl", [{"instruction": "Name a tree.", "output": "Oak."}, {"instruction": "Bad"}])
+    code, output = _cli("ingest", pool, "--out", tmp_path / "run")
+    assert code == 0 and "data[v2].jsonl" in output and "[red]x.jsonl" in output, output
+    code, output = _cli("inspect", tmp_path / "run")
+    assert code == 0 and "data[v2].jsonl" in output and "[red]x.jsonl:2" in output, output
+    # a new run folder with '[' is refused before any work; one renamed to such a name still inspects and exports
+    code, output = _cli("ingest", pool, "--out", tmp_path / "run[2]")
+    _one_clear_line(code, output, "--out (run folder)", "run[2]", "'['")
+    assert not (tmp_path / "run[2]").exists()
+    moved = tmp_path / "old[1]"
+    shutil.copytree(tmp_path / "run", moved)
+    shutil.copy(moved / "records.parquet", moved / "selected.parquet")
+    code, output = _cli("inspect", moved)
+    assert code == 0 and "data[v2].jsonl" in output, output
+    code, output = _cli("export", moved, "--format", "alpaca")
+    assert code == 0 and f"wrote {moved / 'selected.alpaca.jsonl'}" in output, output
+    assert (moved / "selected.alpaca.jsonl").read_text().count("\n") == 2

@@ -1,5 +1,6 @@
 """Ingest, validation and exact dedup on real datasets and a corpus of broken inputs."""
 
+import gzip
 import json
 import subprocess
 import sys
@@ -123,6 +124,75 @@ def test_unreadable_file_is_one_clear_error(tmp_path, name, fragment):
     with pytest.raises(InputError, match=fragment) as e:
         _ingest(tmp_path, CORPUS / name)
     assert name in str(e.value)
+
+
+def test_data_after_a_json_array_is_an_error_not_dropped(tmp_path):
+    """`[...]` then a second array (a batch per line) or stray text: the rows after the first array used to vanish
+    with exit 0; now the file is named with the line where the extra data starts."""
+    first = json.dumps([{"instruction": f"Q{i} " + "x" * 300, "output": "A"} for i in range(300)], indent=1)
+    two = tmp_path / "two.json"
+    two.write_text(first + "\n\n" + json.dumps([{"instruction": "lost?", "output": "no"}]) + "\n")
+    line = first.count("\n") + 3  # past the 64 KiB read chunk: the line is counted across chunks
+    with pytest.raises(InputError, match=rf"two\.json: not valid JSON \(more data .* at line {line};"):
+        _ingest(tmp_path, two)
+    p = subprocess.run([sys.executable, "-m", "curate.cli", "ingest", str(two), "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and f"at line {line}" in p.stderr
+    stray = tmp_path / "stray.json"
+    stray.write_text('[{"instruction": "a", "output": "b"}] {"instruction": "c", "output": "d"}')
+    with pytest.raises(InputError, match="stray.json: .* at line 1;"):
+        _ingest(tmp_path, stray)
+
+
+def test_json_array_named_jsonl_is_read_as_its_rows(tmp_path):
+    """`datasets.load_dataset("json")` reads a JSON array saved as .jsonl; curate read its 3 rows as 1 rejected row
+    (one line) or 17 malformed lines (pretty-printed). An array line followed by more lines stays JSON Lines."""
+    rows = [{"id": f"r{i}", "instruction": f"Q{i}", "output": f"A{i}"} for i in range(3)]
+    one_line = tmp_path / "one_line.jsonl"
+    one_line.write_text(json.dumps(rows) + "\n")
+    pretty = tmp_path / "pretty.jsonl.gz"
+    with gzip.open(pretty, "wb") as fh:
+        fh.write(b"\xef\xbb\xbf" + json.dumps(rows, indent=2).replace("\n", "\r\n").encode())
+    run, counts = _ingest(tmp_path, one_line, pretty)
+    assert [(c.rows, c.records) for c in counts.values()] == [(3, 3), (3, 3)]
+    recs = pl.read_parquet(run.file("records_all.parquet"))
+    assert recs["row"].to_list() == [0, 1, 2, 0, 1, 2]  # numbered as a .json array's elements
+    assert recs["meta"].struct.field("id").to_list() == ["r0", "r1", "r2"] * 2
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text("[1, 2]\n" + json.dumps(rows[0]) + "\n")
+    run, counts = _ingest(tmp_path / "l", lines)
+    assert _rejects(run) == {1: "wrong_type"} and counts[str(lines)].records == 1
+
+
+def test_gzip_file_without_gz_in_its_name_is_decompressed(tmp_path):
+    """A download saved as `data.jsonl` that is really gzip: read as one "row" of undecodable bytes (or "not valid
+    JSON" for .json); its rows are read now, and a damaged one is named as a gzip stream."""
+    rows = [{"instruction": f"Q{i}", "output": f"A{i}"} for i in range(3)]
+    lines = tmp_path / "data.jsonl"
+    lines.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    array = tmp_path / "data.json"
+    array.write_bytes(gzip.compress(json.dumps(rows).encode()))
+    run, counts = _ingest(tmp_path, lines, array)
+    assert [(c.rows, c.records) for c in counts.values()] == [(3, 3), (3, 3)]
+    assert _conserved(run) == (6, 3, 0, 3)  # the same rows twice: the second file's are duplicates
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(lines.read_bytes()[:20])
+    with pytest.raises(InputError, match="bad.jsonl: corrupt or truncated gzip stream"):
+        _ingest(tmp_path / "bad", bad)
+
+
+def test_utf16_file_is_one_clear_error(tmp_path):
+    """A UTF-16 file (PowerShell's `>`) was read as 4 "rows" of malformed JSON for 3 rows, and a folder run went on
+    with them rejected; it is a file that cannot be read, named with the fix."""
+    rows = [{"instruction": f"Q{i}", "output": f"A{i}"} for i in range(3)]
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "good.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (pool / "win.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-16")
+    (tmp_path / "win.csv").write_text("instruction,output\nq,a\n", encoding="utf-16")
+    for bad in (pool, tmp_path / "win.csv"):
+        with pytest.raises(InputError, match=r"win\.(jsonl|csv): UTF-16 text .*save it as UTF-8"):
+            _ingest(tmp_path / f"run-{bad.name}", bad)
 
 
 def test_cli_error_is_one_line_no_traceback(tmp_path):

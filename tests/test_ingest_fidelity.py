@@ -103,6 +103,79 @@ def test_sharegpt_system_field_and_openai_content_parts(tmp_path):
     assert _rejects(run)[3][0] == "wrong_type" and "image_url" in _rejects(run)[3][1]
 
 
+def test_system_field_of_messages_rows_becomes_a_turn_and_is_never_dropped(tmp_path):
+    """LLaMA-Factory's `messages` + `system` rows: the system prompt was left in meta, so no export and no trainer
+    saw it; and a ShareGPT `system` field beside a system turn vanished without a trace."""
+    f = _write(tmp_path / "s.jsonl", [
+        {"system": "Answer in French.", "messages": [{"role": "user", "content": "Hi"},
+                                                     {"role": "assistant", "content": "Salut"}]},
+        {"system": "field prompt", "conversations": [{"from": "system", "value": "turn prompt"},
+                                                     {"from": "human", "value": "h"}, {"from": "gpt", "value": "g"}]},
+        {"system": "field prompt", "messages": [{"role": "system", "content": "turn prompt"},
+                                                {"role": "user", "content": "u"},
+                                                {"role": "assistant", "content": "a"}]},
+    ])
+    recs = _records(_ingest(tmp_path, f))
+    assert recs["system"].to_list() == ["Answer in French.", "turn prompt", "turn prompt"]
+    assert recs.row(0, named=True)["messages"][0] == {"role": "system", "content": "Answer in French."}
+    assert recs["meta"].to_list() == [None, {"system": "field prompt"}, {"system": "field prompt"}]
+
+
+def test_numeric_turn_content_is_text_as_in_alpaca(tmp_path):
+    """`{"from": "gpt", "value": 42}` was rejected (wrong_type) although Alpaca's `"output": 42` is kept as "42"."""
+    f = _write(tmp_path / "n.jsonl", [
+        {"conversations": [{"from": "human", "value": "6 x 7?"}, {"from": "gpt", "value": 42}]},
+        {"messages": [{"role": "user", "content": "Half of 5?"}, {"role": "assistant", "content": 2.5}]},
+        {"instruction": "6 x 7, again?", "output": 42},
+        {"conversations": [{"from": "human", "value": "True?"}, {"from": "gpt", "value": True}]},
+        {"messages": [{"role": "user", "content": "list?"}, {"role": "assistant", "content": {"a": 1}}]},
+    ])
+    run = _ingest(tmp_path, f)
+    assert [m[1]["content"] for m in _records(run)["messages"].to_list()] == ["42", "2.5", "42"]
+    assert {k: v[0] for k, v in _rejects(run).items()} == {4: "wrong_type", 5: "wrong_type"}
+
+
+def test_an_unanswered_question_is_missing_its_response_not_its_instruction(tmp_path):
+    """A conversation of user turns only was rejected as `missing_instruction: conversation has no user turn`."""
+    f = _write(tmp_path / "q.jsonl", [
+        {"conversations": [{"from": "human", "value": "Anyone there?"}]},
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+                      {"role": "user", "content": "u2"}]},
+        {"messages": [{"role": "assistant", "content": "Answer to nothing."}]},
+        {"instruction": "Answered?", "output": "Yes."},
+    ])
+    rej = _rejects(_ingest(tmp_path, f))
+    assert rej == {1: ("missing_response", "conversation has no assistant turn"),
+                   2: ("missing_response", "conversation has no assistant turn"),
+                   3: ("missing_instruction", "conversation has no user turn")}
+
+
+def test_turns_that_do_not_alternate_are_rejected_with_a_reason(tmp_path):
+    """LLaMA-Factory skips ("Invalid role tag") a conversation that does not alternate user/assistant from a user
+    turn, and the Alpaca export would merge its turns: such a row was selected, then never trained on as it was."""
+    f = _write(tmp_path / "t.jsonl", [
+        {"id": "ok", "conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "h1"},
+                                       {"from": "gpt", "value": "g1"}, {"from": "human", "value": "h2"},
+                                       {"from": "gpt", "value": "g2"}, {"from": "human", "value": "unanswered"}]},
+        {"id": "gpt-first", "conversations": [{"from": "gpt", "value": "I speak first."},
+                                              {"from": "human", "value": "ok?"}, {"from": "gpt", "value": "yes"}]},
+        {"id": "two-users", "messages": [{"role": "user", "content": "u1"}, {"role": "user", "content": "u2"},
+                                         {"role": "assistant", "content": "a"}]},
+        {"id": "two-answers", "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u"},
+                                           {"role": "assistant", "content": "a1"},
+                                           {"role": "assistant", "content": "a2"}]},
+    ])
+    run = _ingest(tmp_path, f)
+    assert _records(run)["meta"].struct.field("id").to_list() == ["ok"]
+    assert _records(run)["n_turns"].to_list() == [2]
+    rej = _rejects(run)
+    assert {k: v[0] for k, v in rej.items()} == {2: "roles_not_alternating", 3: "roles_not_alternating",
+                                                  4: "roles_not_alternating"}
+    assert rej[2][1].startswith("message 0 (assistant) comes first")
+    assert rej[3][1].startswith("message 1 (user) follows another user turn")
+    assert rej[4][1].startswith("message 3 (assistant) follows another assistant turn")
+
+
 def test_self_instruct_keeps_every_instance(tmp_path):
     f = _write(tmp_path / "s.jsonl", [{"id": "seed_task_0", "instruction": "Add.", "instances": [
         {"input": "1+1", "output": "2"}, {"input": "2+2", "output": "4"}]}])

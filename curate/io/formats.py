@@ -102,9 +102,26 @@ def _sharegpt(row: dict[str, Any]) -> Messages:
         if role is None:
             raise RowError("unknown_role", f"turn {i} is from {who!r}")
         msgs.append({"role": role, "content": turn.get("value", turn.get("content"))})
+    return _with_system(row, msgs)
+
+
+def _with_system(row: dict[str, Any], msgs: Messages) -> Messages:
+    """A row's `system` field (ShareGPT, and LLaMA-Factory's `messages` + `system`) as the first turn; when the
+    conversation opens with its own system turn, the field stays with the user's columns (`_system_field_kept`)."""
     if row.get("system") and not (msgs and msgs[0]["role"] == "system"):
         msgs.insert(0, {"role": "system", "content": _text(row, "system")})
     return msgs
+
+
+def _system_field_kept(row: dict[str, Any], f: Format) -> bool:
+    """Whether a ShareGPT/OpenAI row's `system` field did not become a turn (its conversation has a system turn),
+    so it must be kept in `meta` instead of vanishing."""
+    if "system" not in f.uses or f.name not in _TURN_KEYS or not row.get("system"):
+        return False
+    turns = row.get(_TURN_KEYS[f.name][0])
+    first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+    who = first.get("from", first.get("role"))
+    return who is not None and _SHAREGPT_ROLES.get(str(who).lower()) == "system"
 
 
 def _openai(row: dict[str, Any]) -> Messages:
@@ -116,7 +133,7 @@ def _openai(row: dict[str, Any]) -> Messages:
         if not isinstance(m, dict):
             raise RowError("wrong_type", f"message {i} is {type(m).__name__}, expected an object")
         out.append({"role": m.get("role"), "content": _content_parts(m.get("content"), i)})
-    return out
+    return _with_system(row, out)
 
 
 def _content_parts(content: Any, i: int) -> Any:
@@ -163,7 +180,7 @@ class Format:
 
 #: Order matters for auto-detection: more specific signatures first.
 FORMATS: tuple[Format, ...] = (
-    Format("openai", ("messages",), _openai),
+    Format("openai", ("messages",), _openai, ("system",)),
     Format("sharegpt", ("conversations",), _sharegpt, ("system",)),
     Format("self_instruct", ("instruction", "instances"), _self_instruct),
     Format("dolly", ("instruction", "context", "response"), _dolly),
@@ -199,6 +216,8 @@ def extra_fields(row: Any, fmt: str = "auto") -> dict[str, Any] | None:
         used = {*f.keys, *f.uses}
         if f.name == "self_instruct" and isinstance(row.get("instances"), list) and len(row["instances"]) > 1:
             used.discard("instances")  # only the first instance becomes the conversation: keep them all
+        if _system_field_kept(row, f):
+            used.discard("system")
     extra = {str(k): v for k, v in row.items() if k not in used}
     turns = _turn_fields(row, f)
     if turns is not None:

@@ -160,25 +160,48 @@ def _container_of(path: Path) -> str | None:
     return _EXT.get(Path(name).suffix)
 
 
+#: compressions curate does not read (gzip only)
+_OTHER_COMPRESSION = (".bz2", ".xz", ".zst", ".zstd", ".lz4", ".zip", ".7z", ".br")
+
+
+def _refuse_other_compression(path: Path) -> None:
+    """A data file under a compression other than gzip (`train.jsonl.zst`) is an error, never skipped: a folder
+    walk used to leave it out without a word."""
+    name = path.name.lower()
+    for ext in _OTHER_COMPRESSION:
+        if name.endswith(ext) and Path(name[: -len(ext)]).suffix in _EXT:
+            raise InputError(f"{path}: {ext} compression is not read; decompress it, or gzip it (.gz)")
+
+
 def _walk(folder: Path) -> Iterator[Path]:
-    """Data files and HF dataset folders under `folder`, sorted; an unreadable sub-folder is an error."""
+    """Data files and HF dataset folders under `folder`, sorted; an unreadable sub-folder is an error.
+
+    Linked sub-folders are followed (a pool of links to datasets kept elsewhere was skipped without a word); a
+    folder reached a second time (a link back up the tree, a second link to it) is read once.
+    """
     def fail(e: OSError) -> None:
         raise InputError(f"{e.filename or folder}: permission denied (folder cannot be listed)"
                          if isinstance(e, PermissionError) else f"{e.filename or folder}: cannot be listed ({e})")
 
     found: list[Path] = []
-    for root, dirs, files in os.walk(folder, onerror=fail):
+    seen = {os.path.realpath(folder)}
+    for root, dirs, files in os.walk(folder, onerror=fail, followlinks=True):
         r = Path(root)
         keep = []
         for d in sorted(dirs):
             sub = r / d
             if not os.access(sub, os.R_OK | os.X_OK):
                 raise InputError(f"{sub}: permission denied (folder cannot be listed)")
+            if os.path.realpath(sub) in seen:
+                continue
+            seen.add(os.path.realpath(sub))
             if _is_hf_disk(sub):
                 found.append(sub)
             else:
                 keep.append(d)
         dirs[:] = keep
+        for f in files:
+            _refuse_other_compression(r / f)
         found += [r / f for f in files if _container_of(r / f) is not None]
     return iter(sorted(found))
 
@@ -236,6 +259,7 @@ def detect_container(path: str) -> str:
         raise InputError(f"{path}: is a folder, not a dataset file")
     kind = _container_of(p)
     if kind is None:
+        _refuse_other_compression(p)
         raise InputError(
             f"{path}: unknown file type {p.suffix!r}; use .jsonl, .json, .parquet, .csv or --container"
         )
@@ -250,8 +274,9 @@ def iter_rows(path: str, container: str | None = None, split: str | None = None)
     base, sp = split_source(path)
     if kind != "hf_hub":
         check_path(base)
-    gz = base.lower().endswith(".gz")
     try:
+        if kind in ("jsonl", "json", "csv", "tsv"):
+            _refuse_utf16(base)
         if kind == "jsonl":
             yield from _jsonl(base)
         elif kind == "json":
@@ -271,7 +296,7 @@ def iter_rows(path: str, container: str | None = None, split: str | None = None)
     except IsADirectoryError:
         raise InputError(f"{path}: is a folder, not a file") from None
     except (zlib.error, gzip.BadGzipFile, EOFError) as e:
-        what = "corrupt or truncated gzip stream" if gz else "truncated file"
+        what = "corrupt or truncated gzip stream" if _is_gzip(base) else "truncated file"
         raise InputError(f"{path}: {what} ({type(e).__name__}: {e})") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -279,8 +304,29 @@ def iter_rows(path: str, container: str | None = None, split: str | None = None)
         raise InputError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
+def _refuse_utf16(path: str) -> None:
+    """A UTF-16 text file (PowerShell's `>` writes one) is unreadable as a whole, not a file of bad rows: each
+    of its lines used to be rejected as malformed JSON, under a wrong row count, and a folder run went on."""
+    with _open_binary(path) as fh:
+        head = fh.read(2)
+    if head in (b"\xff\xfe", b"\xfe\xff"):
+        raise InputError(f"{path}: UTF-16 text (byte-order mark {head.hex(' ')}); save it as UTF-8")
+
+
+def _is_gzip(path: str) -> bool:
+    """gzip by its name, or by its first bytes: a download saved as `data.jsonl` that is really gzip was read as
+    lines of binary rejects."""
     if path.lower().endswith(".gz"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
+def _open_binary(path: str) -> io.BufferedIOBase:
+    if _is_gzip(path):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     return open(path, "rb")
 
@@ -354,7 +400,27 @@ def _decode(line: bytes, lineno: int) -> str | RowError:
         return RowError("undecodable_bytes", f"not UTF-8 at byte {e.start}")
 
 
+def _json_array_file(path: str) -> bool:
+    """Whether a .jsonl file is one JSON array (pretty-printed, or all on its only line), which HF `datasets`
+    reads too. An array on the first line with more lines after it stays JSON Lines (a row of the wrong type)."""
+    with _open_binary(path) as fh:
+        lines = (x for x in _capped_lines(fh) if x[1] is None or x[1].strip(_WS))
+        first = next(lines, None)
+        if first is None or not (first[1] or first[3]).removeprefix(_BOM).lstrip(_WS).startswith(b"["):
+            return False
+        if first[1] is None:  # a first line over the row limit that opens an array: the file is the array
+            return True
+        try:
+            orjson.loads(first[1].removeprefix(_BOM))
+        except orjson.JSONDecodeError:
+            return True  # the array goes on over the next lines
+        return next(lines, None) is None
+
+
 def _jsonl(path: str) -> Iterator[RawRow]:
+    if _json_array_file(path):  # its elements are the rows, numbered from 0 as in a .json array
+        yield from _items(path, None)
+        return
     with _open_binary(path) as fh:
         for lineno, line, size, head, _ in _capped_lines(fh):
             if line is None:
@@ -387,8 +453,8 @@ def _scan(fh: Any, path: str, target: Any) -> Iterator[tuple]:
     target None: yields ("item", bytes | None, size, head) for each element of the top-level array;
     target "key": the same for the array under that top-level key; target _SURVEY: yields ("member", key,
     first byte of its value) for each top-level member. Always first ("top", first byte) and, if something
-    follows the top-level value, ("trailing",) and stops. An element over the row limit is yielded as None
-    with its size and never held whole: memory stays within the row limit plus one read chunk.
+    follows the top-level value, ("trailing", its 1-based line) and stops. An element over the row limit is
+    yielded as None with its size and never held whole: memory stays within the row limit plus one read chunk.
     """
     depth = 0
     in_str = esc_pending = False
@@ -435,6 +501,7 @@ def _scan(fh: Any, path: str, target: Any) -> Iterator[tuple]:
             return None
 
     first = True
+    lines = 0  # newlines in the chunks before this one: the line of trailing data, for the message
     while True:
         chunk = fh.read(_CHUNK)
         if not chunk:
@@ -473,7 +540,8 @@ def _scan(fh: Any, path: str, target: Any) -> Iterator[tuple]:
                 text = chunk[pos:end].strip(_WS)
                 if text:
                     if done:
-                        yield ("trailing",)
+                        at = pos + len(chunk[pos:end]) - len(chunk[pos:end].lstrip(_WS))
+                        yield ("trailing", lines + chunk.count(b"\n", 0, at) + 1)
                         return
                     if top is None:
                         top = text[0]
@@ -487,7 +555,7 @@ def _scan(fh: Any, path: str, target: Any) -> Iterator[tuple]:
             pos = m.end()
             c = chunk[end]
             if done:
-                yield ("trailing",)
+                yield ("trailing", lines + chunk.count(b"\n", 0, end) + 1)
                 return
             if top is None:
                 top = c
@@ -537,6 +605,7 @@ def _scan(fh: Any, path: str, target: Any) -> Iterator[tuple]:
                 await_value = True
         if active:
             carry(chunk[item_start:])
+        lines += chunk.count(b"\n")
     if top is None:
         return
     if in_str or depth != 0:
@@ -574,6 +643,11 @@ def _json_layout(path: str) -> tuple[str, Any]:
                 return "jsonl", None
     if top is None:
         return "empty", None
+    from curate.io.formats import FORMATS
+
+    keys = {k for k, _ in members}
+    if any(all(k in keys for k in f.keys) for f in FORMATS):  # one row with a list field (tags, instances)
+        return "object", None
     lists = [k for k, b in members if b == 0x5B]
     if len(members) >= 2 and len(lists) == len(members) and not (set(lists) & _ROW_LIST_KEYS) and \
             all(isinstance(k, str) for k in lists):
@@ -604,6 +678,9 @@ def _items(path: str, target: Any) -> Iterator[RawRow]:
     i = 0
     with _open_binary(path) as fh:
         for ev in _scan(fh, path, target):
+            if ev[0] == "trailing":  # e.g. a second array: its rows would be lost without a word
+                raise InputError(f"{path}: not valid JSON (more data after the top-level value, at line {ev[1]}; "
+                                 "a JSON file holds one document, JSON Lines one object per line)")
             if ev[0] != "item":
                 continue
             _, data, size, head = ev

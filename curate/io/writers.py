@@ -231,8 +231,9 @@ def export(parquet: str | Path, fmt: str, out: str | Path, *, handoff: bool = Tr
         raise ValueError(f"unknown export format {fmt!r}; choose from {EXPORT_FORMATS}")
     convert = _alpaca if fmt == "alpaca" else _sharegpt
     out = Path(out)
-    cols = ["id", "messages", *([META] if META in pl.read_parquet_schema(parquet) else [])]
-    df = pl.read_parquet(parquet, columns=cols)
+    # glob=False (and pyarrow's schema): a '[' in a folder name is not a file pattern
+    cols = ["id", "messages", *([META] if META in pq.read_schema(parquet).names else [])]
+    df = pl.read_parquet(parquet, columns=cols, glob=False)
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         for row in df.iter_rows(named=True):
             rec = {"id": row["id"], **convert(row["messages"])}
@@ -261,6 +262,21 @@ def _exports_in(folder: Path, parquet: Path, exports: dict[str, Path] | None = N
     return found
 
 
+def _json_object(path: Path, fix: str) -> dict[str, Any]:
+    """An existing JSON object file ({} when absent): dataset_info.json (often the user's own, e.g. LLaMA-Factory's
+    `data/`) or the run's manifest. A file that is not one is named with the cause and `fix` (it used to be a bare
+    parser message without the file, or an internal error)."""
+    if not path.exists():
+        return {}
+    try:
+        value = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: a JSON {type(value).__name__}, expected an object; {fix}")
+    return value
+
+
 def write_dataset_info(parquet: str | Path, folder: str | Path, exports: dict[str, Path] | None = None) -> Path:
     """Add (or refresh) LLaMA-Factory entries for the subset's files to `folder`/dataset_info.json.
 
@@ -269,7 +285,7 @@ def write_dataset_info(parquet: str | Path, folder: str | Path, exports: dict[st
     """
     parquet, folder = Path(parquet), Path(folder)
     path = folder / "dataset_info.json"
-    info = orjson.loads(path.read_bytes()) if path.exists() else {}
+    info = _json_object(path, "fix or remove it (curate adds its entries to it)")
     stem = parquet.name.removesuffix(".parquet")
     for fmt, file in _exports_in(folder, parquet, exports).items():
         name = stem if fmt == "parquet" else f"{stem}_{fmt}"
@@ -298,11 +314,12 @@ def dataset_card(parquet: str | Path, folder: str | Path, *, exports: dict[str, 
 
     parquet, folder = Path(parquet), Path(folder)
     manifest_path = parquet.parent / "manifest.json"
-    m = orjson.loads(manifest_path.read_bytes()) if manifest_path.exists() else {}
-    sel = pl.read_parquet(parquet, columns=["source"])
+    m = _json_object(manifest_path, "the dataset card needs the run's counts: re-run `curate select`")
+    sel = pl.read_parquet(parquet, columns=["source"], glob=False)
     files = _exports_in(folder, parquet, exports)
-    configs = [{"config_name": "default" if fmt == "parquet" else fmt,
-                "data_files": [{"split": "train", "path": _rel(f, folder)}]} for fmt, f in files.items()]
+    # `datasets` (and the Hub viewer) picks one builder for every config, from the first config's files: a JSONL
+    # export listed as a config fails to load (Parquet magic bytes not found), so only the Parquet is a config
+    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": _rel(parquet, folder)}]}]
     head = {"license": license or "unknown", **({"license_note": license_note} if license_note else {}),
             "task_categories": ["text-generation"],
             "tags": ["curate", "instruction-tuning", "sft"], "size_categories": [_size_category(sel.height)],
@@ -340,8 +357,10 @@ def dataset_card(parquet: str | Path, folder: str | Path, *, exports: dict[str, 
     lines += ["", "Every input row has exactly one outcome with a reason in the run's `decisions.parquet`.",
               "", "## Files", "", "| file | format | load with |", "|---|---|---|"]
     how = {"parquet": "`datasets.load_dataset(\"parquet\", ...)`; TRL `SFTTrainer` reads `messages` as is",
-           "alpaca": "LLaMA-Factory (`dataset_info.json` entry with `system` and `history`)",
-           "sharegpt": "LLaMA-Factory, FastChat, axolotl (`conversations` with `from`/`value`)"}
+           "alpaca": "LLaMA-Factory (`dataset_info.json` entry with `system` and `history`); "
+                     "`datasets.load_dataset(\"json\", data_files=...)`",
+           "sharegpt": "LLaMA-Factory, FastChat, axolotl (`conversations` with `from`/`value`); "
+                       "`datasets.load_dataset(\"json\", data_files=...)`"}
     fmt_name = {"parquet": "Parquet, OpenAI `messages`", "alpaca": "Alpaca JSONL", "sharegpt": "ShareGPT JSONL"}
     for fmt, f in files.items():
         lines.append(f"| `{_rel(f, folder)}` | {fmt_name[fmt]} | {how[fmt]} |")
