@@ -272,6 +272,12 @@ def select(
         with _quiet_prefect():
             run = _guard(run_flow, recipe)
     _summary(run)
+    totals = run.manifest.get("totals") or {}
+    if totals.get("selected") == 0 and totals.get("input_rows"):  # an empty subset, said where a CI log shows it
+        why = ", ".join(f"{k}: {v:,}" for k, v in sorted((totals.get("reasons") or {}).items(), key=lambda kv: -kv[1]))
+        budget = ((run.manifest.get("stages") or {}).get("select") or {}).get("budget")
+        err.print(f"warning: no row was selected{f' under a budget of {budget}' if budget else ''} ({why}); each "
+                  f"row's reason is in {run.file('decisions.parquet')}", highlight=False, soft_wrap=True)
 
 
 def _summary(run) -> None:
@@ -347,6 +353,9 @@ def plan(
     scorers: str = typer.Option(None, "--scorers", help="Comma-separated scorers."),
     strategy: str = typer.Option(None, "--strategy", help="kmq | iterative | deita | fusion | threshold | random"),
     budget: int = typer.Option(None, "--budget", help="Rows to select."),
+    fraction: float = typer.Option(None, "--fraction", help="Fraction of the pool to select."),
+    budget_tokens: int = typer.Option(None, "--budget-tokens", help="Token budget for the subset."),
+    model: str = typer.Option(None, "--model", help="Causal LM for model scorers: 'proxy' or a name/path."),
     with_eval: bool = typer.Option(False, "--eval", help="Also price `curate eval` of the subset (default arms "
                                    "and seeds, SmolLM2 student; at assumed rates unless --measure)."),
     measure: bool = typer.Option(False, "--measure", help="Load the scoring LM and time it on 32 pool rows, as "
@@ -361,7 +370,8 @@ def plan(
 
     recipe = _guard(_recipe, inputs, config, {
         "score.scorers": [s for s in scorers.split(",") if s] if scorers is not None else None,
-        "select.strategy": strategy, "select.budget": budget}, outputs=False)
+        "select.strategy": strategy, "select.budget": budget, "select.fraction": fraction,
+        "select.budget_tokens": budget_tokens, "score.model": model}, outputs=False)
     eval_config = None
     if with_eval:
         from curate.eval import EvalConfig

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.config import Recipe
-from curate.io.readers import detect_container, expand_inputs
+from curate.io.readers import detect_container, expand_inputs, split_source
 from curate.select.recipe import DEFAULT_FRACTION
 
 # rows/s on 2 CPU cores (see BENCHMARKS.md); keyed by stage or model
@@ -105,10 +105,16 @@ class StagePlan:
 
 
 def count_rows(path: str) -> tuple[int, int]:
-    """(rows, bytes) of one input without parsing it fully."""
+    """(rows, bytes) of one input without parsing it fully.
+
+    A split of a dict-of-splits JSON file (`data.json#train`, as `expand_inputs` names it) is priced as its share
+    of the file: the path with its `#split` is no file, and each split was counted as 1 row of 0 bytes."""
     kind = detect_container(path)
-    p = Path(path)
+    base, split = split_source(path)
+    p = Path(base)
     size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    if split is not None:
+        size //= max(1, len(expand_inputs([base])))
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -289,6 +295,28 @@ def feedback_seconds(recipe: Recipe, trained_rows: int, probe_rows: int,
     return setups + slow * (tokens / tps + probe_rows / pass_rate(sc.model, bytes_per_row))
 
 
+def subset_estimate(recipe: Recipe, rows: int, tokens: int) -> tuple[int, int]:
+    """(rows, tokens) of the subset the budget asks for, resolved as the select stage resolves it
+    (`curate.select.recipe._budget`, `Budget.resolve`); thresholds and quotas can only make it smaller. A token
+    budget is turned into rows at the pool's mean tokens per row. Why: the plan priced the iterative strategy's
+    feedback fine-tunes at 10% of the pool whatever `--budget-tokens` said, and never said what the subset would
+    be."""
+    from curate.select import Budget
+
+    sel = recipe.select
+    per_row = tokens / max(rows, 1)
+    if sel.budget_tokens is not None:
+        n = min(rows, int(math.floor(sel.budget_tokens / max(per_row, 1e-9) + 0.5)))
+        return n, min(int(sel.budget_tokens), tokens)
+    if sel.budget is not None:
+        n = Budget(rows=sel.budget).resolve(rows)
+    elif sel.strategy == "threshold":
+        n = rows
+    else:
+        n = Budget(fraction=sel.fraction if sel.fraction is not None else DEFAULT_FRACTION).resolve(rows)
+    return n, round(n * per_row)
+
+
 def plan(recipe: Recipe, *, prefect: bool = True, measured: dict[str, Any] | None = None) -> list[StagePlan]:
     """Every stage of the run (one-off work first), with rows, engine calls, seconds and peak memory.
 
@@ -339,12 +367,15 @@ def plan(recipe: Recipe, *, prefect: bool = True, measured: dict[str, Any] | Non
         out.append(StagePlan("distill (predict the rest)", rows - n_lm, 0, secs, 400 + rows * 0.004))
     out.append(StagePlan("select", rows, 0, rows / RATES["select"] + 2, 200 + rows * 1e-4))
     sel = recipe.select
+    sub_rows, sub_tokens = subset_estimate(recipe, rows, tokens)
     if sel.strategy == "iterative" and sel.rounds > 1:
-        budget = sel.budget or math.ceil(rows * (sel.fraction or DEFAULT_FRACTION))
+        budget = sub_rows
         trained = sum(budget * r // sel.rounds for r in range(1, sel.rounds))
         probe = min(rows, k * sel.probe_per_cluster) * (sel.rounds - 1)
         secs = feedback_seconds(recipe, trained, probe, bytes_per_row, measured)
         memory = FEEDBACK_MEMORY_MB["proxy" if sc.model == "proxy" else "other"]
         out.append(StagePlan("select:feedback", trained, probe, secs, memory))
     out.append(StagePlan("(tokens, estimated)", tokens, 0, 0.0, 0.0))
+    out.append(StagePlan("(subset rows, at most)", sub_rows, 0, 0.0, 0.0))
+    out.append(StagePlan("(subset tokens, estimated)", sub_tokens, 0, 0.0, 0.0))
     return out

@@ -73,6 +73,50 @@ def test_plan_cli_prints_a_table():
     assert "LM scoring rate assumed, not measured" in res.output  # the run measures it (issue #15)
 
 
+def test_plan_says_what_the_budget_selects_and_takes_selects_budget_options(tmp_path):
+    """`curate plan` refused `--fraction` and `--budget-tokens` (`curate select` takes them), never said how big the
+    subset would be, and priced the iterative feedback at 10% of the pool whatever the token budget said."""
+    rows = sum(len(p.read_text().splitlines()) for p in SAMPLE.glob("*.jsonl"))
+    base = {"inputs": [str(SAMPLE)], "score.model": "proxy", "cluster.k": 10}
+
+    def stages(**over):
+        return {s.stage: s for s in plan(load_recipe(None, {**base, **over}))}
+
+    tokens = stages()["(tokens, estimated)"].rows
+    assert stages()["(subset rows, at most)"].rows == round(rows * 0.1)  # the default fraction
+    assert stages(**{"select.budget": 10**6})["(subset rows, at most)"].rows == rows
+    assert stages(**{"select.fraction": 1e-6})["(subset rows, at most)"].rows == 1  # as Budget.resolve
+    small = stages(**{"select.budget_tokens": 20_000, "select.strategy": "iterative", "select.rounds": 2})
+    per_row = tokens / rows
+    assert small["(subset tokens, estimated)"].rows == 20_000
+    assert small["(subset rows, at most)"].rows == pytest.approx(20_000 / per_row, abs=1)
+    assert small["select:feedback"].rows == small["(subset rows, at most)"].rows // 2  # not 10% of the pool
+    res = CliRunner().invoke(app, ["plan", str(SAMPLE), "--fraction", "0.05", "--model", "proxy"])
+    assert res.exit_code == 0, res.output
+    assert f"{round(rows * 0.05):,}" in next(ln for ln in res.output.splitlines() if "(subset rows" in ln)
+    res = CliRunner().invoke(app, ["plan", str(SAMPLE), "--budget-tokens", "5000", "--model", "proxy"])
+    assert res.exit_code == 0 and "5,000" in next(ln for ln in res.output.splitlines() if "(subset tokens" in ln)
+
+
+def test_plan_counts_a_dict_of_splits_json_file(tmp_path):
+    """A JSON file shaped {"train": [...], "test": [...]} becomes one source per split (`data.json#train`); the plan
+    took that name for a path that does not exist and counted each split as 1 row of 0 bytes: 2 rows for 100."""
+    import json
+
+    from curate.plan import count_rows
+
+    rows = [json.loads(line) for line in (SAMPLE / "gsm8k_train.jsonl").read_text().splitlines()[:100]]
+    (tmp_path / "one.json").write_text(json.dumps(rows))
+    (tmp_path / "splits.json").write_text(json.dumps({"train": rows[:50], "test": rows[50:]}))
+    whole = {s.stage: s for s in plan(load_recipe(None, {"inputs": [str(tmp_path / "one.json")]}))}
+    split = {s.stage: s for s in plan(load_recipe(None, {"inputs": [str(tmp_path / "splits.json")]}))}
+    assert split["ingest+dedup"].rows == pytest.approx(whole["ingest+dedup"].rows, abs=2)
+    assert 50 <= split["ingest+dedup"].rows <= 200
+    assert split["(tokens, estimated)"].rows == pytest.approx(whole["(tokens, estimated)"].rows, rel=0.01)
+    n, size = count_rows(f"{tmp_path / 'splits.json'}#train")
+    assert size == (tmp_path / "splits.json").stat().st_size // 2 and n > 1
+
+
 def test_plan_prices_one_off_work_and_the_sample_then_distill_split(tmp_path, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     base = {"inputs": [str(SAMPLE)], "out": str(tmp_path / "run"), "score.scorers": ["heuristics", "ifd"],

@@ -590,12 +590,59 @@ def test_eval_section_reads_curate_eval_output(run_dir, tmp_path):
     assert section.count('aria-label="means with confidence intervals"') == 3
     assert "lima loss (lower is better)" in section and "gsm8k accuracy (higher is better)" in section
     assert "Paired differences" in section and "<td>better</td>" in section
-    assert "Evaluation:</b> selected vs random at equal tokens: no different" in page  # the line, not the word
+    # the line, not the word, after a plain sentence in a red box
+    assert ('class="verdict less"><b>Evaluation:</b> The subset is no better than random subsets of equal tokens. '
+            "selected vs random at equal tokens: no different") in page
     assert "Fitted to" not in section
     (tmp_path / "eval.json").write_text(json.dumps({**EVAL_REFS, "fitted": {
         "minutes": 100, "left_out": ["random_rows", "random_length", "seeds 3 -> 1"], "seconds": 5375.0}}))
     section = write_report(tmp_path).read_text().split('<section id="eval">')[1].split("</section>")[0]
     assert "Fitted to 100 min" in section and "left out random_rows, random_length, seeds 3 -&gt; 1" in section
+
+
+def test_a_stale_eval_is_called_out_of_date(run_dir, tmp_path):
+    """`curate select` re-run into the folder with another budget left eval.json in place, and the report headed
+    the new subset with the old subset's verdict. Its selected arm's rows, or selected.parquet being newer, say
+    the evaluation is of an earlier selection."""
+    import os
+
+    for name in ("decisions.parquet", "records.parquet", "selected.parquet"):
+        shutil.copy(run_dir / name, tmp_path / name)
+    n_sel = pl.read_parquet(run_dir / "selected.parquet").height
+    ev = tmp_path / "eval.json"
+
+    def summary(rows: int, *, selected_newer: bool = False) -> str:
+        ev.write_text(json.dumps({**EVAL_REFS, "arms": {"selected-seed0": {"arm": "selected", "seed": 0, "rows": rows},
+                                                        "random_tokens-seed0": {"rows": rows + 7}}}))
+        t = ev.stat().st_mtime
+        os.utime(tmp_path / "selected.parquet", (t + 60, t + 60) if selected_newer else (t - 60, t - 60))
+        page = write_report(tmp_path).read_text()
+        return page.split('<section id="summary">')[1].split("</section>")[0]
+
+    assert "out of date" not in summary(n_sel)
+    stale = summary(n_sel * 2)
+    assert (f"Evaluation out of date:</b> eval.json evaluated a subset of {n_sel * 2:,} rows, but this run&#x27;s "
+            f"subset has {n_sel:,}") in stale
+    assert "selected.parquet was written after eval.json" in summary(n_sel, selected_newer=True)
+    section = write_report(tmp_path).read_text().split('<section id="eval">')[1].split("</section>")[0]
+    assert "Out of date: selected.parquet was written after eval.json" in section
+
+
+def test_an_empty_subset_is_said_plainly(run_dir, tmp_path):
+    """Thresholds that reject every row leave no subset; the summary said it was "about as diverse as random
+    (Vendi score 0 vs 0)". It says no row was selected, and why."""
+    d = pl.read_parquet(run_dir / "decisions.parquet")
+    d = d.with_columns(
+        status=pl.when(pl.col("status") == "selected").then(pl.lit("not_selected")).otherwise(pl.col("status")),
+        reason=pl.when(pl.col("status") == "selected").then(pl.lit("below_threshold")).otherwise(pl.col("reason")))
+    d.write_parquet(tmp_path / "decisions.parquet")
+    shutil.copy(run_dir / "records.parquet", tmp_path / "records.parquet")
+    page = write_report(tmp_path).read_text()
+    summary = page.split('<section id="summary">')[1].split("</section>")[0]
+    assert "<b>No row was selected.</b> The final reasons of the" in summary and "below_threshold: " in summary
+    assert "Diversity:" not in summary
+    assert "No row was selected: there is no subset to compare" in page.split('<section id="diversity">')[1]
+    assert "No row was selected" not in write_report(run_dir, tmp_path / "full.html").read_text()
 
 
 def test_eval_json_broken(run_dir, tmp_path):

@@ -172,6 +172,16 @@ def test_budget_resolution_and_errors():
         Quotas(cluster_min=5, cluster_max=2)
 
 
+def test_a_tiny_positive_fraction_still_selects_a_row():
+    """`--fraction 0.001` of a 100-row pool rounded to 0 rows: an empty subset, exit code 0, every row
+    "cluster_quota_full". A positive fraction asks for a subset: at least one row."""
+    pool = make_pool(100)
+    assert Budget(fraction=0.001).resolve(pool) == 1
+    assert Budget(fraction=0.0).resolve(pool) == 0 and Budget(fraction=0.001).resolve(0) == 0
+    for s in (KMQ(), RandomSubset(), Fusion(columns=("quality",))):
+        assert int(select(pool, s, Budget(fraction=0.001))["selected"].sum()) == 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # kMQ
 
@@ -732,3 +742,175 @@ def test_vendi_score_exact_and_cluster_coverage():
     r = RandomSubset().select(pool, Budget(rows=300), seed=0)["selected"].to_numpy()
     assert nn_similarity(emb[d]) < nn_similarity(emb[r])
     assert vendi_score(emb[d]) > vendi_score(emb[r])
+
+
+def test_select_cli_warns_when_no_row_is_selected(tmp_path):
+    """A token budget below every row's tokens (or thresholds that reject every row) ended `curate select` with
+    exit code 0 and an empty selected.parquet without a word; the CLI now says so on stderr, with the budget and
+    the reasons, where a CI log shows it."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, sample_rows
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(__import__("json").dumps(r) + "\n" for r in sample_rows(12)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "curate.cli", "select", str(data), "--scorers", "heuristics",
+                               "--no-prefect", *args], capture_output=True, text=True, env=env, timeout=300)
+
+    res = cli("--out", str(tmp_path / "empty"), "--budget-tokens", "1")
+    assert res.returncode == 0, res.stderr
+    assert pl.read_parquet(tmp_path / "empty" / "selected.parquet").height == 0
+    warning = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: no row was selected")]
+    assert len(warning) == 1 and "under a budget of 1 tokens" in warning[0] and "decisions.parquet" in warning[0]
+    res = cli("--out", str(tmp_path / "some"), "--budget", "3")
+    assert res.returncode == 0 and "no row was selected" not in res.stderr
+
+
+def test_record_columns_the_recipe_check_accepts_can_be_selected_on(tmp_path):
+    """curate/validate.py accepts thresholds and fusion weights on n_chars, instruction_chars, response_chars and
+    n_turns, but the candidate pool had none of them: the run ingested, embedded and scored, then failed at the
+    select stage ("threshold column 'response_chars' not in pool"). n_tokens_model without select.tokenizer now
+    says what it needs."""
+    import json
+
+    from conftest import sample_rows
+
+    from curate.config import load_recipe
+    from curate.pipeline import run_direct
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(40)))
+    base = {"inputs": [str(data)], "score.scorers": ["heuristics"], "select.budget": 8, "report": False}
+    run = run_direct(load_recipe(None, {**base, "out": str(tmp_path / "a"),
+                                        "select.thresholds": ["response_chars > 300", "n_turns >= 1"]}))
+    d = pl.read_parquet(run.file("decisions.parquet")).join(
+        pl.read_parquet(run.file("records.parquet"), columns=["id", "response_chars"]), on="id")
+    below = d.filter(pl.col("reason") == "below_threshold")
+    assert below.height and (below["response_chars"] <= 300).all()
+    chosen = d.filter(pl.col("status") == "selected")
+    assert (chosen["response_chars"] > 300).all() and chosen.height == 8
+    run = run_direct(load_recipe(None, {**base, "out": str(tmp_path / "b"), "select.strategy": "fusion",
+                                        "select.fusion": {"n_chars": -1.0}}))
+    chosen = pl.read_parquet(run.file("selected.parquet"))["n_chars"]
+    assert chosen.max() <= pl.read_parquet(run.file("records.parquet"))["n_chars"].sort()[8 + 2]  # the shortest
+    with pytest.raises(SelectionError, match="select.tokenizer"):
+        run_direct(load_recipe(None, {**base, "out": str(tmp_path / "c"),
+                                      "select.thresholds": ["n_tokens_model < 99"]}))
+
+
+def test_a_misspelt_source_weight_is_refused_not_a_silently_dropped_file(tmp_path):
+    """source_weights {a.jsonl: 1, b.jsonl: 1} on inputs named data/a.jsonl and data/b.jsonl matched one name
+    of two; the other file got weight 0 and not one of its rows was selected, without a word."""
+    import json
+
+    from conftest import sample_rows
+
+    from curate.config import load_recipe
+    from curate.pipeline import run_direct
+
+    (tmp_path / "data").mkdir()
+    a, b = tmp_path / "data" / "a.jsonl", tmp_path / "data" / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(20)))
+    b.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(20, start=20)))
+    base = {"inputs": [str(a), str(b)], "score.scorers": ["heuristics"], "select.budget": 10, "report": False}
+    with pytest.raises(SelectionError, match=r"'b.jsonl' is not a source of this run.*" + str(b)):
+        run_direct(load_recipe(None, {**base, "out": str(tmp_path / "typo"),
+                                      "select.source_weights": {str(a): 1.0, "b.jsonl": 1.0}}))
+    run = run_direct(load_recipe(None, {**base, "out": str(tmp_path / "ok"),
+                                        "select.source_weights": {str(a): 1.0, str(b): 1.0}}))
+    chosen = pl.read_parquet(run.file("selected.parquet"))
+    assert chosen.height == 10 and set(chosen["source"]) == {str(a), str(b)}
+
+
+def test_boolean_flags_work_as_thresholds_fusion_criteria_and_scores():
+    """The heuristics scorer writes its flags as booleans (heur_refusal, heur_truncated); the recipe check accepts
+    them, but `heur_refusal < 1` failed at the select stage, after every other stage, as "Boolean, not numeric"."""
+    pool = pl.DataFrame({"id": [f"r{i}" for i in range(6)], "cluster": [0, 0, 0, 1, 1, 1],
+                         "heur_refusal": [False, True, False, False, True, False],
+                         "n_tokens": [10, 20, 30, 40, 50, 60]})
+    dec = select(pool, "random", Budget(rows=6), thresholds=["heur_refusal < 1"])
+    assert dec.filter(pl.col("reason") == "below_threshold")["id"].to_list() == ["r1", "r4"]
+    assert dec["detail"].drop_nulls().to_list() == ["heur_refusal < 1 failed: heur_refusal=1"] * 2
+    fused = select(pool, Fusion(columns=("heur_refusal", "n_tokens"), cost=("heur_refusal",), method="rank"),
+                   Budget(rows=2))
+    assert fused.filter(pl.col("selected"))["id"].to_list() == ["r3", "r5"]  # no refusal, longest
+    greedy = select(pool, KMQ(score_col="heur_refusal", temperature=0), Budget(rows=2))
+    assert set(greedy.filter(pl.col("selected"))["id"]) == {"r1", "r4"}
+
+
+def test_iterative_cluster_min_holds_for_the_whole_subset():
+    """select.cluster_min was applied to round 0 only, whose budget/rounds rows could not cover it: with 10
+    clusters, cluster_min 5 and 60 rows (which kMQ meets) the iterative subset had 2 rows in nine clusters and 40 in
+    the cluster the feedback favoured. The minimum is on the subset, like cluster_max."""
+    pool = make_pool(2000, 10, seed=1)
+    labels = sorted(pool["cluster"].drop_nulls().unique().to_list())
+    favour = {c: (5.0 if c == labels[2] else 0.0) for c in labels}
+    for budget in (Budget(rows=60), Budget(tokens=20_000)):
+        strategy = IterativeRefinement(rounds=3, feedback_fn=lambda ids: favour)
+        dec = select(pool, strategy, budget, Quotas(cluster_min=5))
+        per = pool.join(dec, on="id").filter(pl.col("selected")).group_by("cluster").len()
+        assert per.height == len(labels) and per["len"].min() >= 5, per.sort("cluster")
+        assert per.filter(pl.col("cluster") == labels[2])["len"].item() > 5  # the feedback still decides the rest
+    # minimums above what the budget allows are shared, as in kMQ
+    dec = select(pool, IterativeRefinement(rounds=3, feedback_fn=lambda ids: favour), Budget(rows=30),
+                 Quotas(cluster_min=5))
+    assert pool.join(dec, on="id").filter(pl.col("selected")).group_by("cluster").len()["len"].to_list() == [3] * 10
+
+
+def test_token_counts_under_a_named_tokenizer_are_real_counts(tmp_path):
+    """`select.tokenizer` counted every conversation as 2 tokens (transformers 5 returns a BatchEncoding from
+    apply_chat_template(tokenize=True), and len() of it is its two keys), so `budget_tokens: 3000` took 99 of 100
+    rows."""
+    from conftest import sample_rows
+    from transformers import AutoTokenizer
+
+    from curate.lm.tiny import make_tiny_model
+    from curate.select.recipe import token_counts
+
+    path = make_tiny_model(tmp_path / "tiny")
+    tok = AutoTokenizer.from_pretrained(path)
+    convs = [[{"role": "user", "content": r["instruction"] + r["input"]}, {"role": "assistant", "content": r["output"]}]
+             for r in sample_rows(6)]
+    counts = token_counts(pl.Series("messages", convs), str(path))
+    body = [len(tok(m["content"], add_special_tokens=False)["input_ids"]) for c in convs for m in c]
+    assert (counts >= np.add.reduceat(body, np.arange(0, len(body), 2))).all()  # at least the texts' own tokens
+    rendered = [tok.apply_chat_template(c, tokenize=True) for c in convs]
+    assert counts.tolist() == [len(getattr(r, "input_ids", r)) for r in rendered]
+
+
+def test_cluster_min_with_a_global_strategy_names_what_a_recipe_can_set():
+    """The refusal said "need a stratified strategy (kmq, iterative, fusion with per_cluster)"; a recipe has no
+    per_cluster option, so it sent a user after a setting that does not exist."""
+    pool = make_pool(200, seed=2)
+    for s in (RandomSubset(), Fusion(columns=("quality",))):
+        with pytest.raises(SelectionError, match="select.strategy kmq or iterative") as e:
+            select(pool, s, Budget(rows=10), Quotas(cluster_min=2))
+        assert "fusion with per_cluster" not in str(e.value)
+    assert select(pool, Fusion(columns=("quality",), per_cluster=True), Budget(rows=10), Quotas(cluster_min=2))[
+        "selected"].sum() == 10
+
+
+def test_the_manifest_records_the_subsets_tokens(tmp_path):
+    """The select stage recorded the subset's rows but not its tokens, so neither a token budget's use nor
+    `curate plan`'s "(subset tokens, estimated)" could be checked against the run."""
+    import json
+
+    from conftest import sample_rows
+
+    from curate.config import load_recipe
+    from curate.pipeline import run_direct
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(30)))
+    run = run_direct(load_recipe(None, {"inputs": [str(data)], "out": str(tmp_path / "run"), "report": False,
+                                        "score.scorers": ["heuristics"], "select.budget_tokens": 1500}))
+    tokens = run.manifest["stages"]["select"]["tokens"]
+    chosen = pl.read_parquet(run.file("selected.parquet"))
+    assert tokens == {"column": "n_tokens", "selected": int(chosen["n_tokens"].sum()),
+                      "pool": int(pl.read_parquet(run.file("records.parquet"))["n_tokens"].sum())}
+    assert 0 < tokens["selected"] <= 1500

@@ -76,7 +76,10 @@ def sec_summary(d: RunData, div: dict[str, Any] | None) -> str:
                          for k, v in cards)
     notes = "".join(f'<p class="missing">{esc(n)}</p>' for n in d.notes)
     lines = []
-    if div:
+    empty = empty_subset_sentence(d)
+    if empty:  # "about as diverse as random: Vendi 0 vs 0" said nothing true about a subset of no rows
+        lines.append(f'<p class="verdict less"><b>No row was selected.</b> {esc(empty)}</p>')
+    elif div:
         kind, sentence = diversity_verdict(div)
         lines.append(f'<p class="verdict {kind}"><b>Diversity:</b> {esc(sentence)}</p>')
     tilt = score_tilt_sentence((d.manifest.get("stages") or {}).get("select") or {})
@@ -84,8 +87,67 @@ def sec_summary(d: RunData, div: dict[str, Any] | None) -> str:
         lines.append(f'<p class="verdict {tilt[0]}"><b>Score:</b> {esc(tilt[1])}</p>')
     ev = _eval_verdict(d.eval) if d.eval else None
     if ev:
-        lines.append(f'<p class="verdict"><b>Evaluation:</b> {esc(ev)}</p>')
+        kind, lead = EVAL_LEADS.get(str(d.eval.get("verdict")), ("", ""))
+        lines.append(f'<p class="verdict {kind}"><b>Evaluation:</b> {esc(lead)}{" " * bool(lead)}{esc(ev)}</p>')
+    stale = eval_stale_note(d)
+    if stale:
+        lines.append(f'<p class="verdict less"><b>Evaluation out of date:</b> {esc(stale)}</p>')
     return f'<div class="cards">{html_cards}</div>{"".join(lines)}{notes}'
+
+
+#: `curate eval`'s overall word -> (verdict class, a plain sentence before its verdict line): "no different" in a
+#: grey box read as neutral news, where it means the selection did not beat a random subset of the same tokens
+EVAL_LEADS = {
+    "better": ("more", "The subset beat random subsets of equal tokens."),
+    "no different": ("less", "The subset is no better than random subsets of equal tokens."),
+    "worse": ("less", "The subset is worse than random subsets of equal tokens."),
+    "mixed": ("mixed", "The subset is better than random on some reference sets and worse on others."),
+}
+
+
+def empty_subset_sentence(d: RunData) -> str | None:
+    """Why the subset is empty (the pool's final reasons, most frequent first), or None when it is not empty or
+    the pool is unknown."""
+    pool = d.pool
+    if pool is None or d.subset_only or not pool.height or bool(pool["selected"].any()):
+        return None
+    if "reason" in pool.columns:
+        g = pool.group_by("reason").len().sort(["len", "reason"], descending=[True, False])
+        why = ", ".join(f"{r}: {fmt(n)}" for r, n in g.iter_rows())
+        text = f"The final reasons of the {fmt(pool.height)} pool rows are {why}"
+    else:
+        text = f"None of the {fmt(pool.height)} pool rows is in the subset"
+    return (text + " (decisions.parquet has every row's). Loosen select.thresholds or quotas, or raise the "
+            "budget, and run curate select again.")
+
+
+def eval_stale_note(d: RunData) -> str | None:
+    """Why eval.json may describe another subset than this run's: `curate select` re-run into the same folder
+    (another budget, seed or strategy) leaves the earlier eval.json in place, and its verdict then headed the
+    report of a subset it never trained on. Definite when its selected arm trained on another number of rows;
+    likely when selected.parquet was written after eval.json."""
+    ev = d.eval
+    if not ev or d.pool is None:
+        return None
+    arms = ev.get("arms")
+    rows = {int(v["rows"]) for k, v in (arms.items() if isinstance(arms, dict) else [])
+            if isinstance(v, dict) and (v.get("arm") == "selected" or str(k).startswith("selected-seed"))
+            and isinstance(v.get("rows"), int) and not isinstance(v.get("rows"), bool)}
+    n_sel = d.pool.height if d.subset_only else int(d.pool["selected"].sum())
+    again = "run `curate eval` on this run folder again (units whose subset did not change are read back)."
+    if rows and n_sel not in rows:
+        return (f"eval.json evaluated a subset of {', '.join(fmt(r) for r in sorted(rows))} rows, but this run's "
+                f"subset has {fmt(n_sel)}: its verdict is about an earlier selection; {again}")
+    if d.path is not None:
+        sel, evf = d.path / "selected.parquet", d.path / "eval.json"
+        try:
+            newer = sel.stat().st_mtime > evf.stat().st_mtime
+        except OSError:
+            return None
+        if newer:
+            return ("selected.parquet was written after eval.json, so the evaluation may be of an earlier "
+                    f"selection; {again}")
+    return None
 
 
 def score_tilt_sentence(select_stage: dict[str, Any]) -> tuple[str, str] | None:
@@ -504,6 +566,8 @@ def diversity_of(d: RunData, seed: int, n_random: int = 3) -> dict[str, Any] | N
 
 
 def sec_diversity(d: RunData, div: dict[str, Any] | None) -> str:
+    if empty_subset_sentence(d):
+        return missing("No row was selected: there is no subset to compare with random subsets.")
     if not div:
         return missing("manifest['diversity'] is absent and the run has no clusters.")
     kind, sentence = diversity_verdict(div)
@@ -656,6 +720,9 @@ def sec_eval(d: RunData) -> str:
     if not ev:
         return missing("No eval.json in the run folder (the subset was not evaluated).")
     parts = []
+    stale = eval_stale_note(d)
+    if stale:
+        parts.append(missing(f"Out of date: {stale}"))
     verdict = _eval_verdict(ev)
     if verdict:
         parts.append(f'<p class="verdict"><b>Verdict:</b> {esc(verdict)}</p>')

@@ -142,6 +142,8 @@ class PoolView:
                 f"score column {col!r} not in pool (columns: {', '.join(self.pool.columns)})"
             )
         s = self.pool[col]
+        if s.dtype == pl.Boolean:  # a flag as the score: 0/1, as thresholds and fusion read it
+            s = s.cast(pl.Int8)
         if not s.dtype.is_numeric():
             raise SelectionError(f"score column {col!r} is {s.dtype}, not numeric")
         out = s.cast(pl.Float64).fill_null(np.nan).to_numpy().copy()
@@ -269,9 +271,10 @@ class Gate:
 
     def __init__(self, view: PoolView, target: int, quotas: Quotas) -> None:
         if quotas.cluster_min or quotas.cluster_weights:
-            raise SelectionError(
-                "cluster_min and cluster_weights need a stratified strategy "
-                "(kmq, iterative, fusion with per_cluster)"
+            raise SelectionError(  # a recipe cannot set Fusion's per_cluster: name what it can set first
+                "select.cluster_min (and cluster_weights) need a stratified strategy: select.strategy kmq or "
+                "iterative (from Python also Fusion(per_cluster=True)); random, deita and fusion walk one global "
+                "order, where only cluster_max and source_weights apply"
             )
         self.left = int(target)
         self.costs = view.costs.tolist() if view.tokens else None
@@ -346,12 +349,14 @@ def fill_stratified(
     cluster_w: np.ndarray | None = None,
     available: np.ndarray | None = None,
     cluster_cap: np.ndarray | None = None,
+    cluster_floor: np.ndarray | None = None,
 ) -> np.ndarray:
     """Reason codes after splitting `target` over clusters (and sources) and taking each one's first rows.
 
     `cluster_w` multiplies each cluster's base share (its size or token mass if `proportional`, else 1);
     `available` (bool per row) restricts the fill to some rows (iterative rounds); others get R_OUTRANKED.
-    `cluster_cap` (rows per cluster code) overrides `quotas.cluster_max` (iterative: what is left of it).
+    `cluster_cap` (rows per cluster code) overrides `quotas.cluster_max` (iterative: what is left of it), and
+    `cluster_floor` (rows per cluster code) overrides `quotas.cluster_min` (iterative: what is still missing).
     """
     quotas = quotas or Quotas()
     n = view.n
@@ -384,9 +389,8 @@ def fill_stratified(
         )
     unit_cap = np.asarray(cluster_cap, np.int64)[unit_cluster]
     r = rank[idx]
-    lo = np.bincount(u, weights=np.where(r <= quotas.cluster_min, costs, 0), minlength=n_units).astype(
-        np.int64
-    )
+    floor = quotas.cluster_min if cluster_floor is None else np.asarray(cluster_floor, np.int64)[unit_cluster][u]
+    lo = np.bincount(u, weights=np.where(r <= floor, costs, 0), minlength=n_units).astype(np.int64)
     hi = np.bincount(u, weights=np.where(r <= unit_cap[u], costs, 0), minlength=n_units).astype(np.int64)
     uw = cw[unit_cluster] * (mass.astype(np.float64) if proportional else 1.0)
     # split over sources first (target shares), then over each source's clusters

@@ -50,13 +50,16 @@ class Budget:
     def resolve(self, pool: pl.DataFrame | int) -> int:
         """Target rows (row/fraction budgets) or tokens, clipped to what the pool holds.
 
-        A fraction rounds half up: round(N * F), as D&C's B = round(N * fraction).
+        A fraction rounds half up: round(N * F), as D&C's B = round(N * fraction), but a positive fraction of a
+        non-empty pool keeps at least one row: `--fraction 0.001` of 100 rows asked for a subset, and 0 rows
+        gave an empty one with every row "cluster_quota_full" and exit code 0.
         """
         n = pool if isinstance(pool, int) else pool.height
         if self.rows is not None:
             return min(int(self.rows), n)
         if self.fraction is not None:
-            return min(int(math.floor(n * float(self.fraction) + 0.5)), n)
+            k = int(math.floor(n * float(self.fraction) + 0.5))
+            return min(max(k, 1) if float(self.fraction) > 0 else k, n)
         assert self.tokens is not None
         total = int(self.costs(pool).sum()) if isinstance(pool, pl.DataFrame) else int(self.tokens)
         return min(int(self.tokens), total)

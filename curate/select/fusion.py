@@ -116,6 +116,8 @@ def fused_scores(
         if c not in pool.columns:
             raise SelectionError(f"score column {c!r} not in pool (columns: {', '.join(pool.columns)})")
         s = pool[c]
+        if s.dtype == pl.Boolean:  # a heuristic flag as a criterion: 0/1 (it failed as "not numeric")
+            s = s.cast(pl.Int8)
         if not s.dtype.is_numeric():
             raise SelectionError(f"score column {c!r} is {s.dtype}, not numeric")
         v = s.cast(pl.Float64).fill_null(np.nan).to_numpy().copy()

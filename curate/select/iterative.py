@@ -135,10 +135,12 @@ class IterativeRefinement:
     def _add_round(self, quotas: Quotas, *, proportional: bool, cluster_w: np.ndarray | None) -> None:
         view = self._require()
         chosen = self._round_of >= 0
-        cap = None
+        have = np.bincount(view.group[chosen], minlength=view.group_labels.size)
+        cap = floor = None
         if self._quotas.cluster_max is not None:  # the cap is on the whole subset, not on one round
-            have = np.bincount(view.group[chosen], minlength=view.group_labels.size)
             cap = np.maximum(self._quotas.cluster_max - have, 0)
+        if self._quotas.cluster_min:  # so is the minimum: it held for round 0's budget/rounds rows only, and a
+            floor = np.maximum(self._quotas.cluster_min - have, 0)  # budget that could meet it left clusters short
         target = int(self._per_round[self._round]) + self._carry
         reason = fill_stratified(
             view,
@@ -149,6 +151,7 @@ class IterativeRefinement:
             cluster_w=cluster_w,
             available=~chosen,
             cluster_cap=cap,
+            cluster_floor=floor,
         )
         new = (reason == R_SELECTED) & ~chosen
         self._round_of[new] = self._round

@@ -30,13 +30,40 @@ def _quality_column(pool: pl.DataFrame, wanted: str | None) -> str | None:
     return next((c for c in QUALITY_PRIORITY if c in pool.columns and pool[c].null_count() < pool.height), None)
 
 
-def _budget(recipe: Recipe, pool: pl.DataFrame) -> tuple[Any, pl.DataFrame]:
-    from curate.select import Budget
+#: record columns that a threshold, fusion weight or select.score may name (curate/validate.py accepts them) but
+#: the candidate pool (RunContext.pool) does not carry: without them a recipe the check passed failed at the select
+#: stage, after ingest, embedding and scoring, with "threshold column 'response_chars' not in pool"
+RECORD_COLUMNS = ("n_chars", "instruction_chars", "response_chars", "n_turns")
+
+
+def _named_columns(recipe: Recipe) -> set[str]:
+    """Pool columns the select section names: thresholds, fusion weights, the quality score."""
+    from curate.select import as_thresholds
 
     cfg = recipe.select
+    return {t.column for t in as_thresholds(cfg.thresholds)} | set(cfg.fusion) | ({cfg.score} if cfg.score else set())
+
+
+def _with_record_columns(ctx: RunContext, pool: pl.DataFrame) -> pl.DataFrame:
+    """The pool plus the RECORD_COLUMNS it lacks, from records.parquet (a few integers per row)."""
+    missing = [c for c in RECORD_COLUMNS if c not in pool.columns]
+    if not missing:
+        return pool
+    return pool.join(ctx.records(["id", *missing]), on="id", how="left", maintain_order="left")
+
+
+def _budget(recipe: Recipe, pool: pl.DataFrame) -> tuple[Any, pl.DataFrame]:
+    from curate.select import Budget, SelectionError
+
+    cfg = recipe.select
+    named = "n_tokens_model" in _named_columns(recipe)  # a threshold or fusion weight on it, not only the budget
+    if named and not cfg.tokenizer:
+        raise SelectionError("select: n_tokens_model is counted by select.tokenizer (a model name or folder); "
+                             "set it, or name n_tokens (curate's own estimate) instead")
+    if cfg.tokenizer and (named or cfg.budget_tokens is not None):
+        pool = pool.with_columns(n_tokens_model=pl.Series(token_counts(pool["messages"], cfg.tokenizer)))
     if cfg.budget_tokens is not None:
         if cfg.tokenizer:
-            pool = pool.with_columns(n_tokens_model=pl.Series(token_counts(pool["messages"], cfg.tokenizer)))
             return Budget(tokens=cfg.budget_tokens, token_col="n_tokens_model"), pool
         return Budget(tokens=cfg.budget_tokens), pool
     if cfg.budget is not None:
@@ -47,15 +74,19 @@ def _budget(recipe: Recipe, pool: pl.DataFrame) -> tuple[Any, pl.DataFrame]:
 
 
 def token_counts(messages: pl.Series, tokenizer: str) -> np.ndarray:
-    """Exact token counts of each conversation under `tokenizer`'s chat template (plain text if it has none)."""
+    """Exact token counts of each conversation under `tokenizer`'s chat template (plain text if it has none).
+
+    The template is rendered to text and then tokenized: `apply_chat_template(tokenize=True)` returns a
+    BatchEncoding in transformers 5 (not a dict), whose len() is its 2 keys, so every row counted 2 tokens and a
+    `budget_tokens` of 3,000 took 99 of 100 rows."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     out = np.empty(len(messages), dtype=np.int64)
     for i, msgs in enumerate(messages.to_list()):
         if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(msgs, tokenize=True)
-            out[i] = len(ids["input_ids"] if isinstance(ids, dict) else ids)
+            text = tok.apply_chat_template(msgs, tokenize=False)
+            out[i] = len(tok(text, add_special_tokens=False)["input_ids"])
         else:
             out[i] = len(tok("\n".join(m["content"] for m in msgs))["input_ids"])
     return out
@@ -114,13 +145,31 @@ def score_tilt(pool: pl.DataFrame, decisions: pl.DataFrame, strategy: Any, budge
             "shared_with_stratified_random": shared}
 
 
+def check_source_weights(ctx: RunContext, pool: pl.DataFrame) -> None:
+    """Every source named in select.source_weights is one of the run's sources. A source not listed gets weight 0,
+    so one misspelt name (`code.jsonl` for `data/code.jsonl`) silently left that whole file out of the subset,
+    every row "source_quota_full"."""
+    from curate.select import SelectionError
+
+    weights = ctx.recipe.select.source_weights
+    if not weights:
+        return
+    known = set(ctx.run.manifest.get("inputs") or {}) | set(pool["source"].unique().to_list())
+    unknown = sorted(set(weights) - known)
+    if unknown:
+        raise SelectionError(f"select.source_weights: {', '.join(map(repr, unknown))} is not a source of this run; "
+                             f"its sources (input files as named on the command line or found in a folder) are "
+                             f"{', '.join(map(repr, sorted(known)))}")
+
+
 def select_pool(ctx: RunContext, pool: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Decisions for every pool row plus what the manifest should record about the choice."""
     from curate.select import Quotas, resolve_thresholds, select
 
     recipe = ctx.recipe
     cfg = recipe.select
-    budget, pool = _budget(recipe, pool)
+    check_source_weights(ctx, pool)
+    budget, pool = _budget(recipe, _with_record_columns(ctx, pool))
     thresholds = list(cfg.thresholds) or [t for col, t in DEFAULT_THRESHOLDS if col in pool.columns]
     strategy = _strategy(recipe, pool, ctx, thresholds)
     quotas = Quotas(source_weights=cfg.source_weights or None, cluster_min=cfg.cluster_min,
@@ -135,6 +184,12 @@ def select_pool(ctx: RunContext, pool: pl.DataFrame) -> tuple[pl.DataFrame, dict
         "thresholds": {str(t.column) + " " + t.op: cut for t, cut in resolve_thresholds(pool, thresholds)}
         if thresholds else {},
     }
+    # what the subset holds in the budget's token column: a token budget's use, and the number `curate plan`'s
+    # "(subset tokens, estimated)" is checked against (the manifest had the subset's rows only)
+    col = budget.token_col if budget.token_col in pool.columns else None
+    if col:
+        picked = pool[col].filter(decisions["selected"]).fill_null(0)
+        info["tokens"] = {"column": col, "pool": int(pool[col].fill_null(0).sum()), "selected": int(picked.sum())}
     if cfg.strategy == "kmq" and getattr(strategy, "score_col", None):
         info["score_tilt"] = score_tilt(pool, decisions, strategy, budget, quotas, thresholds, recipe.seed)
     if cfg.strategy == "iterative":

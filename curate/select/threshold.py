@@ -73,6 +73,8 @@ class Threshold:
                 f"threshold column {self.column!r} not in pool (columns: {', '.join(pool.columns)})"
             )
         s = pool[self.column]
+        if s.dtype == pl.Boolean:  # a heuristic flag (heur_refusal < 1) reads as 0/1; it failed as "not numeric"
+            s = s.cast(pl.Int8)
         if not s.dtype.is_numeric():
             raise SelectionError(f"threshold column {self.column!r} is {s.dtype}, not numeric")
         v = s.cast(pl.Float64).fill_null(np.nan).to_numpy()
