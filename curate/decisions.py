@@ -13,7 +13,9 @@ from curate.run import ConservationError, Run
 def build_decisions(run: Run, pool_decisions: pl.DataFrame) -> pl.DataFrame:
     """One row per INPUT row with its final status and reason; raises ConservationError if any is missing.
 
-    pool_decisions: id, selected, reason, rank_in_cluster (one row per pool row).
+    pool_decisions: id, selected, reason, rank_in_cluster, and when the strategy gives them detail (which threshold
+    failed, which kept row made a row redundant) and round (iterative) (one row per pool row).
+    A rejected row's detail is the reader's message (which field, which turn).
     The user's own columns (`meta`, when the inputs had any) are carried for every row, so the log joins back
     to the user's ids.
     """
@@ -21,9 +23,9 @@ def build_decisions(run: Run, pool_decisions: pl.DataFrame) -> pl.DataFrame:
         return ["meta"] if "meta" in pl.read_parquet_schema(run.file(name)) else []
 
     meta, rej_meta = meta_of("records_all.parquet"), meta_of("rejects.parquet")
-    rej = pl.read_parquet(run.file("rejects.parquet"), columns=["source", "row", "reason", *rej_meta]).select(
+    rej = pl.read_parquet(run.file("rejects.parquet"), columns=["source", "row", "reason", "detail", *rej_meta]).select(
         "source", "row", pl.lit(None, pl.String).alias("id"), pl.lit("rejected").alias("status"),
-        ("rejected:" + pl.col("reason")).alias("reason"), *rej_meta)
+        ("rejected:" + pl.col("reason")).alias("reason"), "detail", *rej_meta)
     dups = pl.read_parquet(run.file("duplicates.parquet")).select(
         "source", "row", "id", pl.lit("duplicate").alias("status"), pl.lit("duplicate").alias("reason"),
         pl.col("duplicate_of"), *meta)
@@ -33,11 +35,13 @@ def build_decisions(run: Run, pool_decisions: pl.DataFrame) -> pl.DataFrame:
     sem_rows = recs.join(sem, on="id", how="inner").select(
         "source", "row", "id", pl.lit("semantic_duplicate").alias("status"),
         pl.lit("semantic_duplicate").alias("reason"), "duplicate_of", "similarity", *meta)
-    pd_ = pool_decisions.select("id", "selected", "reason", "rank_in_cluster")
+    # detail and round say why (the failed threshold, the kept row a redundant one was near) and when (iterative)
+    why = [c for c in ("detail", "round") if c in pool_decisions.columns]
+    pd_ = pool_decisions.select("id", "selected", "reason", "rank_in_cluster", *why)
     pool_rows = recs.join(pd_, on="id", how="inner").select(
         "source", "row", "id",
         pl.when(pl.col("selected")).then(pl.lit("selected")).otherwise(pl.lit("not_selected")).alias("status"),
-        "reason", "rank_in_cluster", *meta)
+        "reason", "rank_in_cluster", *why, *meta)
     out = pl.concat([rej, dups, sem_rows, pool_rows], how="diagonal_relaxed")
     for name in ("clusters.parquet", "scores.parquet"):
         if run.file(name).exists():

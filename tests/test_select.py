@@ -914,3 +914,26 @@ def test_the_manifest_records_the_subsets_tokens(tmp_path):
     assert tokens == {"column": "n_tokens", "selected": int(chosen["n_tokens"].sum()),
                       "pool": int(pl.read_parquet(run.file("records.parquet"))["n_tokens"].sum())}
     assert 0 < tokens["selected"] <= 1500
+
+
+def test_decisions_say_which_threshold_failed_and_why_a_row_was_rejected(tmp_path):
+    """decisions.parquet said `below_threshold` and `rejected:wrong_type` without the strategy's or the reader's
+    detail (which threshold, which field), though both were computed: the log is where a user asks "why not?"."""
+    import json
+
+    from conftest import sample_rows
+
+    from curate.config import load_recipe
+    from curate.pipeline import run_direct
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(30))
+                    + json.dumps({"instruction": "Say hi.", "output": ["not", "text"]}) + "\n")
+    run = run_direct(load_recipe(None, {"inputs": [str(data)], "out": str(tmp_path / "run"), "report": False,
+                                        "score.scorers": ["heuristics"], "select.budget": 5,
+                                        "select.thresholds": ["response_chars > 300"]}))
+    d = pl.read_parquet(run.file("decisions.parquet"))
+    below = d.filter(pl.col("reason") == "below_threshold")
+    assert below.height and below["detail"].str.contains("response_chars").all()
+    rejected = d.filter(pl.col("status") == "rejected")
+    assert rejected.height == 1 and "output" in rejected["detail"][0]
