@@ -118,7 +118,7 @@ class SelectConfig(_Section):
     probe_per_cluster: int = Field(default=8, ge=1)
     proportional: bool = True
     cluster_min: int = Field(default=0, ge=0)
-    cluster_max: int | None = Field(default=None, ge=0)
+    cluster_max: int | None = Field(default=None, ge=1)  # 0 would select nothing
     source_weights: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -83,6 +83,7 @@ def _check_selection(recipe: Recipe) -> None:
                 raise RecipeError(str(e)) from None
     columns = _check_scorers(recipe)
     _check_columns(recipe, columns)
+    _check_strategy(recipe)
     _check_engine(recipe)
 
 
@@ -101,7 +102,24 @@ def _check_scorers(recipe: Recipe) -> set[str]:
                 msg = f"unknown scorer {name!r}; available: {', '.join(names)}"
             raise RecipeError(f"score.scorers: {msg}") from None
         cols.update(scorer.columns)
+    typos = sorted(set(recipe.score.params) - set(names))  # a misspelt name's parameters were silently ignored
+    if typos:
+        raise RecipeError(f"score.params: {', '.join(map(repr, typos))} is no scorer; available: {', '.join(names)}")
     return cols
+
+
+def _check_strategy(recipe: Recipe) -> None:
+    """What a strategy needs beyond columns; each of these failed only at the select stage, after scoring."""
+    sel = recipe.select
+    if sel.cluster_min and sel.strategy not in ("kmq", "iterative"):
+        raise RecipeError(f"select.cluster_min: needs select.strategy kmq or iterative; {sel.strategy} walks one "
+                          "global order, where only cluster_max and source_weights apply")
+    if sel.strategy == "deita" and not recipe.embed.enabled:
+        raise RecipeError("select.strategy deita: its redundancy filter compares embeddings, and embed.enabled is "
+                          "false")
+    if sel.strategy == "fusion" and sel.fusion and not any(sel.fusion.values()):
+        raise RecipeError("select.fusion: every weight is 0; give at least one column a weight (negative = lower is "
+                          "better)")
 
 
 def _check_engine(recipe: Recipe) -> None:

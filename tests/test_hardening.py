@@ -387,6 +387,11 @@ def test_unknown_file_type_is_refused_before_any_work(tmp_path):
     ({"select": {"strategy": "fusion", "fusion": {"deita_score": 1}}}, ["select.fusion", "'deita_score'"]),
     ({"score": {"scorers": ["heuristics"], "params": {"heuristics": {"nosuch": 1}}}}, ["score.scorers"]),
     ({"semdedup": {"keep": "score"}}, ["semdedup.keep_score"]),
+    ({"select": {"strategy": "random", "cluster_min": 2}}, ["select.cluster_min", "kmq or iterative"]),
+    ({"select": {"strategy": "deita"}, "embed": {"enabled": False}}, ["select.strategy deita", "embed.enabled"]),
+    ({"select": {"strategy": "fusion", "fusion": {"heur_flags": 0}}}, ["select.fusion", "every weight is 0"]),
+    ({"select": {"cluster_max": 0}}, ["cluster_max", "greater than or equal to 1"]),
+    ({"score": {"params": {"perplexty": {"turns": "all"}}}}, ["score.params", "'perplexty' is no scorer"]),
     ({"ingest": {"container": "zip"}}, ["ingest.container", "'zip'"]),
     ({"bogus": 1}, ["bogus"]),
 ])
