@@ -111,7 +111,7 @@ def test_diversity_summary_prefers_spread_over_copies():
     assert s["random"]["cluster_coverage"] > 0.5
     assert s["subset"]["vendi"] < 1.1 < s["random"]["vendi"]
     assert s["subset"]["mean_nn_similarity"] > s["random"]["mean_nn_similarity"]
-    assert s["pool"] == {"rows": 300, "clusters": 10} and s["n_random"] == 3
+    assert s["pool"] == {"rows": 300, "clusters": 10} and s["n_random"] == 10
     assert set(s["random_std"]) == {"vendi", "mean_nn_similarity", "cluster_coverage", "clusters"}
     one = diversity_summary(X, mask, clusters, seed=1, n_random=1)
     assert "random_std" not in one and one["subset"] == s["subset"]
@@ -431,25 +431,45 @@ def test_tick_labels_differ_in_narrow_ranges():
 
 
 def test_diversity_verdict():
-    from curate.diversity import diversity_verdict
+    from curate.diversity import diversity_verdict, random_range
 
-    readme = {"subset": {"vendi": 32.3, "cluster_coverage": 1.0}, "random": {"vendi": 33.3, "cluster_coverage": 1.0},
-              "random_std": {"vendi": 0.6, "cluster_coverage": 0.0}, "n_random": 3}
+    # 10 draws with sd 0.6: a random draw falls within +-1.50 of their mean 95% of the time
+    assert random_range(0.6, 10) == pytest.approx(1.50, abs=0.01)
+    readme = {"subset": {"vendi": 31.0, "cluster_coverage": 1.0}, "random": {"vendi": 33.3, "cluster_coverage": 1.0},
+              "random_std": {"vendi": 0.6, "cluster_coverage": 0.0}, "n_random": 10}
     kind, text = diversity_verdict(readme)
-    assert kind == "less" and "less diverse than random" in text and "32.3 vs 33.3 ± 0.6" in text
+    assert kind == "less" and "less diverse than random" in text and "31 vs 33.3 ± 0.6" in text
     kind, text = diversity_verdict(readme | {"subset": {"vendi": 35.0, "cluster_coverage": 0.9}})
     assert kind == "more" and "more diverse than random" in text and "but it covers fewer clusters" in text
-    kind, text = diversity_verdict(readme | {"subset": {"vendi": 32.8, "cluster_coverage": 1.0}})
-    assert kind == "similar" and "no more diverse than random (slightly below" in text  # within one sd
+    kind, text = diversity_verdict(readme | {"subset": {"vendi": 32.3, "cluster_coverage": 1.0}})
+    assert kind == "similar" and "no more diverse than random (slightly below" in text  # beyond 1 sd, not 95%
     kind, text = diversity_verdict(readme | {"subset": {"vendi": 33.5, "cluster_coverage": 1.0}})
     assert kind == "similar" and "about as diverse as random" in text
+    assert diversity_verdict(readme | {"n_random": 3})[0] == "similar"  # 3 draws: a 2.3 shortfall is within reach
     one_draw = {"subset": {"vendi": 33.0}, "random": {"vendi": 33.1}, "n_random": 1}
     assert diversity_verdict(one_draw)[0] == "less"  # no spread known: any shortfall counts
     kind, text = diversity_verdict({"subset": {"cluster_coverage": 0.5}, "random": {"cluster_coverage": 0.9},
                                     "random_std": {"cluster_coverage": 0.01}, "n_random": 3})
-    assert kind == "less" and "fewer clusters (50% vs 90%" in text
+    assert kind == "less" and "fewer clusters (50% vs 90% ± 1.0%" in text
     assert diversity_verdict({"subset": {"rows": 3}})[0] == "unknown"
     assert diversity_verdict({"subset": {"rows": 3}, "random": {"rows": 3}})[0] == "unknown"
+
+
+def test_a_random_subset_is_mostly_called_as_diverse_as_random():
+    """The verdict on subsets that ARE random: "further than one sd of 3 draws" called about half of them less or
+    more diverse than random; the 95% range of a random draw calls nearly all of them similar."""
+    from curate.diversity import diversity_summary, diversity_verdict
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(12, 24))
+    clusters = rng.integers(0, 12, 1500)
+    X = centers[clusters] + 0.8 * rng.normal(size=(1500, 24))
+    kinds = []
+    for seed in range(20):
+        mask = np.zeros(1500, bool)
+        mask[np.random.default_rng(100 + seed).choice(1500, 150, replace=False)] = True
+        kinds.append(diversity_verdict(diversity_summary(X, mask, clusters, seed=seed, sample=150))[0])
+    assert kinds.count("similar") >= 17, kinds
 
 
 def test_cluster_terms_name_clusters():

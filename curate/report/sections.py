@@ -547,7 +547,7 @@ METRIC_HELP = {
 }
 
 
-def diversity_of(d: RunData, seed: int, n_random: int = 3) -> dict[str, Any] | None:
+def diversity_of(d: RunData, seed: int, n_random: int = 10) -> dict[str, Any] | None:
     """manifest['diversity'] when the run stored it; else cluster coverage vs random draws from the decisions."""
     div = d.manifest.get("diversity")
     if isinstance(div, dict) and any(isinstance(v, dict) for v in div.values()):
