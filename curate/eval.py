@@ -50,7 +50,16 @@ import numpy as np
 import polars as pl
 
 # the one fine-tune path (also `curate proxy finetune` and the iterative feedback); re-exported under these names
-from curate.lm.finetune import FinetuneConfig, _set_threads, finetune, loss_kind, micro_batch, training_chat_template
+from curate.lm.finetune import (
+    PROMPT_CUT,
+    FinetuneConfig,
+    _set_threads,
+    finetune,
+    loss_kind,
+    micro_batch,
+    prompt_overflow,
+    training_chat_template,
+)
 
 EVAL_VERSION = 2  # bump when a unit's numbers would change for the same inputs
 ARMS = ("selected", "random_rows", "random_tokens", "random_length", "base")
@@ -195,6 +204,8 @@ class EvalPlan:
                    "train": self.config.training_key(), "dtype": self.dtype, "arm": arm, "seed": seed,
                    "ids": sorted(self.arms[(arm, seed)]), "references": ref,
                    "accuracy_rows": self.config.accuracy_rows, "gen_tokens": self.config.gen_tokens}
+        if self.arm_info.get((arm, seed), {}).get("long_prompt_rows"):
+            payload["prompt_cut"] = PROMPT_CUT  # these rows trained differently before keep_responses: run again
         if self.config.accuracy_rows and any(r.qa_rows for r in self.references):
             payload["answer_parse"] = ANSWER_PARSE  # exact match read another way: that unit runs again
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -534,34 +545,22 @@ def plan_eval(run_dir: str | Path, config: EvalConfig | None = None,
     known = pl.Series("tokens", lengths.known)
     pool = pool.with_columns(tokens=pl.when(known >= 0).then(known))  # null: a row no draw visited
     plan = EvalPlan(run_dir, cfg, student, pool, sel, refs, arms, info, resolve_dtype(cfg.dtype))
-    trained: dict[str, bool] = {}  # id -> whether any response token survives the fine-tune's truncation
+    cut: dict[str, bool] = {}  # id -> whether the fine-tune cuts the start of its prompt (keep_responses)
     for key in arms:
         rows = plan.rows(*key)
         info[key].update(rows=rows.height, tokens=int(rows["tokens"].sum()) if rows.height else 0)
-        todo = rows.filter(~pl.col("id").is_in(list(trained)))
+        todo = rows.filter(~pl.col("id").is_in(list(cut)))
         convs = [_plain(m) for m in todo["messages"].to_list()]
-        trained.update(zip(todo["id"].to_list(), [not x for x in long_prompts(tok, convs, cfg.max_length)],
-                           strict=True))
-        dropped = sum(not trained[i] for i in rows["id"].to_list())
-        if dropped:
-            info[key]["long_prompt_rows"] = dropped
+        cut.update(zip(todo["id"].to_list(), [x > 0 for x in prompt_overflow(tok, convs, cfg.max_length)],
+                       strict=True))
+        n_cut = sum(cut[i] for i in rows["id"].to_list())
+        if n_cut:
+            info[key]["long_prompt_rows"] = n_cut
     return plan
 
 
-def long_prompts(tokenizer: Any, convs: Sequence[Sequence[Message]], max_length: int) -> list[bool]:
-    """Whether each conversation's first response starts at or past `max_length` tokens. Why: the fine-tune (TRL's
-    SFTTrainer) keeps a row's first max_length tokens and drops a row left without a response token, so such a row
-    trains nothing, though its arm counts it in its rows and tokens; the loss measurement instead cuts the prompt's
-    start and keeps the response."""
-    first = [next((i for i, m in enumerate(c) if m["role"] == "assistant"), len(c)) for c in convs]
-    texts = [tokenizer.apply_chat_template(list(c[:i]), tokenize=False, add_generation_prompt=True)
-             for c, i in zip(convs, first, strict=True)]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    return [len(x) >= max_length for x in ids]
-
-
 def long_prompt_note(plan: EvalPlan) -> str:
-    """One line naming the units whose fine-tune drops rows (`long_prompts`), "" when none does."""
+    """One line naming the units whose fine-tune cuts the start of long prompts (`keep_responses`), "" when none."""
     per_arm: dict[str, list[str]] = {}
     for (arm, _), i in plan.arm_info.items():
         if i.get("long_prompt_rows"):
@@ -569,9 +568,9 @@ def long_prompt_note(plan: EvalPlan) -> str:
     if not per_arm:
         return ""
     units = "; ".join(f"{arm} {', '.join(v)}" for arm, v in per_arm.items())
-    return (f"rows whose prompt fills --max-length ({plan.config.max_length}) tokens train nothing (the fine-tune "
-            f"drops a row with no response token left) but count in their arm's rows and tokens: {units}; a larger "
-            "--max-length trains on them")
+    return (f"rows whose prompt leaves their answer too little of --max-length ({plan.config.max_length}) tokens "
+            f"train with the prompt's start cut, as the loss measurement cuts it: {units}; a larger --max-length "
+            "trains on them whole")
 
 
 # -- measure ------------------------------------------------------------------------------------------------
@@ -1094,6 +1093,6 @@ def write_eval(plan: EvalPlan, results: dict[tuple[str, int], dict[str, Any]], s
 
 __all__ = ["ARMS", "EvalConfig", "EvalPlan", "PoolLengths", "Reference", "calibrate", "draw_length_matched",
            "draw_random_rows", "draw_random_tokens", "estimate", "final_answer", "finetune", "fit_to_minutes",
-           "load_reference", "long_prompt_note", "long_prompts", "overlap_note", "plan_eval", "predicted_answer",
+           "load_reference", "long_prompt_note", "overlap_note", "plan_eval", "predicted_answer",
            "reference_names", "resolve_student", "run_eval", "run_unit", "summarize", "token_lengths",
            "training_chat_template", "unit_cost", "unit_done", "unit_state", "verdict_line", "write_eval"]

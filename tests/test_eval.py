@@ -773,14 +773,14 @@ def test_a_subset_holding_reference_rows_is_warned(run_dir, tiny_lm, tmp_path):
     assert overlap_note(plan_eval(out, cfg)) == ""  # the held-out slice is never in the subset
 
 
-def test_rows_the_fine_tune_drops_are_counted_and_shown(plan, tmp_path):
+def test_rows_with_long_prompts_train_on_their_answers_and_are_counted(plan, tmp_path):
     """TRL keeps a row's first max_length tokens and drops a row left with no response token: such rows trained
-    nothing yet counted in their arm's rows and tokens, silently. The plan counts them per unit (eval.json's arms)
-    as the trainer itself drops them, and the dry run says so."""
+    nothing yet counted in their arm's rows and tokens, silently. The fine-tune now cuts the prompt's start (as the
+    loss measurement does), so every row trains on its answer; the plan counts those rows and the dry run says so."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from curate.eval import _plain, long_prompt_note
-    from curate.lm.finetune import FinetuneConfig, sft_trainer
+    from curate.lm.finetune import FinetuneConfig, keep_responses, sft_trainer
 
     info = plan.arm_info[("selected", 0)]
     assert info.get("long_prompt_rows", 0) > 0, info  # GSM8K prompts fill 128 tiny-tokenizer tokens
@@ -789,7 +789,14 @@ def test_rows_the_fine_tune_drops_are_counted_and_shown(plan, tmp_path):
     convs = [_plain(m) for m in plan.rows("selected", 0)["messages"].to_list()]
     trainer = sft_trainer(AutoModelForCausalLM.from_pretrained(plan.student), tok, convs,
                           FinetuneConfig.of(plan.config), 0, tmp_path, "float32")
-    assert len(trainer.train_dataset) == info["rows"] - info["long_prompt_rows"]
+    labels = trainer.train_dataset["labels"]  # -100: a token that trains nothing
+    assert len(labels) == info["rows"] and all(sum(x != -100 for x in row) >= 8 for row in labels)
+    cut = keep_responses(tok, convs, plan.config.max_length)
+    changed = [(a, b) for a, b in zip(convs, cut, strict=True) if a != b]
+    assert len(changed) == info["long_prompt_rows"]
+    for a, b in changed:  # only the prompt's start goes: the answer and the end of the question stay
+        assert [m["role"] for m in a] == [m["role"] for m in b] and a[-1] == b[-1]
+        assert a[-2]["content"].endswith(b[-2]["content"].strip()[-20:])
     note = long_prompt_note(plan)
     assert f"selected {info['long_prompt_rows']} of {info['rows']}" in note and "--max-length (128)" in note
     assert long_prompt_note(plan_eval(plan.run_dir, replace(plan.config, max_length=1024))) == ""

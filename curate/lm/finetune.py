@@ -192,6 +192,59 @@ def training_chat_template(tokenizer: Any) -> str:
                      "TRL knows); give a student whose template has them")
 
 
+#: bump when keep_responses cuts prompts differently (in the keys of eval units and feedback rounds that it cuts)
+PROMPT_CUT = 1
+
+
+def _first_response(conv: Sequence[Message]) -> int | None:
+    return next((i for i, m in enumerate(conv) if m["role"] == "assistant"), None)
+
+
+def prompt_overflow(tokenizer: Any, convs: Sequence[Sequence[Message]], max_length: int) -> list[int]:
+    """Per conversation, how many tokens its prompt (every turn before the first response, as rendered) is over
+    what leaves that response min(its tokens + 1, max_length // 2) of the max_length training tokens; 0 when it
+    fits. `tokenizer` carries the training template."""
+    out = []
+    for conv in convs:
+        first = _first_response(conv)
+        if not first:
+            out.append(0)
+            continue
+        prompt = tokenizer.apply_chat_template(list(conv[:first]), tokenize=False, add_generation_prompt=True)
+        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        resp = len(tokenizer(conv[first]["content"], add_special_tokens=False)["input_ids"])
+        out.append(max(0, n - (max_length - min(resp + 1, max_length // 2))))
+    return out
+
+
+def keep_responses(tokenizer: Any, convs: Sequence[Sequence[Message]], max_length: int) -> list[list[Message]]:
+    """The conversations with the start of an over-long prompt cut (system prompt first, then the turns in order,
+    token by token), so the first response keeps its share of the max_length tokens (`prompt_overflow`).
+
+    Why: TRL keeps a row's first max_length tokens and drops a row left without a response token, so a row with a
+    long prompt trained nothing (or a few tokens of its answer) while the loss measurement
+    (`curate.lm.evaluate`) cuts the prompt's start and keeps the response: train as the student is measured."""
+    out = [[dict(m) for m in conv] for conv in convs]
+    over = prompt_overflow(tokenizer, out, max_length)
+    for k, conv in enumerate(out):
+        for _ in range(4):  # a cut can re-tokenize a few tokens longer: cut again
+            if over[k] <= 0:
+                break
+            left = over[k] + 2
+            first = _first_response(conv) or 0
+            for j in range(first):
+                ids = tokenizer(conv[j]["content"], add_special_tokens=False)["input_ids"]
+                keep = 1 if j == first - 1 else 0  # the last turn before the response keeps a token
+                cut = min(left, max(len(ids) - keep, 0))
+                if cut:
+                    conv[j]["content"] = tokenizer.decode(ids[cut:]) if cut < len(ids) else ""
+                    left -= cut
+                if left <= 0:
+                    break
+            over[k] = prompt_overflow(tokenizer, [conv], max_length)[0]
+    return out
+
+
 def _step_progress(bar: Any, label: str) -> Any:
     """A TrainerCallback that reports optimizer steps to `bar` (curate's progress: steps done, elapsed, time left)
     under `label`: the trainer's own tqdm bar and loss prints are off, and a 1,000-row fine-tune on a CPU runs for
@@ -220,7 +273,7 @@ def sft_trainer(model: Any, tokenizer: Any, convs: Sequence[Sequence[Message]], 
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    ds = datasets.Dataset.from_list([{"messages": [dict(m) for m in c]} for c in convs])
+    ds = datasets.Dataset.from_list([{"messages": c} for c in keep_responses(tokenizer, convs, config.max_length)])
     peft_config = None
     if config.lora:
         from peft import LoraConfig

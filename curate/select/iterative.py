@@ -284,7 +284,7 @@ def loss_feedback(
 
     from curate.lm.base import LMConfig, weights_fingerprint
     from curate.lm.evaluate import response_losses
-    from curate.lm.finetune import finetune
+    from curate.lm.finetune import PROMPT_CUT, finetune, prompt_overflow, training_chat_template
     from curate.lm.hf import HFEngine, resolve_dtype
 
     if probe_per_cluster < 1:
@@ -301,6 +301,10 @@ def loss_feedback(
     cfg = feedback_config(base_dir, max_length=max_length, dtype=dtype, epochs=epochs, lr=lr, batch_size=batch_size)
     lr, batch_size = cfg.lr, cfg.batch_size
     lm = LMConfig(str(base_dir), max_length=max_length, dtype=dtype)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    tok.chat_template = training_chat_template(tok)
 
     base_key = {"version": FEEDBACK_VERSION, "base": str(Path(base_dir).resolve()),
                 "weights": weights_fingerprint(base_dir), "lr": lr,
@@ -315,7 +319,9 @@ def loss_feedback(
         left = probe.join(chosen, on="id", how="anti")
         path = None
         if store is not None:
-            key = _round_key(base_key, train, left)
+            # a round whose rows the fine-tune cuts (keep_responses) trained differently before: computed again
+            cuts = any(prompt_overflow(tok, train, cfg.max_length))
+            key = _round_key({**base_key, **({"prompt_cut": PROMPT_CUT} if cuts else {})}, train, left)
             path = Path(store) / f"{key}.json"
             hit = _read_round(path, key, left["cluster"].dtype)
             if hit is not None:
