@@ -557,7 +557,7 @@ def _distill(feats: Features, computed: pl.DataFrame, all_ids: Sequence[str] | p
     for c in derived:
         parent, rule = DERIVED[c]
         pv = np.asarray(predicted[parent], np.float64)
-        predicted[c] = np.where(np.isfinite(pv), rule(pv), False)
+        predicted[c] = np.where(np.isfinite(pv), rule(pv), None)  # no parent value: no rule value either
         report[c] = {"kind": "derived", "rule": f"from predicted {parent}", "n_computed": int(comp.height),
                      "n_predicted": len(rest_ids)}
     for c in cols:  # a column with nothing to learn from is null, not NaN

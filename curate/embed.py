@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -289,6 +290,17 @@ def _round_trip(x: np.ndarray) -> np.ndarray:
 # -------------------------------------------------------------------------------------------------- store
 
 
+def _set_aside(ids_file: Path, npy: Path, err: Exception) -> None:
+    """Rename a damaged part's two files `damaged-*` (so refresh skips them and their ids count as missing)."""
+    for f in (ids_file, npy):
+        try:
+            f.rename(f.with_name("damaged-" + f.name))
+        except OSError:  # already moved by another process, never written, or a read-only store: skip it anyway
+            pass
+    warnings.warn(f"embedding store: part {ids_file.name} in {ids_file.parent} is damaged ({type(err).__name__}: "
+                  f"{str(err)[:200]}); it was set aside and its rows will be embedded again", stacklevel=3)
+
+
 class EmbeddingStore:
     """Append-only vectors for one (model signature, view), keyed by record id.
 
@@ -315,14 +327,23 @@ class EmbeddingStore:
         """Re-scan part files (picks up parts appended by other processes)."""
         parts = sorted(self.root.glob("part-*.ids.parquet")) if self.root.exists() else []
         frames, arrays = [], []
-        for i, p in enumerate(parts):
-            ids = pl.read_parquet(p)["id"]
-            arr = np.load(p.with_name(p.name.replace(".ids.parquet", ".npy")), mmap_mode="r")
-            if arr.shape[0] != len(ids):
-                raise EmbedError(f"store part {p} is inconsistent: {len(ids)} ids, {arr.shape[0]} rows")
+        kept: list[Path] = []
+        for p in parts:
+            npy = p.with_name(p.name.replace(".ids.parquet", ".npy"))
+            try:
+                ids = pl.read_parquet(p)["id"]
+                arr = np.load(npy, mmap_mode="r")
+                if arr.ndim != 2 or arr.shape[0] != len(ids):
+                    raise ValueError(f"{len(ids)} ids but an array of shape {arr.shape}")
+            except (pl.exceptions.PolarsError, OSError, ValueError, EOFError) as e:
+                _set_aside(p, npy, e)  # damaged on disk: its rows are embedded again, the run goes on
+                continue
+            i = len(kept)
+            kept.append(p)
             frames.append(pl.DataFrame({"id": ids, "part": np.full(len(ids), i, np.int32),
                                         "row": np.arange(len(ids), dtype=np.int64)}))
             arrays.append(arr)
+        parts = kept
         dims = {a.shape[1] for a in arrays}
         if len(dims) > 1:
             raise EmbedError(f"embedding store {self.root} mixes dimensions {sorted(dims)}")

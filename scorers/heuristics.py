@@ -31,7 +31,7 @@ from collections import Counter
 from typing import Any, ClassVar
 
 import polars as pl
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from curate.scoring.contract import ScoreContext, Scorer, ScorerParams
 
@@ -195,6 +195,13 @@ class HeuristicParams(ScorerParams):
     ratio_low: float = Field(0.03, gt=0.0)
     ratio_high: float = Field(40.0, gt=0.0)
     refusal_head_chars: int = Field(300, ge=20)
+
+    @model_validator(mode="after")
+    def _ratio_band(self) -> HeuristicParams:
+        """A swapped band (low above high) would flag every row: refuse it instead of emptying the subset."""
+        if self.ratio_low >= self.ratio_high:
+            raise ValueError(f"ratio_low ({self.ratio_low}) must be below ratio_high ({self.ratio_high})")
+        return self
 
 
 def flag_conversation(messages: list[dict[str, Any]], p: HeuristicParams) -> dict[str, bool]:

@@ -228,6 +228,18 @@ def test_mechanics_on_synthetic_features():
         distill(f, comp.filter(pl.col("id") == "nope"))
 
 
+def test_derived_flag_is_null_where_its_parent_could_not_be_predicted():
+    """Every sampled row failed IFD (e.g. instruction cut away): the predicted rows get a null ifd and so a
+    null ifd_gt1, not a made-up False ("not misaligned")."""
+    ids = [f"x{i}" for i in range(30)]
+    f = Features(ids, np.random.default_rng(0).normal(size=(30, 3)).astype(np.float32), ["f0", "f1", "f2"])
+    comp = pl.DataFrame({"id": ids[:3], "ifd": [None] * 3, "ifd_gt1": [None] * 3, "ifd_error": ["e"] * 3},
+                        schema={"id": pl.String, "ifd": pl.Float64, "ifd_gt1": pl.Boolean, "ifd_error": pl.String})
+    out, _ = distill(f, comp, seed=0)
+    pred = out.filter(pl.col("score_predicted"))
+    assert pred.height == 27 and pred["ifd"].null_count() == 27 and pred["ifd_gt1"].null_count() == 27
+
+
 def test_the_rest_is_predicted_in_chunks_without_a_copy_of_the_pool(monkeypatch):
     """A 1M-row pool's features are ~3 GB of embeddings; predicting the rest a chunk at a time (never a copy of
     every row's features) gives what one pass gives, for numeric, integer, boolean and derived columns."""

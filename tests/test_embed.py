@@ -169,6 +169,22 @@ def test_embed_caches_by_id(tmp_path, static_embedder):
     assert embed(df, model=static_embedder, view="user", store=False).n_new == df.height
 
 
+def test_damaged_store_part_is_set_aside_and_embedded_again(tmp_path, static_embedder):
+    """A part truncated on disk between runs (a full disk, a bad copy) must not fail every later run with an
+    unreadable-file error: it is set aside and its rows are embedded again, bit-identical."""
+    df = _records(tmp_path / "a", sample_rows(30))
+    store = EmbeddingStore(tmp_path / "store")
+    first = embed(df.head(20), model=static_embedder, view="user", store=store)
+    embed(df, model=static_embedder, view="user", store=store)  # a second part: the last 10 rows
+    npy = sorted(store.root.glob("part-*.npy"))[0]
+    npy.write_bytes(npy.read_bytes()[:200])
+    with pytest.warns(UserWarning, match="damaged"):
+        again = embed(df, model=static_embedder, view="user", store=EmbeddingStore(store.root))
+    assert (again.n_new, again.n_cached) == (20, 10)
+    assert np.array_equal(again.vectors[:20], first.vectors)
+    assert len(list(store.root.glob("damaged-part-*"))) == 2
+
+
 def test_embed_default_store_location(tmp_path, monkeypatch, static_embedder):
     monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))  # a fresh, empty cache
     df = _records(tmp_path / "a", sample_rows(20))

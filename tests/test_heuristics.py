@@ -259,6 +259,14 @@ def test_params_change_thresholds():
         get_scorer("heuristics", repeat_threshold=2.0)
 
 
+def test_swapped_length_ratio_band_is_refused():
+    """ratio_low above ratio_high would flag every row (and the default threshold would then drop the pool)."""
+    conv = [_conv("Name a colour.", "Red is a colour.")]
+    assert not _score(conv, ratio_low=0.5, ratio_high=5.0)["heur_length_ratio"][0]
+    with pytest.raises(ValueError, match=r"^invalid parameters for scorer 'heuristics': ratio_low \(50.0\) must"):
+        get_scorer("heuristics", ratio_low=50.0, ratio_high=1.0)
+
+
 def test_flag_counts():
     convs = [_conv("Draw.", "<nooutput>"), _conv("Hi.", ""), _conv("Name a fruit.", "Apple.")]
     scored = _score(convs)

@@ -213,3 +213,45 @@ def test_errors(tmp_path, engine):
         LMConfig("x", template="vicuna")
     with pytest.raises(ValueError, match="kind"):
         load_engine(LMConfig("x"), kind="tgi")
+
+
+def test_broken_model_folders_say_what_is_wrong(tmp_path, tiny):
+    """A mistyped path, an empty folder, a folder without tokenizer files and a pickle-only checkpoint each get
+    one line naming the problem, not transformers' multi-line text ("Repo id must be in the form ...")."""
+    from safetensors.torch import load_file
+
+    def copy(name: str, drop: tuple[str, ...]) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in Path(tiny).iterdir():
+            if not any(f.match(d) for d in drop):
+                (folder / f.name).write_bytes(f.read_bytes())
+        return str(folder)
+
+    notok = copy("notok", ("tokenizer*",))
+    pickle = copy("pickle", ("*.safetensors",))
+    torch.save(load_file(str(Path(tiny) / "model.safetensors")), Path(pickle) / "pytorch_model.bin")
+    (tmp_path / "empty").mkdir()
+    cases = {str(tmp_path / "missing"): "no such folder", str(tmp_path / "empty"): "no config.json",
+             notok: "no tokenizer files", pickle: "only pickle weights"}
+    for folder, why in cases.items():
+        with pytest.raises(LMError, match=why) as err:
+            load_engine(LMConfig(folder))
+        assert "\n" not in str(err.value) and str(err.value).startswith("cannot load model")
+
+
+def test_max_length_beyond_the_models_positions_is_refused(tmp_path):
+    """A GPT-2-style model (learned positions) with fewer positions than max_length: an IndexError deep in the
+    forward pass before; now one line at load time naming the limit."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "tiny"))
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=1, n_head=1,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(LMError, match=r"max_length 1024 exceeds the 64 positions .*score.max_length <= 64"):
+        load_engine(LMConfig(str(tmp_path / "gpt2")))
+    eng = load_engine(LMConfig(str(tmp_path / "gpt2"), max_length=64))
+    (lp,) = eng.response_logprobs([[{"role": "user", "content": "Write"}]], ["word " * 100])
+    assert len(lp) == 63 and np.isfinite(lp).all()

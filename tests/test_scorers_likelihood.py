@@ -263,3 +263,41 @@ def test_grape_ties_go_to_the_shortest():
     out = grape_pick(df)
     assert out["grape_best"].to_list() == [False, True, False, False, True]
     assert out["grape_rank"].to_list() == [2, 1, 3, None, 1]
+
+
+def test_ifd_marks_rows_whose_response_fills_max_length(tiny, tmp_path):
+    """A response longer than max_length leaves the conditioned pass only the assistant header, the same
+    context as the unconditioned pass: IFD would be exactly 1.0 whatever the instruction; it is null instead."""
+    short = load_engine(LMConfig(tiny, max_length=32))
+    df = pl.DataFrame([
+        make_record([{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there friend"}],
+                    source="t", row=0, fmt="openai"),
+        make_record([{"role": "user", "content": "Write a lot"}, {"role": "assistant", "content": "word " * 100}],
+                    source="t", row=1, fmt="openai"),
+    ])
+    no_prompt = pl.DataFrame({"id": ["x"], "messages": [[{"role": "assistant", "content": "an answer alone"}]]})
+    df = pl.concat([df.select("id", "messages"), no_prompt])
+    got = score_pool(df, get_scorer("ifd"), engine=short, store=ScoreStore(tmp_path)).df.to_dicts()
+    assert got[0]["ifd_error"] is None and got[0]["ifd"] is not None
+    assert got[1]["ifd"] is None and got[1]["ifd_gt1"] is None
+    assert got[1]["ifd_error"].startswith("instruction cut away")
+    assert got[2]["ifd"] is None and got[2]["ifd_error"].startswith("no instruction")
+
+
+
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_ifd_marks_exactly_the_rows_left_without_instruction_text(tiny, tmp_path, template):
+    """Responses of growing length push the prompt out of max_length a token at a time: a row is marked iff
+    the kept prompt tokens no longer hold any of the instruction's text, i.e. their decoded text is the end of
+    the template rendered around an empty instruction (even one kept character, "a" of "zebra", counts)."""
+    eng = load_engine(LMConfig(tiny, max_length=40, template=template))
+    prompt = [{"role": "user", "content": "Write zebra"}]
+    df = pl.DataFrame({"id": [f"r{k}" for k in range(1, 45)],
+                       "messages": [[*prompt, {"role": "assistant", "content": "word " * k}] for k in range(1, 45)]})
+    got = score_pool(df, get_scorer("ifd"), engine=eng, store=ScoreStore(tmp_path)).df
+    marked = got["ifd_error"].str.starts_with("instruction cut away").fill_null(False).to_list()
+    kept = [eng.encoder.tok.decode(eng.encode(prompt, m[-1]["content"]).prompt_ids) for m in df["messages"]]
+    bare = eng.encoder.tok.bos_token + eng.encoder.render_prompt([{"role": "user", "content": ""}])
+    assert marked == [bare.endswith(text) for text in kept]
+    assert any(marked) and not all(marked)
+    assert got.filter(~pl.Series(marked))["ifd"].null_count() == 0

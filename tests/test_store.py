@@ -257,3 +257,19 @@ def test_contract_is_checked_when_a_scorer_is_defined():
     with pytest.raises(TypeError, match="prefixed"):
         type("Bad", (Scorer,), {"name": "bad", "version": "1", "reads": (), "writes": ("score",),
                                 "multi_turn": "", "higher_is_better": {}})
+
+
+def test_damaged_part_is_set_aside_and_rescored(tmp_path):
+    """A part file damaged on disk (here: truncated) between runs must not fail every later run: its rows
+    are scored again, the other parts are still served."""
+    store = ScoreStore(tmp_path)
+    recs = pl.DataFrame({"id": [str(i) for i in range(6)], "response": ["x" * i for i in range(6)]})
+    key = score_pool(recs, Chars(), store=store, batch_size=2).key
+    parts = sorted(store.folder(key).glob("part-*.parquet"))
+    data = parts[1].read_bytes()
+    parts[1].write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="damaged"):
+        run = score_pool(recs, Chars(), store=store, batch_size=2)
+    assert (run.n_computed, run.n_cached) == (2, 4)
+    assert run.df["chars"].to_list() == [float(i) for i in range(6)]
+    assert not parts[1].exists() and (parts[1].parent / ("damaged-" + parts[1].name)).exists()

@@ -393,10 +393,36 @@ def _check_pairs(prompts: Sequence[Any], responses: Sequence[Any]) -> None:
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
 
 
+_TOKENIZER_FILES = ("tokenizer*", "*.model", "vocab*", "*.tiktoken", "merges.txt", "spiece*")  # any one will do
+
+
+def check_model_folder(model: str) -> None:
+    """LMError naming what is wrong with a local model folder (missing, not a model, no tokenizer, pickle-only
+    weights) before transformers is asked, whose own messages for these cases are pages long or misleading
+    ("Repo id must be in the form ..." for a mistyped path). HF names (not local folders) pass unchecked."""
+    p = Path(model).expanduser()
+    why = ""
+    if not p.exists():
+        if p.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+            why = "no such folder"
+    elif not p.is_dir():
+        why = "it is a file; give the HF model folder that holds it"
+    elif not (p / "config.json").is_file():
+        why = "not a HF model folder (no config.json)"
+    elif not any(f.is_file() for pattern in _TOKENIZER_FILES for f in p.glob(pattern)):
+        why = "the folder has no tokenizer files (tokenizer.json, tokenizer.model, ...)"
+    elif not list(p.glob("*.safetensors")) and list(p.glob("*.bin")) + list(p.glob("*.pt")) + list(p.glob("*.pth")):
+        why = ("it has only pickle weights (.bin/.pt) and curate loads safetensors only: convert them, e.g. "
+               "model.save_pretrained(folder, safe_serialization=True)")
+    if why:
+        raise LMError(f"cannot load model {model!r}: {why}")
+
+
 def load_tokenizer(config: LMConfig) -> Any:
     """The model's tokenizer (offline: local path or the HF cache), trust_remote_code as configured."""
     from transformers import AutoTokenizer
 
+    check_model_folder(config.model)
     try:
         return AutoTokenizer.from_pretrained(
             config.model, revision=config.revision, trust_remote_code=config.trust_remote_code

@@ -186,6 +186,12 @@ class HFEngine(Engine):
                 )
             except (OSError, ValueError) as e:
                 raise LMError(f"cannot load model {config.model!r} (safetensors only): {e}") from None
+        limit = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions too (attribute map)
+        if isinstance(limit, int) and config.max_length > limit:
+            # past it, learned position tables (GPT-2, OPT) index out of range and RoPE models score text they were
+            # never trained on; vLLM refuses such a max_model_len as well
+            raise LMError(f"max_length {config.max_length} exceeds the {limit} positions {config.model!r} was built "
+                          f"for (max_position_embeddings); set score.max_length <= {limit}")
         self.model = model.to(self.device).eval()
         from curate.lm.base import Encoder
 

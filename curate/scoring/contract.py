@@ -103,7 +103,8 @@ class Scorer:
         try:
             self.params = self.Params(**params)
         except ValidationError as e:
-            msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or '?'}: {err['msg']}" for err in e.errors())
+            msgs = "; ".join((f"{'.'.join(map(str, err['loc']))}: " if err["loc"] else "")  # none: a cross-field rule
+                             + err["msg"].removeprefix("Value error, ") for err in e.errors())
             raise ScorerError(f"invalid parameters for scorer {self.name!r}: {msgs}") from None
 
     def __repr__(self) -> str:

@@ -9,6 +9,8 @@ the *key*; each key owns a folder of immutable Parquet part files (`id` + the sc
 Why part files: a write is a temp file + rename of a fresh, unique name, so two processes writing at
 once never touch the same file, a killed writer leaves no half file, and every finished batch stays.
 The same id may be present twice (two writers raced); readers keep the last copy, values are equal.
+A part that cannot be read (damaged on disk: truncated, overwritten) is renamed `damaged-*` and ignored, with a
+warning, so its ids count as missing and are scored again: the store is a cache, never a reason to fail a run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import os
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import orjson
@@ -30,6 +33,23 @@ _RETRIES = 5
 def make_key(scorer_signature: str, model_signature: str = "none", context: str = "") -> str:
     """The store key: scorer signature | model signature | context (upstream inputs, e.g. embeddings)."""
     return f"{scorer_signature}|{model_signature}|{context}"
+
+
+def _read_part(path: Path, columns: list[str] | None = None) -> pl.DataFrame | None:
+    """One part file, or None when it is damaged (then renamed `damaged-*`, so its ids are scored again).
+    FileNotFoundError passes through: a part removed by a concurrent compaction means "list again"."""
+    try:
+        return pl.read_parquet(path, columns=columns)
+    except FileNotFoundError:
+        raise
+    except (pl.exceptions.PolarsError, OSError) as e:
+        try:
+            path.rename(path.with_name("damaged-" + path.name))
+        except OSError:  # another reader moved it first, or a read-only store: it is skipped all the same
+            pass
+        warnings.warn(f"score store: {path} is damaged ({type(e).__name__}: {str(e)[:200]}); "
+                      "it was set aside and its rows will be scored again", stacklevel=3)
+        return None
 
 
 class ScoreStore:
@@ -59,11 +79,11 @@ class ScoreStore:
             if not parts:
                 return None
             try:
-                frames = [pl.read_parquet(p, columns=columns) for p in parts]
+                frames = [f for p in parts if (f := _read_part(p, columns)) is not None]
             except FileNotFoundError:
                 time.sleep(0.05 * (attempt + 1))
                 continue
-            return pl.concat(frames, how="diagonal_relaxed")
+            return pl.concat(frames, how="diagonal_relaxed") if frames else None
         raise RuntimeError(f"score store {self.folder(key)} kept changing while being read")
 
     def ids(self, key: str) -> set[str]:
@@ -126,9 +146,12 @@ class ScoreStore:
         frames = []
         for p in parts:
             try:
-                frames.append(pl.read_parquet(p))
+                if (frame := _read_part(p)) is not None:
+                    frames.append(frame)
             except FileNotFoundError:  # another compaction got there first
                 return 0
+        if not frames:
+            return 0
         df = pl.concat(frames, how="diagonal_relaxed").unique(subset="id", keep="last", maintain_order=True)
         self.put(key, df)
         for p in parts:
