@@ -105,6 +105,11 @@ def _check_scorers(recipe: Recipe) -> set[str]:
     typos = sorted(set(recipe.score.params) - set(names))  # a misspelt name's parameters were silently ignored
     if typos:
         raise RecipeError(f"score.params: {', '.join(map(repr, typos))} is no scorer; available: {', '.join(names)}")
+    for name in sorted(set(recipe.score.params) - set(recipe.score.scorers)):  # off now, checked for when it is on
+        try:
+            get_scorer(name, **recipe.score.params[name])
+        except ScorerError as e:
+            raise RecipeError(f"score.params: {e}") from None
     return cols
 
 

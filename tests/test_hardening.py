@@ -392,6 +392,9 @@ def test_unknown_file_type_is_refused_before_any_work(tmp_path):
     ({"select": {"strategy": "fusion", "fusion": {"heur_flags": 0}}}, ["select.fusion", "every weight is 0"]),
     ({"select": {"cluster_max": 0}}, ["cluster_max", "greater than or equal to 1"]),
     ({"score": {"params": {"perplexty": {"turns": "all"}}}}, ["score.params", "'perplexty' is no scorer"]),
+    ({"score": {"scorers": ["heuristics"], "params": {"heuristics": {"ratio_low": 50, "ratio_high": 1}}}},
+     ["ratio_low (50.0) must be below ratio_high"]),
+    ({"score": {"scorers": ["heuristics"], "params": {"ifd": {"nosuch": 1}}}}, ["score.params", "ifd"]),
     ({"ingest": {"container": "zip"}}, ["ingest.container", "'zip'"]),
     ({"bogus": 1}, ["bogus"]),
 ])
