@@ -47,10 +47,20 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """A warning as one `warning: ...` line on stderr: Python's default adds the file and the source line that
+    raised it, which reads like a crash in a CI log (a damaged cache part set aside is not one)."""
+    err.print(escape(f"warning: {_one_line(str(message))}"), highlight=False, soft_wrap=True)
+
+
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Budgeted, diversity-balanced data selection for LLM instruction tuning."""
+    import warnings
+
+    warnings.showwarning = _one_line_warning
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 

@@ -109,3 +109,24 @@ def test_default_sample_is_named_relative_to_the_working_folder(monkeypatch):
 
     monkeypatch.chdir(ROOT)
     assert _recipe(None, None, {"out": None}).inputs == ["data/sample"]
+
+
+def test_a_warning_is_one_line(tmp_path):
+    """A damaged score-store part is set aside with a warning; Python printed it as two lines, the second the
+    `warnings.warn(...)` source line, which reads like a crash in a CI log."""
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"Name fruit {i}.", "output": f"Fruit {i}."}) + "\n"
+                           for i in range(12)))
+    (tmp_path / "r.yaml").write_text("embed: {enabled: false}\nreport: false\n")
+    env = {"CURATE_CACHE_DIR": str(tmp_path / "cache")}
+    args = ("select", src, "--config", tmp_path / "r.yaml", "--scorers", "heuristics", "--budget", "4", "--no-prefect")
+    assert _cli(*args, "--out", tmp_path / "one", env=env).returncode == 0
+    parts = list((tmp_path / "cache" / "scores").rglob("*.parquet"))
+    assert parts
+    for p in parts:
+        p.write_bytes(p.read_bytes()[:20])
+    res = _cli(*args, "--out", tmp_path / "two", env=env)
+    assert res.returncode == 0, res.stderr
+    warned = [line for line in res.stderr.splitlines() if "damaged" in line]
+    assert warned and all(line.startswith("warning: score store:") for line in warned), res.stderr
+    assert "warnings.warn" not in res.stderr and "UserWarning" not in res.stderr, res.stderr
