@@ -34,7 +34,7 @@ from curate.config import Recipe
 from curate.context import RunContext
 from curate.decisions import build_decisions
 from curate.fingerprint import code_fingerprint
-from curate.run import Run, atomic_path, cache_dir, sha256_file, write_parquet
+from curate.run import Run, atomic_path, cache_dir, drop_leftovers, run_lock, sha256_file, write_parquet
 
 Shard = tuple[int, int]
 
@@ -558,11 +558,19 @@ def task_name(stage: Stage, shard: Shard | None) -> str:
 
 
 def run_local(recipe: Recipe) -> Run:
-    """Every stage in order, in this process, without Prefect; same stages, keys and cache as the flow."""
+    """Every stage in order, in this process, without Prefect; same stages, keys and cache as the flow (which
+    holds the same run-folder lock and drops the same leftovers: `flows/pipeline.py: curate_flow`)."""
+    with run_lock(recipe.out):
+        return _run_local(recipe)
+
+
+def _run_local(recipe: Recipe) -> Run:
     t0 = time.perf_counter()
     run = open_run(recipe)
     run_dir = str(run.path.resolve())
     plan = Plan(recipe, run_dir)
+    if drop_leftovers(run, plan.stages):  # an earlier recipe's clusters/semdedup/scores would be read as this one's
+        run.save()
     refresh = refresh_requested()
     results: dict[str, dict[str, Any]] = {}
     n_records = 0

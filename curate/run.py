@@ -19,7 +19,7 @@ import platform
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -107,6 +107,67 @@ def remove_stale_tmp(folder: str | Path, older_than_s: float = 0.0, pattern: str
         except OSError:
             continue
     return n
+
+
+LOCK_NAME = ".curate.lock"
+
+
+@contextmanager
+def run_lock(path: str | Path) -> Iterator[None]:
+    """Hold a run folder for one run at a time (an fcntl lock the kernel drops if the process dies).
+
+    Two runs into one folder deleted each other's temp files (ingest removes the folder's `.*.tmp` as stale) and
+    wrote each other's manifest and subset; the second run now stops at once with one line naming the holder.
+    """
+    import fcntl
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / LOCK_NAME, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ValueError(f"{folder}: another curate run is writing this run folder ({holder}); wait for it to "
+                             "end or choose another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        fh.close()
+
+
+#: a stage output that an earlier recipe may have left -> the files written with it and the manifest entry it made
+_LEFTOVER = {"clusters.parquet": (("centroids.npy", "map2d.parquet"), ("stages", "cluster")),
+             "semdedup.parquet": ((), ("stages", "semdedup")), "scores.parquet": ((), ("stages", "score")),
+             "score_sample.parquet": ((), ("score_sample",))}
+
+
+def drop_leftovers(run: Run, stages: Iterable[Any]) -> list[str]:
+    """Remove the run-folder files that this run's stages read but none of them writes, with their manifest entries.
+
+    Such a file is an earlier recipe's output (embeddings on, then off; scorers, then none): no stage key covers it,
+    yet the pool read it, so a re-run into the same folder dropped the old semantic duplicates and kept the old
+    clusters and scores, unlike the same recipe in a new folder. Returns the names removed.
+    """
+    written = {w for s in stages for w in s.files()}
+    read = {r for s in stages for r in s.reads if not r.startswith("@")}
+    removed = []
+    for name in sorted((read - written) & _LEFTOVER.keys()):
+        siblings, entry = _LEFTOVER[name]
+        for f in (name, *siblings):
+            if f not in written and run.file(f).exists():
+                run.file(f).unlink()
+                removed.append(f)
+        (run.manifest.get("stages", {}) if len(entry) == 2 else run.manifest).pop(entry[-1], None)
+    return removed
 
 
 @functools.cache

@@ -28,7 +28,7 @@ from prefect.states import Completed
 
 from curate import pipeline as P
 from curate.config import Recipe
-from curate.run import Run
+from curate.run import Run, drop_leftovers, run_lock
 from flows.runners import _default_runner, _retry_transient, task_runner
 from flows.server import ensure_api, settle_task_runs
 
@@ -48,13 +48,20 @@ def stage_task(run_dir: str, recipe_json: dict, stage: str, shard: list[int] | N
 @flow(name="curate", log_prints=True, task_runner=_default_runner())
 def curate_flow(recipe_json: dict) -> dict:
     """Run every stage of the recipe over its run folder; finished stages and stored rows are skipped."""
+    recipe = Recipe.model_validate(recipe_json)
+    with run_lock(recipe.out):  # one run per folder: a scheduled tick and a `curate select` into it at once
+        return _run_stages(recipe)
+
+
+def _run_stages(recipe: Recipe) -> dict:
     t0 = time.perf_counter()
     log = get_run_logger()
-    recipe = Recipe.model_validate(recipe_json)
     rj = recipe.model_dump(mode="json")
     run = P.open_run(recipe)
     run_dir = str(run.path.resolve())
     plan = P.Plan(recipe, run_dir)
+    if drop_leftovers(run, plan.stages):  # an earlier recipe's clusters/semdedup/scores would be read as this one's
+        run.save()
     refresh = P.refresh_requested()
     futures: dict[str, list[tuple[str, PrefectFuture]]] = {}
     results: dict[str, dict[str, Any]] = {}

@@ -282,6 +282,96 @@ def test_dask_multiprocess_cluster_matches_thread_runner(prefect_api, tmp_path, 
         assert_frame_equal(pl.read_parquet(tmp_path / "threads" / name), pl.read_parquet(tmp_path / "dask" / name))
 
 
+def test_a_second_run_into_a_busy_run_folder_stops_before_any_stage(prefect_api, tmp_path):
+    """Two `curate select` into one --out at once: one deleted the other's temp files ("Failed to open local file
+    .../.records_all.parquet.parts...") and they wrote each other's manifest and subset. While a run holds the
+    folder, another stops with one line naming the holder, having written nothing; once released, it runs."""
+    from curate.run import run_lock
+    from flows.pipeline import run_flow
+
+    pool = _pool(tmp_path / "pool" / "gsm8k.jsonl", "gsm8k_train.jsonl", 400, 40)
+    recipe = _recipe([str(pool)], tmp_path / "run")
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(ValueError, match=f"another curate run is writing this run folder \\(pid {os.getpid()}"):
+            run_flow(recipe)
+        assert not (tmp_path / "run" / "records.parquet").exists()
+    run = run_flow(recipe)
+    assert pl.read_parquet(run.file("decisions.parquet")).height == 40
+
+
+def test_a_rerun_with_another_recipe_reads_nothing_an_earlier_recipe_left(prefect_api, tmp_path):
+    """Embeddings on (clusters, semantic duplicates), then off, into the same folder: the second run read the
+    first one's semdedup.parquet and clusters.parquet (no stage of it writes them, no key covers them) and dropped
+    rows as semantic duplicates. It must decide exactly as the same recipe does in a new folder."""
+    from flows.pipeline import run_flow
+
+    pool = _pool(tmp_path / "pool" / "code.jsonl", "gpteacher_codegen.jsonl", 100, 80)
+    on = _recipe([str(pool)], tmp_path / "run", embed={"enabled": True, "model": "minilm-static"},
+                 semdedup={"eps": 0.3})
+    first = run_flow(on)
+    assert pl.read_parquet(first.file("semdedup.parquet")).height > 0  # the earlier recipe dropped rows
+    off = _recipe([str(pool)], tmp_path / "run")
+    again = run_flow(off)
+    run_flow(off.model_copy(update={"out": str(tmp_path / "fresh")}))
+    _same_output(tmp_path / "run", tmp_path / "fresh")
+    assert not again.file("semdedup.parquet").exists() and not again.file("map2d.parquet").exists()
+    assert {"cluster", "semdedup"}.isdisjoint(again.manifest["stages"])
+
+
+def test_ctrl_c_stops_serve_quietly(prefect_api, tmp_path):
+    """`curate serve` until Ctrl-C, reporting to a running server: it must stop with exit 0 and print no Python
+    warning or traceback (Prefect's runner printed "RuntimeWarning: coroutine 'Runner.astop' was never awaited")."""
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    env = _clean_env(CURATE_CACHE_DIR=os.environ["CURATE_CACHE_DIR"], PREFECT_API_URL=prefect_api)
+    cmd = [sys.executable, "-m", "curate.cli", "serve", "--watch", str(watch), "--out", str(tmp_path / "run"),
+           "--cron", "0 0 1 1 *"]  # no tick during the test
+    log = tmp_path / "serve.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while "polling for scheduled runs" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = log.read_text()
+    assert proc.returncode == 0, output[-3000:]
+    assert "Warning" not in output and "Traceback" not in output, output[-3000:]
+
+
+def test_ctrl_c_while_the_serve_server_starts_stops_that_server(tmp_path):
+    """A Ctrl-C while `curate serve` waits for its `prefect server start` left that server running (it has a
+    session of its own, so the terminal's SIGINT never reaches it). A real SIGINT (timer) 0.3 s into the start."""
+    import socket
+
+    import psutil
+
+    from flows.serve import start_local_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    previous = signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            start_local_server(port)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    left = [p for p in psutil.Process().children(recursive=True)
+            if str(port) in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
+    for p in left:  # never leave it running, even when the test fails
+        p.kill()
+    assert not left
+
+
 # ---------------------------------------------------------------------------------------------- small units
 
 

@@ -273,3 +273,27 @@ def test_measure_rate_runs_scorers_as_scored_and_never_touches_the_store(run, po
     assert got["calibration_rows"] == 6 and set(got["scorer_seconds"]) == {"instructmining", "donod"}
     assert got["rows_per_second"] > 0 and got["warmup_seconds"] > 0
     assert got["calibration_seconds"] == pytest.approx(sum(got["scorer_seconds"].values()), abs=0.01)
+
+
+def test_local_executor_holds_the_run_folder_and_drops_an_earlier_recipes_leftovers(pool_dir, tmp_path):
+    """`--no-prefect` as the flow (tests/test_flows.py): a second run into a busy folder stops before any stage, and
+    a re-run with embeddings off reads nothing the embeddings-on run left (its semantic duplicates and clusters
+    were read as the new run's), deciding exactly as the same recipe in a new folder."""
+    from curate.run import run_lock
+
+    base = {"inputs": [str(pool_dir)], "seed": 0, "score.scorers": ["heuristics"], "select.budget": 50,
+            "report": False}
+    on = load_recipe(None, {**base, "out": str(tmp_path / "run"), "embed.model": "minilm-static",
+                            "semdedup.eps": 0.3})
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(ValueError, match="another curate run is writing this run folder"):
+            run_direct(on)
+    assert not (tmp_path / "run" / "records.parquet").exists()
+    assert pl.read_parquet(run_direct(on).file("semdedup.parquet")).height > 0
+    off = {**base, "embed.enabled": False}
+    again = run_direct(load_recipe(None, {**off, "out": str(tmp_path / "run")}))
+    fresh = run_direct(load_recipe(None, {**off, "out": str(tmp_path / "fresh")}))
+    cols = ["source", "row", "status", "reason"]
+    assert pl.read_parquet(again.file("decisions.parquet"), columns=cols).equals(
+        pl.read_parquet(fresh.file("decisions.parquet"), columns=cols))
+    assert not again.file("semdedup.parquet").exists() and "semdedup" not in again.manifest["stages"]
