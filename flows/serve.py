@@ -13,11 +13,13 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from typing import Any
 
 from curate.config import Recipe
 from curate.validate import watch_recipe  # noqa: F401  (the recipe serve_command takes, checked before Prefect)
 from flows.pipeline import curate_flow  # sets Prefect's environment before prefect is imported
+from flows.server import _check_reachable
 
 
 def check_cron(cron: str) -> str:
@@ -60,18 +62,32 @@ def start_local_server(port: int = 4200, timeout: float = 120.0) -> tuple[subpro
                              "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)  # Ctrl-C stops serve first; serve then stops the server
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ValueError(f"prefect server start exited ({proc.returncode}): "
-                             f"{(proc.stderr.read() if proc.stderr else b'').decode()[-500:]}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ValueError(f"prefect server start exited ({proc.returncode}): "
+                                 f"{(proc.stderr.read() if proc.stderr else b'').decode()[-500:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise ValueError(f"prefect server did not answer on {url} within {timeout:.0f} s")
+    except BaseException:  # Ctrl-C while it starts: its own session does not get the SIGINT, so stop it here
+        proc.terminate()
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise ValueError(f"prefect server did not answer on {url} within {timeout:.0f} s")
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+
+
+def _ctrl_c(signum: int, frame: Any) -> None:
+    """SIGINT while serving: SIGTERM once Prefect's runner handles it (a graceful stop), else KeyboardInterrupt."""
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        raise KeyboardInterrupt
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve_command(recipe: Recipe, cron: str = "0 * * * *", name: str = "curate-serve", port: int = 4200) -> None:
@@ -82,15 +98,23 @@ def serve_command(recipe: Recipe, cron: str = "0 * * * *", name: str = "curate-s
 
     deployment = make_deployment(recipe, cron, name)
     server, url = None, os.environ.get("PREFECT_API_URL")
-    if not url:
-        server, url = start_local_server(port)
-        os.environ["PREFECT_API_URL"] = url  # for Dask/Ray workers started by the flow runs
-        print(f"Prefect server + UI: {url.removesuffix('/api')}  (runs are listed under flow 'curate')")
-    # Prefect's runner shuts down gracefully on SIGTERM but ignores Ctrl-C under asyncio: route SIGINT to SIGTERM
-    previous = signal.signal(signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    if url:  # one line naming the setting, as `curate select` says it, not a ConnectError from deep in Prefect
+        _check_reachable(url)
+    # Prefect's runner shuts down gracefully on SIGTERM but ignores Ctrl-C under asyncio: route SIGINT to SIGTERM.
+    # Its SIGTERM handler is installed only once the runner starts, after the "being served" message: a Ctrl-C
+    # before that was killed by SIGTERM's default action (exit -15), leaving the server below running.
+    previous = signal.signal(signal.SIGINT, _ctrl_c)
+    # its handler calls Runner.stop(), which leaves a coroutine un-awaited: a 3-line RuntimeWarning at every Ctrl-C
+    warnings.filterwarnings("ignore", message="coroutine 'Runner.astop' was never awaited", category=RuntimeWarning)
     try:
+        if not url:
+            server, url = start_local_server(port)
+            os.environ["PREFECT_API_URL"] = url  # for Dask/Ray workers started by the flow runs
+            print(f"Prefect server + UI: {url.removesuffix('/api')}  (runs are listed under flow 'curate')")
         with temporary_settings({PREFECT_API_URL: url}):
             serve(deployment, print_starting_message=True)
+    except KeyboardInterrupt:  # Ctrl-C before the runner took over SIGTERM: the way to stop serving, not an error
+        pass
     finally:
         signal.signal(signal.SIGINT, previous)
         if server is not None:  # stop the server only after serve() has returned (its runs are done)

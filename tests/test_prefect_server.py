@@ -94,6 +94,8 @@ def test_cached_rerun_prints_no_error_flushing_events(first_runs):
 @pytest.mark.parametrize("recipe, fragment", [
     ({"score": {"scorers": ["heuristics", "no_such_scorer"]}}, "unknown scorer 'no_such_scorer'"),
     ({"score": {"scorers": ["heuristics"]}, "select": {"thresholds": ["ifd < 1"]}}, "column 'ifd'"),
+    # a good recipe, but PREFECT_API_URL does not answer: said as `curate select` says it (was "internal error", 1)
+    ({"score": {"scorers": ["heuristics"]}}, "PREFECT_API_URL=http://127.0.0.1:9/api does not answer"),
 ])
 def test_serve_rejects_a_bad_recipe_before_any_prefect_work(tmp_path, recipe, fragment):
     """`curate serve` checks the recipe as `curate select` does: one line, exit 2, no server, no deployment.
