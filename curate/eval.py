@@ -214,14 +214,13 @@ class EvalPlan:
 # -- student and dtype --------------------------------------------------------------------------------------
 def resolve_student(name: str) -> str:
     """A local HF folder for `name`: a path as is, a packaged model name through `curate.lm.models`."""
-    from curate.lm.base import LMError
+    from curate.lm.base import LMError, check_model_folder
     from curate.lm.models import model_path
 
-    if Path(name).exists():
-        return str(Path(name))
-    if name.startswith(("/", "./", "../", "~")) or name.endswith("/"):  # a folder, not a hub name: say so (the
-        raise ValueError(f"student {name!r}: no such folder")  # hub's "Repo id must be in the form ..." did not)
     try:
+        check_model_folder(name)  # a mistyped path said "Repo id must be in the form ..."
+        if Path(name).exists():
+            return str(Path(name))
         return str(model_path(name))  # packaged names (smollm2-135m) are converted once into the model cache
     except LMError as e:
         raise ValueError(f"student {name!r}: {e}") from None

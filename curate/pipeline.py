@@ -564,13 +564,20 @@ def run_local(recipe: Recipe) -> Run:
         return _run_local(recipe)
 
 
+def start_run(recipe: Recipe) -> tuple[Run, Plan]:
+    """The run folder opened for `recipe` and its plan, less the files an earlier recipe left there that this one
+    would read as its own (`curate.run.drop_leftovers`): what every executor does first, under `run_lock`."""
+    run = open_run(recipe)
+    plan = Plan(recipe, str(run.path.resolve()))
+    if drop_leftovers(run, plan.stages):
+        run.save()
+    return run, plan
+
+
 def _run_local(recipe: Recipe) -> Run:
     t0 = time.perf_counter()
-    run = open_run(recipe)
-    run_dir = str(run.path.resolve())
-    plan = Plan(recipe, run_dir)
-    if drop_leftovers(run, plan.stages):  # an earlier recipe's clusters/semdedup/scores would be read as this one's
-        run.save()
+    run, plan = start_run(recipe)
+    run_dir = plan.run_dir
     refresh = refresh_requested()
     results: dict[str, dict[str, Any]] = {}
     n_records = 0

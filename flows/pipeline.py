@@ -28,7 +28,7 @@ from prefect.states import Completed
 
 from curate import pipeline as P
 from curate.config import Recipe
-from curate.run import Run, drop_leftovers, run_lock
+from curate.run import Run, run_lock
 from flows.runners import _default_runner, _retry_transient, task_runner
 from flows.server import ensure_api, settle_task_runs
 
@@ -57,11 +57,8 @@ def _run_stages(recipe: Recipe) -> dict:
     t0 = time.perf_counter()
     log = get_run_logger()
     rj = recipe.model_dump(mode="json")
-    run = P.open_run(recipe)
-    run_dir = str(run.path.resolve())
-    plan = P.Plan(recipe, run_dir)
-    if drop_leftovers(run, plan.stages):  # an earlier recipe's clusters/semdedup/scores would be read as this one's
-        run.save()
+    run, plan = P.start_run(recipe)
+    run_dir = plan.run_dir
     refresh = P.refresh_requested()
     futures: dict[str, list[tuple[str, PrefectFuture]]] = {}
     results: dict[str, dict[str, Any]] = {}

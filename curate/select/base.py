@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import polars as pl
 
-from curate.select.budget import Budget, Quotas, SelectionError, allocate
+from curate.select.budget import Budget, Quotas, SelectionError, allocate, column_values
 
 SELECTED = "selected"
 BELOW_THRESHOLD = "below_threshold"
@@ -137,18 +137,7 @@ class PoolView:
 
     def scores(self, col: str) -> np.ndarray:
         """A score column as float64 with NaN for nulls; a clear error if it is absent or not numeric."""
-        if col not in self.pool.columns:
-            raise SelectionError(
-                f"score column {col!r} not in pool (columns: {', '.join(self.pool.columns)})"
-            )
-        s = self.pool[col]
-        if s.dtype == pl.Boolean:  # a flag as the score: 0/1, as thresholds and fusion read it
-            s = s.cast(pl.Int8)
-        if not s.dtype.is_numeric():
-            raise SelectionError(f"score column {col!r} is {s.dtype}, not numeric")
-        out = s.cast(pl.Float64).fill_null(np.nan).to_numpy().copy()
-        out[~np.isfinite(out)] = np.nan
-        return out
+        return column_values(self.pool, col)
 
     def random(self, seed: int, kind: str = "gumbel") -> np.ndarray:
         """One draw per row, made in id order (so row order does not matter)."""

@@ -212,3 +212,18 @@ def _water_fill(room: np.ndarray, w: np.ndarray, total: int) -> np.ndarray:
         base[pick] -= 1
     out[active] = base
     return out
+
+
+def column_values(pool: pl.DataFrame, col: str, what: str = "score") -> np.ndarray:
+    """A pool column as float64, NaN for nulls and non-finite values; a boolean flag (`heur_refusal`) reads as 0/1.
+    One reading for scores, fusion criteria and thresholds; `what` names the column's role in the errors."""
+    if col not in pool.columns:
+        raise SelectionError(f"{what} column {col!r} not in pool (columns: {', '.join(pool.columns)})")
+    s = pool[col]
+    if s.dtype == pl.Boolean:
+        s = s.cast(pl.Int8)
+    if not s.dtype.is_numeric():
+        raise SelectionError(f"{what} column {col!r} is {s.dtype}, not numeric")
+    v = s.cast(pl.Float64).fill_null(np.nan).to_numpy().copy()
+    v[~np.isfinite(v)] = np.nan
+    return v

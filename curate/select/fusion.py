@@ -15,7 +15,7 @@ import polars as pl
 from scipy.stats import rankdata
 
 from curate.select.base import PoolView, fill_stratified, walk
-from curate.select.budget import Budget, Quotas, SelectionError
+from curate.select.budget import Budget, Quotas, SelectionError, column_values
 
 
 def _prepare(
@@ -113,15 +113,7 @@ def fused_scores(
         )
     view_cols = []
     for c in columns:
-        if c not in pool.columns:
-            raise SelectionError(f"score column {c!r} not in pool (columns: {', '.join(pool.columns)})")
-        s = pool[c]
-        if s.dtype == pl.Boolean:  # a heuristic flag as a criterion: 0/1 (it failed as "not numeric")
-            s = s.cast(pl.Int8)
-        if not s.dtype.is_numeric():
-            raise SelectionError(f"score column {c!r} is {s.dtype}, not numeric")
-        v = s.cast(pl.Float64).fill_null(np.nan).to_numpy().copy()
-        v[~np.isfinite(v)] = np.nan
+        v = column_values(pool, c)
         if pool.height and np.isnan(v).all():
             raise SelectionError(f"score column {c!r} has no values")
         if np.isnan(v).any():

@@ -45,8 +45,10 @@ def _named_columns(recipe: Recipe) -> set[str]:
 
 
 def _with_record_columns(ctx: RunContext, pool: pl.DataFrame) -> pl.DataFrame:
-    """The pool plus the RECORD_COLUMNS it lacks, from records.parquet (a few integers per row)."""
-    missing = [c for c in RECORD_COLUMNS if c not in pool.columns]
+    """The pool plus the RECORD_COLUMNS the select section names and the pool lacks, from records.parquet (read
+    only when a recipe names one)."""
+    named = _named_columns(ctx.recipe)
+    missing = [c for c in RECORD_COLUMNS if c in named and c not in pool.columns]
     if not missing:
         return pool
     return pool.join(ctx.records(["id", *missing]), on="id", how="left", maintain_order="left")

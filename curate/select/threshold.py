@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from curate.select.budget import SelectionError
+from curate.select.budget import SelectionError, column_values
 
 _OPS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     ">=": operator.ge,
@@ -68,17 +68,7 @@ class Threshold:
         return f"{self.column} {self.op} {rhs}"
 
     def _values(self, pool: pl.DataFrame) -> np.ndarray:
-        if self.column not in pool.columns:
-            raise SelectionError(
-                f"threshold column {self.column!r} not in pool (columns: {', '.join(pool.columns)})"
-            )
-        s = pool[self.column]
-        if s.dtype == pl.Boolean:  # a heuristic flag (heur_refusal < 1) reads as 0/1; it failed as "not numeric"
-            s = s.cast(pl.Int8)
-        if not s.dtype.is_numeric():
-            raise SelectionError(f"threshold column {self.column!r} is {s.dtype}, not numeric")
-        v = s.cast(pl.Float64).fill_null(np.nan).to_numpy()
-        return np.where(np.isfinite(v), v, np.nan)
+        return column_values(pool, self.column, "threshold")
 
     def cutoff(self, pool: pl.DataFrame) -> float:
         """The numeric cutoff; a quantile is over the pool's non-missing values (linear interpolation)."""
