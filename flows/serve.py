@@ -8,12 +8,12 @@ starts `prefect server start` on 127.0.0.1 (UI included) for as long as it serve
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
-import warnings
 from typing import Any
 
 from curate.config import Recipe
@@ -83,41 +83,65 @@ def start_local_server(port: int = 4200, timeout: float = 120.0) -> tuple[subpro
         raise
 
 
-def _ctrl_c(signum: int, frame: Any) -> None:
-    """SIGINT while serving: SIGTERM once Prefect's runner handles it (a graceful stop), else KeyboardInterrupt."""
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        raise KeyboardInterrupt
-    os.kill(os.getpid(), signal.SIGTERM)
+async def _serve(deployment: Any, cron: str) -> None:
+    """Prefect's runner for `deployment` until Ctrl-C or SIGTERM, both a graceful stop (`Runner.astop`: running flow
+    runs are cancelled, the schedule paused). The signals are event-loop callbacks, never an exception raised
+    wherever the main thread happens to be: a KeyboardInterrupt landing in the runner's start-up imports became
+    pydantic's SchemaError ("internal error") or killed the process at exit (-2), and Prefect's own SIGTERM handler
+    calls sys.exit from inside one and leaves `Runner.astop` un-awaited."""
+    import prefect.runner.server  # noqa: F401  (imported by Runner.start: here, where a signal cannot interrupt it)
+    from prefect.runner import Runner
+
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    runner = Runner(pause_on_shutdown=True)
+    stops = 0
+
+    def stop() -> None:
+        nonlocal stops
+        stops += 1
+        if stops == 1 and runner.started:
+            loop.create_task(runner.astop())  # start() then leaves its loops and pauses the schedule
+        else:  # before the runner started, or a second Ctrl-C while it stops
+            main.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, stop)
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    # start() installs `runner.handle_sigterm` as the SIGTERM handler: make it this one, run on the loop
+    runner.handle_sigterm = lambda *_: loop.call_soon_threadsafe(stop)  # type: ignore[method-assign]
+    try:
+        await runner.add_deployment(deployment)
+        print(f"curate serve: deployment {deployment.flow_name}/{deployment.name} on '{cron}' is being served and "
+              "polling for scheduled runs (Ctrl-C stops)", flush=True)
+        await runner.start()
+    except asyncio.CancelledError:  # stopped before the runner started (nothing to pause) or a second Ctrl-C
+        pass
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def serve_command(recipe: Recipe, cron: str = "0 * * * *", name: str = "curate-serve", port: int = 4200) -> None:
     """Serve the scheduled deployment of `recipe` (from `watch_recipe`: already checked) until interrupted
-    (Ctrl-C); starts a local server when none is set."""
-    from prefect import serve
+    (Ctrl-C or SIGTERM); starts a local server when none is set."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     deployment = make_deployment(recipe, cron, name)
     server, url = None, os.environ.get("PREFECT_API_URL")
     if url:  # one line naming the setting, as `curate select` says it, not a ConnectError from deep in Prefect
         _check_reachable(url)
-    # Prefect's runner shuts down gracefully on SIGTERM but ignores Ctrl-C under asyncio: route SIGINT to SIGTERM.
-    # Its SIGTERM handler is installed only once the runner starts, after the "being served" message: a Ctrl-C
-    # before that was killed by SIGTERM's default action (exit -15), leaving the server below running.
-    previous = signal.signal(signal.SIGINT, _ctrl_c)
-    # its handler calls Runner.stop(), which leaves a coroutine un-awaited: a 3-line RuntimeWarning at every Ctrl-C
-    warnings.filterwarnings("ignore", message="coroutine 'Runner.astop' was never awaited", category=RuntimeWarning)
     try:
-        if not url:
+        if not url:  # a Ctrl-C while it starts is a KeyboardInterrupt in our own wait loop, which stops that server
             server, url = start_local_server(port)
             os.environ["PREFECT_API_URL"] = url  # for Dask/Ray workers started by the flow runs
             print(f"Prefect server + UI: {url.removesuffix('/api')}  (runs are listed under flow 'curate')")
         with temporary_settings({PREFECT_API_URL: url}):
-            serve(deployment, print_starting_message=True)
-    except KeyboardInterrupt:  # Ctrl-C before the runner took over SIGTERM: the way to stop serving, not an error
+            asyncio.run(_serve(deployment, cron))
+    except KeyboardInterrupt:  # Ctrl-C before _serve took the signal over: the way to stop serving, not an error
         pass
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if server is not None:  # stop the server only after serve() has returned (its runs are done)
+        if server is not None:  # stop the server only after the runner has stopped (its runs are done)
             server.terminate()
             try:
                 server.wait(30)
