@@ -368,7 +368,7 @@ def plan(recipe: Recipe, *, prefect: bool = True, measured: dict[str, Any] | Non
     out.append(StagePlan("select", rows, 0, rows / RATES["select"] + 2, 200 + rows * 1e-4))
     sel = recipe.select
     sub_rows, sub_tokens = subset_estimate(recipe, rows, tokens)
-    if sel.strategy == "iterative" and sel.rounds > 1:
+    if sel.strategy == "iterative" and sel.rounds > 1 and sub_rows < rows:  # else every row is taken: no feedback
         budget = sub_rows
         trained = sum(budget * r // sel.rounds for r in range(1, sel.rounds))
         probe = min(rows, k * sel.probe_per_cluster) * (sel.rounds - 1)

@@ -131,6 +131,19 @@ def test_iterative_strategy_rounds_with_proxy_feedback(pool_dir, tiny_lm, tmp_pa
     assert fb2["cached"] is True and fb2["loss"] == fb["loss"] and "cached" not in fb
 
 
+def test_iterative_budget_covering_the_pool_fine_tunes_nothing(pool_dir, tiny_lm, tmp_path):
+    """Every eligible row selected whatever the feedback says: the manifest says the round's feedback was skipped
+    (it fine-tuned the scoring LM for nothing) and the rows still add up."""
+    r = run_direct(_recipe(pool_dir, tmp_path / "all", tiny_lm, **{
+        "select.strategy": "iterative", "select.rounds": 2, "select.budget": 10**6}))
+    rounds = r.manifest["stages"]["select"]["rounds"]
+    assert rounds[0]["feedback"] is None and rounds[1]["feedback"].startswith("skipped")
+    d = pl.read_parquet(r.file("decisions.parquet"))
+    assert "not_selected" not in set(d["reason"])  # every row the strategy could take is taken
+    assert pl.read_parquet(r.file("selected.parquet")).height == (d["status"] == "selected").sum() == sum(
+        x["rows"] for x in rounds) > 0
+
+
 def test_iterative_select_key_follows_the_scoring_dtype(pool_dir, tiny_lm, tmp_path):
     """The iterative feedback runs in score.dtype, so that setting is in the select stage's key; other strategies'
     selections do not depend on it and keep their cached results."""

@@ -27,6 +27,9 @@ def test_plan_costs_iterative_feedback():
     fb = {s.stage: s for s in plan(recipe)}["select:feedback"]
     assert fb.rows == 300 + 600  # fine-tuned on the rows chosen after rounds 0 and 1
     assert fb.calls == 2 * 10 * 4 and fb.seconds > 0
+    # a budget that takes the whole pool asks no feedback (IterativeRefinement.feedback_moot): none is priced
+    everything = recipe.model_copy(update={"select": recipe.select.model_copy(update={"budget": 10**6})})
+    assert "select:feedback" not in {s.stage for s in plan(everything)}
 
 
 def test_plan_prices_smollm2_feedback_at_the_models_rates(tmp_path):

@@ -351,6 +351,34 @@ def test_iterative_end_to_end_with_feedback_fn_uneven_budget():
         it.next_round({12345: 1.0})
 
 
+def test_iterative_asks_no_feedback_once_the_budget_takes_every_row_left():
+    """A budget covering the pool ran every feedback round (a fine-tune each, up to an hour on a CPU) though no
+    weighting could change which rows end up selected. Below that budget, or with a source quota choosing among
+    the rows left, the feedback still runs."""
+    pool = make_pool(300, 6)
+    calls: list[int] = []
+
+    def feedback_fn(ids: list[str]) -> dict[int, float]:
+        calls.append(len(ids))
+        return {0: 1.0}
+
+    for budget in (Budget(rows=300), Budget(rows=10_000), Budget(tokens=int(pool["n_tokens"].sum()))):
+        calls.clear()
+        strategy = IterativeRefinement(rounds=3, feedback_fn=feedback_fn)
+        dec = select(pool, strategy, budget, seed=1)
+        assert calls == [] and dec["selected"].all()
+        assert [h.get("feedback") for h in strategy.history] == [None] + ["skipped: the budget left takes every "
+                                                                          "row left"] * 2
+    calls.clear()
+    select(pool, IterativeRefinement(rounds=3, feedback_fn=feedback_fn), Budget(rows=299), seed=1)
+    assert calls == [100, 200]
+    calls.clear()
+    half = {s: 1.0 for s in pool["source"].unique().to_list()}
+    select(pool, IterativeRefinement(rounds=2, feedback_fn=feedback_fn), Budget(rows=300), seed=1,
+           quotas=Quotas(source_weights=half))
+    assert calls == [150]
+
+
 def test_iterative_token_budget_and_cluster_cap():
     pool = make_pool(2000, 6)
     it = IterativeRefinement(rounds=2)

@@ -122,11 +122,30 @@ class IterativeRefinement:
             )
         out = self.start(pool, budget, seed=seed, quotas=quotas)
         while not self.done:
+            if self.feedback_moot:
+                out = self._round_without_feedback()
+                continue
             assert self.feedback_fn is not None
             out = self.next_round(self.feedback_fn(self.selected_ids))
         return out
 
+    @property
+    def feedback_moot(self) -> bool:
+        """Whether feedback can no longer change the subset: the budget left takes every row left and no source
+        quota chooses among them. A feedback round fine-tunes a model (up to an hour on a CPU) and a budget that
+        covers the pool ran every one of them for nothing."""
+        view = self._require()
+        left = self._round_of < 0
+        return not self._quotas.source_weights and view.costs[left].sum() <= view.target - view.costs[~left].sum()
+
     # -- internals --------------------------------------------------------------------------------
+    def _round_without_feedback(self) -> pl.DataFrame:
+        """A round split uniformly over clusters (see `feedback_moot`); its history says the feedback was skipped."""
+        q = Quotas(source_weights=self._quotas.source_weights, cluster_weights=self._quotas.cluster_weights)
+        self._add_round(q, proportional=False, cluster_w=None)
+        self.history[-1]["feedback"] = "skipped: the budget left takes every row left"
+        return self.decisions()
+
     def _require(self) -> PoolView:
         if self._view is None:
             raise SelectionError("call start(pool, budget, seed=...) first")

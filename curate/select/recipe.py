@@ -195,8 +195,9 @@ def select_pool(ctx: RunContext, pool: pl.DataFrame) -> tuple[pl.DataFrame, dict
     if cfg.strategy == "kmq" and getattr(strategy, "score_col", None):
         info["score_tilt"] = score_tilt(pool, decisions, strategy, budget, quotas, thresholds, recipe.seed)
     if cfg.strategy == "iterative":
-        info["rounds"] = [h | {"feedback": f} for h, f in
-                          zip(strategy.history, [None, *strategy.feedback_fn.history], strict=True)]
+        fb = iter(strategy.feedback_fn.history)  # rounds whose feedback was skipped (feedback_moot) say so
+        info["rounds"] = [h | {"feedback": None if h["round"] == 0 else h.get("feedback") or next(fb)}
+                          for h in strategy.history]
     if X is not None and pool.height:
         from curate.diversity import diversity_summary
 
