@@ -171,7 +171,7 @@ class Clear(Scorer):
     """BSDetector confidence that the row's response is good (CLEAR auto-filter)."""
 
     name = "clear"
-    version = "1"
+    version = "2"  # 2: judge prompts longer than max_length lose their middle, not their start
     reads = ("messages",)
     writes = ("clear_consistency", "clear_reflection", "clear_confidence", "clear_parse_error")
     pool_writes = ("clear_flag",)

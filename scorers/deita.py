@@ -94,7 +94,7 @@ class Deita(Scorer):
     """deita complexity × quality via next-token digit probabilities."""
 
     name = "deita"
-    version = "1"
+    version = "2"  # 2: judge prompts longer than max_length lose their middle, not their start
     reads = ("messages",)
     writes = ("deita_complexity", "deita_quality", "deita_score")
     needs = Needs(engine=("choice_probs",))

@@ -289,7 +289,7 @@ class InstructMining(Scorer):
     """InstructMining indicators per row; v1/v3/fitted rules as pool columns (predicted log loss)."""
 
     name = "instructmining"
-    version = "1"
+    version = "2"  # 2: judge prompts longer than max_length lose their middle, not their start
     reads = ("messages",)
     writes = tuple(f"instructmining_{i}" for i in INDICATORS)
     pool_writes = ("instructmining_v1", "instructmining_v3", "instructmining_fit")

@@ -156,6 +156,29 @@ def test_choice_probs(engine):
         engine.choice_probs(prompts, ["1", "three hundred and twelve"])
 
 
+def test_a_judge_prompt_too_long_loses_its_middle(tiny):
+    """deita's quality prompt for a long answer, cut to max_length: it kept its last tokens, so the judge read the
+    tail of the answer with neither its instructions nor the question. Now the start (BOS, instructions, the
+    question's start) and the end (the answer's end, the slot) stay, with a marker where the middle was."""
+    from scorers.deita import quality_prompt
+
+    eng = load_engine(LMConfig(tiny, max_length=64))
+    prompt = quality_prompt("What is 2+2?", "It is four. " * 100, delimit=True)
+    full = eng.encoder.tok(prompt)["input_ids"]
+    ids = eng.encoder.raw_prompt_ids(prompt)
+    assert len(full) > 64 and len(ids) == 64
+    text = eng.tokenizer.decode(ids)
+    assert text.startswith(eng.tokenizer.decode(full[:20])) and text.endswith("##Quality: ")
+    assert "[...]" in text and ids[-20:] == full[-20:]
+    # what choice_probs scores is exactly these ids
+    opts = ["1", "2", "3"]
+    with torch.no_grad():
+        logits = eng.model(torch.tensor([ids])).logits[0, -1, [eng.encoder.option_id(o) for o in opts]]
+    np.testing.assert_allclose(eng.choice_probs([prompt], opts)[0], torch.softmax(logits, -1).numpy(), atol=1e-5)
+    short = "Rate it: 1"
+    assert eng.encoder.raw_prompt_ids(short) == eng.encoder.tok(short)["input_ids"]
+
+
 def test_hidden_and_logits_consistent(engine):
     prompts, responses = _pairs(4)
     hl = engine.hidden_and_logits(prompts, responses)

@@ -255,9 +255,13 @@ class Encoder:
         )
 
     def raw_prompt_ids(self, prompt: str) -> list[int]:
-        """A raw-string prompt (deita templates) with the tokenizer's usual special tokens (BOS)."""
+        """A raw-string judge prompt (deita templates) with the tokenizer's usual special tokens (BOS).
+
+        Too long for max_length, it loses its middle (`clip_middle`), whatever `truncation_side` says: a judge
+        prompt opens with the instructions and ends at the answer slot, and cutting either end left the judge
+        reading the tail of a long response with no instructions and no question (or no slot to answer in)."""
         ids = list(self.tok(prompt, add_special_tokens=True)["input_ids"])
-        return clip(ids, self.config.max_length, self.config.truncation_side)
+        return clip_middle(ids, self.config.max_length, self._text_ids(ELISION))
 
     def generation_prompt_ids(self, prompts: Sequence[Sequence[Message]], max_tokens: int) -> list[list[int]]:
         """Each prompt's ids, clipped on the truncation side so `max_tokens` new tokens fit in max_length;
@@ -274,6 +278,22 @@ def clip(ids: list[int], limit: int, side: str) -> list[int]:
     if len(ids) <= limit:
         return ids
     return ids[len(ids) - limit:] if side == "left" else ids[:limit]
+
+
+#: what a judge prompt cut in the middle shows where its middle was
+ELISION = "\n[...]\n"
+
+
+def clip_middle(ids: list[int], limit: int, marker: list[int]) -> list[int]:
+    """At most `limit` ids: the first and the last halves of what fits, `marker` between them (left-clipped when
+    the marker itself does not fit)."""
+    if len(ids) <= limit:
+        return ids
+    keep = limit - len(marker)
+    if keep < 2:
+        return clip(ids, limit, "left")
+    head = keep // 2
+    return ids[:head] + list(marker) + ids[len(ids) - (keep - head):]
 
 
 def truncate(prompt: list[int], response: list[int], n_end: int, max_length: int, side: str) -> Encoded:
