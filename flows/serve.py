@@ -13,6 +13,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from typing import Any
 
@@ -58,15 +60,29 @@ def start_local_server(port: int = 4200, timeout: float = 120.0) -> tuple[subpro
         pass
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # Ctrl-C stops serve first; serve then stops the server
+    # its stderr goes to a file: a pipe nobody reads while serving would stall the server once full
+    err = tempfile.TemporaryFile()
+    # a Ctrl-C inside Popen (a fork of a large process is slow under load) left the started server running with
+    # no handle to stop it: the interrupt waits until Popen has returned
+    interrupted: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if main else None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)  # Ctrl-C stops serve first; serve then stops the server
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
     deadline = time.monotonic() + timeout
     try:
+        if interrupted:
+            raise KeyboardInterrupt
         while time.monotonic() < deadline:
             if proc.poll() is not None:
+                err.seek(0)
                 raise ValueError(f"prefect server start exited ({proc.returncode}): "
-                                 f"{(proc.stderr.read() if proc.stderr else b'').decode()[-500:]}")
+                                 f"{err.read().decode(errors='replace')[-500:]}")
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     return proc, url
@@ -75,12 +91,29 @@ def start_local_server(port: int = 4200, timeout: float = 120.0) -> tuple[subpro
             time.sleep(0.5)
         raise ValueError(f"prefect server did not answer on {url} within {timeout:.0f} s")
     except BaseException:  # Ctrl-C while it starts: its own session does not get the SIGINT, so stop it here
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         raise
+    finally:
+        err.close()  # the server keeps its own descriptor
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM the server's process group (its own session) and wait until none of it is left; SIGKILL after
+    `timeout`."""
+    for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)  # start_new_session: the group's id is the leader's pid
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, or the group never empties
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+    proc.poll()
 
 
 async def _serve(deployment: Any, cron: str) -> None:
@@ -142,8 +175,4 @@ def serve_command(recipe: Recipe, cron: str = "0 * * * *", name: str = "curate-s
         pass
     finally:
         if server is not None:  # stop the server only after the runner has stopped (its runs are done)
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)

@@ -349,18 +349,31 @@ def test_ctrl_c_stops_serve_quietly(prefect_api, tmp_path, sig, delay):
     assert "Warning" not in output and "Traceback" not in output, output[-3000:]
 
 
-def test_ctrl_c_while_the_serve_server_starts_stops_that_server(tmp_path):
-    """A Ctrl-C while `curate serve` waits for its `prefect server start` left that server running (it has a
-    session of its own, so the terminal's SIGINT never reaches it). A real SIGINT (timer) 0.3 s into the start."""
+def _free_port() -> int:
     import socket
-
-    import psutil
-
-    from flows.serve import start_local_server
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def _servers_left(port: int) -> list:
+    """`prefect server start` processes on `port` still running under this test process (killed, then returned)."""
+    import psutil
+
+    left = [p for p in psutil.Process().children(recursive=True)
+            if str(port) in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
+    for p in left:  # never leave it running, even when the test fails
+        p.kill()
+    return left
+
+
+def test_ctrl_c_while_the_serve_server_starts_stops_that_server(tmp_path):
+    """A Ctrl-C while `curate serve` waits for its `prefect server start` left that server running (it has a
+    session of its own, so the terminal's SIGINT never reaches it). A real SIGINT (timer) 0.3 s into the start."""
+    from flows.serve import start_local_server
+
+    port = _free_port()
     previous = signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     signal.setitimer(signal.ITIMER_REAL, 0.3)
     try:
@@ -369,11 +382,30 @@ def test_ctrl_c_while_the_serve_server_starts_stops_that_server(tmp_path):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    left = [p for p in psutil.Process().children(recursive=True)
-            if str(port) in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
-    for p in left:  # never leave it running, even when the test fails
-        p.kill()
-    assert not left
+    assert not _servers_left(port)
+
+
+def test_ctrl_c_inside_popen_of_the_serve_server_still_stops_it(monkeypatch):
+    """The same Ctrl-C landing while Popen starts the server (a fork of a large process is slow under load: CI
+    failed so) raised before `start_local_server` had the process to stop. The real Popen runs; the SIGINT
+    arrives before it returns."""
+    from flows.serve import start_local_server
+
+    real = subprocess.Popen
+
+    def popen_then_ctrl_c(*args, **kwargs):
+        proc = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(50):  # the handler runs here, inside "Popen"
+            time.sleep(0.001)
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", popen_then_ctrl_c)
+    port = _free_port()
+    with pytest.raises(KeyboardInterrupt):
+        start_local_server(port)
+    monkeypatch.undo()
+    assert not _servers_left(port)
 
 
 # ---------------------------------------------------------------------------------------------- small units
