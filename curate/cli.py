@@ -15,7 +15,9 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -27,7 +29,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from curate.progress import make_console
+from curate.progress import STOP, Interrupted, make_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Budgeted, diversity-balanced data selection for LLM instruction tuning.")
@@ -108,7 +110,7 @@ def _report(e: BaseException) -> None:
         raise e
     if os.environ.get("CURATE_DEBUG"):
         raise e
-    if isinstance(e, KeyboardInterrupt):
+    if isinstance(e, KeyboardInterrupt | Interrupted):  # Interrupted: a worker stopped by the same Ctrl-C
         _fail("interrupted; finished stages and stored scores are kept, re-run to resume", 130)
     lm = sys.modules.get("curate.lm.base")  # loaded only if a model was used: then LMError may be raised
     if isinstance(e, InputError | RecipeError) or (lm is not None and isinstance(e, lm.LMError)):
@@ -133,14 +135,32 @@ def _guard(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         _report(e)
 
 
+def _ctrl_c(signum: int, frame: Any) -> None:
+    """The first Ctrl-C sets `curate.progress.STOP`, so stages running in worker threads (Prefect's thread runner)
+    stop at their next batch and queued ones do not start, and unwinds the main thread (KeyboardInterrupt); a
+    second one quits at once (stored results stay: every store write is atomic)."""
+    if STOP.is_set():
+        os._exit(130)
+    STOP.set()
+    sys.stderr.write("interrupted: stopping at the next batch (Ctrl-C again quits at once)\n")
+    raise KeyboardInterrupt
+
+
 def _boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a command so that nothing it raises (imports, run folders, Prefect) escapes as a traceback."""
+    """Wrap a command so that nothing it raises (imports, run folders, Prefect) escapes as a traceback, and
+    Ctrl-C stops it within a batch."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        main = threading.current_thread() is threading.main_thread()
+        STOP.clear()
+        previous = signal.signal(signal.SIGINT, _ctrl_c) if main else None
         try:
             return fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - classified by _report
             _report(e)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
     return wrapper
 
 
@@ -411,6 +431,7 @@ def plan(
 
 
 @app.command("eval")
+@_boundary
 def eval_cmd(
     run_dir: Path = typer.Argument(..., help="A run folder with selected.parquet."),
     reference: list[str] = typer.Option(None, "--reference", "-r", help="Reference set(s), any format ingest "
@@ -607,6 +628,7 @@ def serve(
     recipe = _guard(watch_recipe, watch, out_dir, config)  # checked as `curate select` checks, before Prefect
     from flows.serve import serve_command
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # serve stops on Ctrl-C its own way (no stages here)
     _guard(serve_command, recipe, cron=cron)
 
 

@@ -34,6 +34,7 @@ from curate.config import Recipe
 from curate.context import RunContext
 from curate.decisions import build_decisions
 from curate.fingerprint import code_fingerprint
+from curate.progress import check_stop
 from curate.run import Run, atomic_path, cache_dir, drop_leftovers, run_lock, sha256_file, write_parquet
 
 Shard = tuple[int, int]
@@ -480,6 +481,7 @@ def run_stage(stage: Stage, run_dir: str, recipe: Recipe, key: str, shard: Shard
     Returns {key, stage, shard, cached, info, outputs, manifest, seconds}: `manifest` holds the entries the
     stage recorded, for the executor to merge.
     """
+    check_stop()  # Ctrl-C: a queued stage or shard does not start
     k = shard_key(key, shard)
     if stage.cached and not refresh:
         res = load_result(k)

@@ -4,6 +4,9 @@ On a terminal: rich progress bars on stderr. Off a terminal (a pipe, a log file,
 task finishes and one every CURATE_PROGRESS_EVERY seconds (default 30) while it runs, so a log shows that a
 long stage is alive without carriage-return bars. Third-party tqdm bars (model2vec's distillation, datasets,
 transformers) are silenced off a terminal: they would write one ever-growing line. CURATE_PROGRESS=0: quiet.
+
+Every tick is also where a worker thread notices Ctrl-C (`STOP`): Prefect's thread runner cannot interrupt a
+running task, and `curate select` went on for ~2 minutes after Ctrl-C, finishing every queued scoring shard.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -72,7 +76,32 @@ def _clock(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s")
 
 
-class PlainProgress(Progress):
+#: set on Ctrl-C (`curate.cli`): every progress tick and every stage start then raises `Interrupted`
+STOP = threading.Event()
+
+
+class Interrupted(Exception):
+    """A worker stopping at its next batch because Ctrl-C was pressed; the main thread reports the interrupt."""
+
+
+def check_stop() -> None:
+    if STOP.is_set():
+        raise Interrupted("interrupted (Ctrl-C)")
+
+
+class StoppableProgress(Progress):
+    """rich's Progress whose update / advance raise `Interrupted` once `STOP` is set."""
+
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:  # type: ignore[override]
+        check_stop()
+        super().update(task_id, **kwargs)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        check_stop()
+        super().advance(task_id, advance)
+
+
+class PlainProgress(StoppableProgress):
     """rich's Progress API (add_task / update / advance) writing plain log lines instead of a live bar."""
 
     def __init__(self, out: Console, every: float):
@@ -127,10 +156,10 @@ def progress() -> Progress:
     """Bars on a terminal, plain periodic lines off one (both on stderr); nothing when CURATE_PROGRESS=0."""
     quiet_third_party()
     if os.environ.get("CURATE_PROGRESS", "1") == "0":
-        return Progress(console=console, disable=True)
+        return StoppableProgress(console=console, disable=True)
     if not console.is_terminal:
         return PlainProgress(console, _every())
-    return Progress(
+    return StoppableProgress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),

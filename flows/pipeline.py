@@ -13,6 +13,7 @@ Why this shape (Prefect measured on this kind of machine: start-up, pins, per-ta
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import flows.server  # noqa: F401  (must come before prefect: it sets Prefect's 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture
 from prefect.states import Completed
 # isort: on
 
@@ -67,7 +68,7 @@ def _run_stages(recipe: Recipe) -> dict:
     def finish(name: str) -> None:
         """Wait for a submitted sharded stage; merge its shards' manifest entries; raise its own error."""
         futs = futures.pop(name, [])
-        wait([f for _, f in futs])
+        wait_interruptibly([f for _, f in futs])
         for tname, f in futs:
             res = f.result()  # raises the task's own exception (a ValueError stays a ValueError for the CLI)
             results[tname] = res
@@ -105,6 +106,26 @@ def _run_stages(recipe: Recipe) -> dict:
     run.save()
     _artifacts(run, summary)
     return {"run": run_dir, "selected": results.get("select", {}).get("info", {}).get("selected"), **summary}
+
+
+def wait_interruptibly(futures: list[PrefectFuture], poll: float = 0.5) -> None:
+    """Wait until every future is done, in `poll`-second slices. Python runs a signal handler in the main thread
+    only, and Ctrl-C delivered to a worker thread does not wake a main thread blocked on a lock: `curate select`
+    sat out the running scoring shard (~1 minute) before it even noticed a Ctrl-C."""
+    left, lock, done = [len(futures)], threading.Lock(), threading.Event()
+
+    def one(_: Any) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+
+    if not futures:
+        return
+    for f in futures:
+        f.add_done_callback(one)
+    while not done.wait(poll):
+        pass
 
 
 def _server_for(rj: dict, stage: P.Stage, i: int) -> dict:

@@ -189,6 +189,58 @@ def test_sigkill_mid_scoring_resumes_without_recomputing(prefect_api, tmp_path, 
     assert pl.read_parquet(tmp_path / "ref" / "decisions.parquet").height == n
 
 
+_CLI_SCRIPT = """
+import os, sys, time
+import rich.progress
+_advance = rich.progress.Progress.advance
+def _slow(self, task_id, advance=1):  # each scoring batch takes SLOW_TICK seconds (a slow LM shard)
+    if self._tasks[task_id].description.startswith("score"):
+        time.sleep(float(os.environ["SLOW_TICK"]))
+    _advance(self, task_id, advance)
+rich.progress.Progress.advance = _slow
+from curate.cli import app
+app()
+"""
+
+
+def test_ctrl_c_stops_a_prefect_run_within_a_batch_and_it_resumes(tmp_path):
+    """Ctrl-C during `curate select` (Prefect, thread runner): the main thread blocked on the shards' futures did
+    not even notice it until the running shard ended, then the queued shards ran too (~2 minutes with SmolLM2 on
+    the bundled sample). It must stop at the running batch: exit 130 with one line, most of the scoring left
+    undone, and a re-run finishes the job."""
+    n = 120
+    pool = _pool(tmp_path / "pool" / "gsm8k.jsonl", "gsm8k_train.jsonl", 0, n)
+    cache = tmp_path / "cache"
+    _seed_home(cache)
+    (tmp_path / "recipe.json").write_text(json.dumps({
+        "embed": {"enabled": False}, "report": False,
+        "score": {"scorers": ["heuristics"], "shards": 4, "batch_size": 3}, "select": {"budget": 30}}))
+    (tmp_path / "cli.py").write_text(_CLI_SCRIPT)
+    env = _clean_env(CURATE_CACHE_DIR=str(cache), CURATE_TASK_WORKERS="2", SLOW_TICK="1")
+    cmd = [sys.executable, str(tmp_path / "cli.py"), "select", str(pool), "--out", str(tmp_path / "run"),
+           "--config", str(tmp_path / "recipe.json")]
+    store = cache / "scores"
+
+    def scored() -> int:
+        return sum(len(v) for v in _store_parts(store, "heuristics/*/part-*.parquet").values())
+
+    # 40 batches of 1 s over 2 workers: ~20 s of scoring; Ctrl-C once the first batches are stored
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while scored() < 6:
+        assert proc.poll() is None, f"ended before the Ctrl-C: {proc.stdout.read()[-2000:]}"
+        assert time.monotonic() < deadline, "scoring never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "error: interrupted" in output, output[-3000:]
+    assert scored() <= n // 2, scored()  # each worker stopped at its batch; the queued shards never started
+    done = subprocess.run(cmd, env={**env, "SLOW_TICK": "0"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert scored() == n and pl.read_parquet(tmp_path / "run" / "decisions.parquet").height == n
+
+
 def _pid_alive(pid: int) -> bool:
     import psutil
 
@@ -368,21 +420,31 @@ def _servers_left(port: int) -> list:
     return left
 
 
-def test_ctrl_c_while_the_serve_server_starts_stops_that_server(tmp_path):
+def test_ctrl_c_while_the_serve_server_starts_stops_that_server(monkeypatch):
     """A Ctrl-C while `curate serve` waits for its `prefect server start` left that server running (it has a
-    session of its own, so the terminal's SIGINT never reaches it). A real SIGINT (timer) 0.3 s into the start."""
+    session of its own, so the terminal's SIGINT never reaches it). A real SIGINT, raised in the main thread as the
+    first health check after the start returns (a timer's signal could reach another of pytest's threads and be
+    handled only once the server answered: CI saw "DID NOT RAISE")."""
+    import httpx
+
     from flows.serve import start_local_server
 
+    real, calls = httpx.get, []
+
+    def get_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            if len(calls) == 2:  # the 1st asks whether a server already listens; the 2nd waits for ours
+                signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(httpx, "get", get_then_ctrl_c)
     port = _free_port()
-    previous = signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-    signal.setitimer(signal.ITIMER_REAL, 0.3)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            start_local_server(port)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    assert not _servers_left(port)
+    with pytest.raises(KeyboardInterrupt):
+        start_local_server(port)
+    monkeypatch.undo()
+    assert len(calls) == 2 and not _servers_left(port)
 
 
 def test_ctrl_c_inside_popen_of_the_serve_server_still_stops_it(monkeypatch):
@@ -395,9 +457,7 @@ def test_ctrl_c_inside_popen_of_the_serve_server_still_stops_it(monkeypatch):
 
     def popen_then_ctrl_c(*args, **kwargs):
         proc = real(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(50):  # the handler runs here, inside "Popen"
-            time.sleep(0.001)
+        signal.raise_signal(signal.SIGINT)  # to this (the main) thread: its handler runs here, inside "Popen"
         return proc
 
     monkeypatch.setattr(subprocess, "Popen", popen_then_ctrl_c)
