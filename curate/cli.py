@@ -151,16 +151,18 @@ def _boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
     Ctrl-C stops it within a batch."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        main = threading.current_thread() is threading.main_thread()
+        # an ignored SIGINT (a job started in the background by a script, as `cmd &` does) stays ignored
+        ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) not in (
+            signal.SIG_IGN, None)
         STOP.clear()
-        previous = signal.signal(signal.SIGINT, _ctrl_c) if main else None
+        previous = signal.signal(signal.SIGINT, _ctrl_c) if ours else None
         try:
             return fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - classified by _report
             _report(e)
         finally:
-            if main:
-                signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+            if ours:
+                signal.signal(signal.SIGINT, previous)
     return wrapper
 
 
@@ -628,7 +630,8 @@ def serve(
     recipe = _guard(watch_recipe, watch, out_dir, config)  # checked as `curate select` checks, before Prefect
     from flows.serve import serve_command
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # serve stops on Ctrl-C its own way (no stages here)
+    if signal.getsignal(signal.SIGINT) is _ctrl_c:  # serve stops on Ctrl-C its own way (no stages run here)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     _guard(serve_command, recipe, cron=cron)
 
 

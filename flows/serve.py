@@ -65,15 +65,15 @@ def start_local_server(port: int = 4200, timeout: float = 120.0) -> tuple[subpro
     # a Ctrl-C inside Popen (a fork of a large process is slow under load) left the started server running with
     # no handle to stop it: the interrupt waits until Popen has returned
     interrupted: list[int] = []
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if main else None
+    ours = _catches(signal.SIGINT) and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if ours else None
     try:
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                  "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=err,
                                 start_new_session=True)  # Ctrl-C stops serve first; serve then stops the server
     finally:
-        if main:
-            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+        if ours:
+            signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + timeout
     try:
         if interrupted:
@@ -95,6 +95,12 @@ def start_local_server(port: int = 4200, timeout: float = 120.0) -> tuple[subpro
         raise
     finally:
         err.close()  # the server keeps its own descriptor
+
+
+def _catches(sig: int) -> bool:
+    """Whether this process reacts to `sig`: one it inherited as ignored (a job a script started in the
+    background: `cmd &` ignores SIGINT; `nohup`) stays ignored."""
+    return signal.getsignal(sig) not in (signal.SIG_IGN, None)
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -139,10 +145,12 @@ async def _serve(deployment: Any, cron: str) -> None:
         else:  # before the runner started, or a second Ctrl-C while it stops
             main.cancel()
 
-    loop.add_signal_handler(signal.SIGINT, stop)
-    loop.add_signal_handler(signal.SIGTERM, stop)
+    handled = [sig for sig in (signal.SIGINT, signal.SIGTERM) if _catches(sig)]
+    for sig in handled:
+        loop.add_signal_handler(sig, stop)
     # start() installs `runner.handle_sigterm` as the SIGTERM handler: make it this one, run on the loop
-    runner.handle_sigterm = lambda *_: loop.call_soon_threadsafe(stop)  # type: ignore[method-assign]
+    term = signal.SIGTERM in handled
+    runner.handle_sigterm = lambda *_: loop.call_soon_threadsafe(stop) if term else None  # type: ignore
     try:
         await runner.add_deployment(deployment)
         print(f"curate serve: deployment {deployment.flow_name}/{deployment.name} on '{cron}' is being served and "
@@ -151,8 +159,10 @@ async def _serve(deployment: Any, cron: str) -> None:
     except asyncio.CancelledError:  # stopped before the runner started (nothing to pause) or a second Ctrl-C
         pass
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
-        loop.remove_signal_handler(signal.SIGTERM)
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        if not term:  # start() set its handler over an ignored SIGTERM
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def serve_command(recipe: Recipe, cron: str = "0 * * * *", name: str = "curate-serve", port: int = 4200) -> None:

@@ -6,6 +6,7 @@ One Prefect API server per session, on a copy of a pre-migrated template DB (mig
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -190,7 +191,9 @@ def test_sigkill_mid_scoring_resumes_without_recomputing(prefect_api, tmp_path, 
 
 
 _CLI_SCRIPT = """
-import os, sys, time
+import os, signal, sys, time
+# Ctrl-C as on a terminal (CI starts the tests with SIGINT ignored), or ignored as a background job has it
+signal.signal(signal.SIGINT, signal.SIG_IGN if os.environ.get("IGNORE_SIGINT") else signal.default_int_handler)
 import rich.progress
 _advance = rich.progress.Progress.advance
 def _slow(self, task_id, advance=1):  # each scoring batch takes SLOW_TICK seconds (a slow LM shard)
@@ -239,6 +242,31 @@ def test_ctrl_c_stops_a_prefect_run_within_a_batch_and_it_resumes(tmp_path):
     done = subprocess.run(cmd, env={**env, "SLOW_TICK": "0"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert scored() == n and pl.read_parquet(tmp_path / "run" / "decisions.parquet").height == n
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path):
+    """`curate select ... &` in a script runs with SIGINT ignored (so the terminal's Ctrl-C is not for it): the
+    Ctrl-C handler must not take it over; the run finishes."""
+    n = 60
+    pool = _pool(tmp_path / "pool" / "gsm8k.jsonl", "gsm8k_train.jsonl", 0, n)
+    cache = tmp_path / "cache"
+    _seed_home(cache)
+    (tmp_path / "recipe.json").write_text(json.dumps({
+        "embed": {"enabled": False}, "report": False,
+        "score": {"scorers": ["heuristics"], "shards": 2, "batch_size": 3}, "select": {"budget": 30}}))
+    (tmp_path / "cli.py").write_text(_CLI_SCRIPT)
+    env = _clean_env(CURATE_CACHE_DIR=str(cache), SLOW_TICK="0.3", IGNORE_SIGINT="1")
+    cmd = [sys.executable, str(tmp_path / "cli.py"), "select", str(pool), "--out", str(tmp_path / "run"),
+           "--config", str(tmp_path / "recipe.json")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not list((cache / "scores").glob("heuristics/*/part-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-2000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0 and "interrupted" not in output, output[-3000:]
+    assert pl.read_parquet(tmp_path / "run" / "decisions.parquet").height == n
 
 
 def _pid_alive(pid: int) -> bool:
@@ -370,6 +398,12 @@ def test_a_rerun_with_another_recipe_reads_nothing_an_earlier_recipe_left(prefec
     assert {"cluster", "semdedup"}.isdisjoint(again.manifest["stages"])
 
 
+#: the CLI as a terminal's shell starts it: a job started in the background by a script (as CI runs the tests)
+#: inherits SIGINT ignored, and curate keeps an ignored SIGINT ignored
+_INTERACTIVE = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "from curate.cli import app; sys.argv[0] = 'curate'; app()")
+
+
 @pytest.mark.parametrize(("sig", "delay"), [(signal.SIGINT, 0.0), (signal.SIGINT, 0.15), (signal.SIGTERM, 0.0)])
 def test_ctrl_c_stops_serve_quietly(prefect_api, tmp_path, sig, delay):
     """`curate serve` until Ctrl-C (or SIGTERM), reporting to a running server: it must stop with exit 0 and print
@@ -379,7 +413,7 @@ def test_ctrl_c_stops_serve_quietly(prefect_api, tmp_path, sig, delay):
     watch = tmp_path / "incoming"
     watch.mkdir()
     env = _clean_env(CURATE_CACHE_DIR=os.environ["CURATE_CACHE_DIR"], PREFECT_API_URL=prefect_api)
-    cmd = [sys.executable, "-m", "curate.cli", "serve", "--watch", str(watch), "--out", str(tmp_path / "run"),
+    cmd = [sys.executable, "-c", _INTERACTIVE, "serve", "--watch", str(watch), "--out", str(tmp_path / "run"),
            "--cron", "0 0 1 1 *"]  # no tick during the test
     log = tmp_path / "serve.log"
     with open(log, "w") as fh:
@@ -407,6 +441,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _terminal_ctrl_c():
+    """SIGINT handled as in a terminal's process for the block (CI runs the tests with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _servers_left(port: int) -> list:
@@ -442,7 +486,7 @@ def test_ctrl_c_while_the_serve_server_starts_stops_that_server(monkeypatch):
 
     monkeypatch.setattr(httpx, "get", get_then_ctrl_c)
     port = _free_port()
-    with pytest.raises(KeyboardInterrupt):
+    with _terminal_ctrl_c(), pytest.raises(KeyboardInterrupt):
         start_local_server(port)
     monkeypatch.undo()
     assert len(calls) == 2 and not _servers_left(port)
@@ -463,7 +507,7 @@ def test_ctrl_c_inside_popen_of_the_serve_server_still_stops_it(monkeypatch):
 
     monkeypatch.setattr(subprocess, "Popen", popen_then_ctrl_c)
     port = _free_port()
-    with pytest.raises(KeyboardInterrupt):
+    with _terminal_ctrl_c(), pytest.raises(KeyboardInterrupt):
         start_local_server(port)
     monkeypatch.undo()
     assert not _servers_left(port)
