@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from curate.progress import STOP, Interrupted, make_console
+from curate.progress import STOP, Interrupted, catches, make_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Budgeted, diversity-balanced data selection for LLM instruction tuning.")
@@ -151,9 +150,7 @@ def _boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
     Ctrl-C stops it within a batch."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        # an ignored SIGINT (a job started in the background by a script, as `cmd &` does) stays ignored
-        ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) not in (
-            signal.SIG_IGN, None)
+        ours = catches(signal.SIGINT)
         STOP.clear()
         previous = signal.signal(signal.SIGINT, _ctrl_c) if ours else None
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import threading
 import time
@@ -87,6 +88,13 @@ class Interrupted(Exception):
 def check_stop() -> None:
     if STOP.is_set():
         raise Interrupted("interrupted (Ctrl-C)")
+
+
+def catches(sig: int) -> bool:
+    """Whether curate may handle `sig` here: only in the main thread, and a signal inherited as ignored (a job a
+    script started in the background: `cmd &` ignores SIGINT; `nohup`) stays ignored."""
+    return threading.current_thread() is threading.main_thread() and signal.getsignal(sig) not in (
+        signal.SIG_IGN, None)
 
 
 class StoppableProgress(Progress):

@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -259,3 +261,23 @@ class Run:
                 f"stage {name!r}: {rows_in} rows in != {rows_out} out + {sum(dropped.values())} dropped "
                 f"{dropped}; see {self.manifest_path}"
             )
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM the process group `proc` leads (started with `start_new_session`) and wait until none of it is
+    left; SIGKILL after `timeout`. For the servers curate starts: vLLM (API server, engine core, workers) and
+    `curate serve`'s Prefect server."""
+    for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)  # the group's id is the leader's pid
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, or the group never empties
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+    proc.poll()

@@ -14,11 +14,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
 from curate.config import Recipe
+from curate.progress import catches
+from curate.run import stop_process_group
 from curate.validate import watch_recipe  # noqa: F401  (the recipe serve_command takes, checked before Prefect)
 from flows.pipeline import curate_flow  # sets Prefect's environment before prefect is imported
 from flows.server import _check_reachable
@@ -65,7 +66,7 @@ def start_local_server(port: int = 4200, timeout: float = 120.0) -> tuple[subpro
     # a Ctrl-C inside Popen (a fork of a large process is slow under load) left the started server running with
     # no handle to stop it: the interrupt waits until Popen has returned
     interrupted: list[int] = []
-    ours = _catches(signal.SIGINT) and threading.current_thread() is threading.main_thread()
+    ours = catches(signal.SIGINT)
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if ours else None
     try:
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
@@ -91,35 +92,10 @@ def start_local_server(port: int = 4200, timeout: float = 120.0) -> tuple[subpro
             time.sleep(0.5)
         raise ValueError(f"prefect server did not answer on {url} within {timeout:.0f} s")
     except BaseException:  # Ctrl-C while it starts: its own session does not get the SIGINT, so stop it here
-        stop_server(proc)
+        stop_process_group(proc)
         raise
     finally:
         err.close()  # the server keeps its own descriptor
-
-
-def _catches(sig: int) -> bool:
-    """Whether this process reacts to `sig`: one it inherited as ignored (a job a script started in the
-    background: `cmd &` ignores SIGINT; `nohup`) stays ignored."""
-    return signal.getsignal(sig) not in (signal.SIG_IGN, None)
-
-
-def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """SIGTERM the server's process group (its own session) and wait until none of it is left; SIGKILL after
-    `timeout`."""
-    for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)  # start_new_session: the group's id is the leader's pid
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader, or the group never empties
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-    proc.poll()
 
 
 async def _serve(deployment: Any, cron: str) -> None:
@@ -145,7 +121,7 @@ async def _serve(deployment: Any, cron: str) -> None:
         else:  # before the runner started, or a second Ctrl-C while it stops
             main.cancel()
 
-    handled = [sig for sig in (signal.SIGINT, signal.SIGTERM) if _catches(sig)]
+    handled = [sig for sig in (signal.SIGINT, signal.SIGTERM) if catches(sig)]
     for sig in handled:
         loop.add_signal_handler(sig, stop)
     # start() installs `runner.handle_sigterm` as the SIGTERM handler: make it this one, run on the loop
@@ -185,4 +161,4 @@ def serve_command(recipe: Recipe, cron: str = "0 * * * *", name: str = "curate-s
         pass
     finally:
         if server is not None:  # stop the server only after the runner has stopped (its runs are done)
-            stop_server(server)
+            stop_process_group(server)

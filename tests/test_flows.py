@@ -206,22 +206,28 @@ app()
 """
 
 
+def _slow_select(tmp_path: Path, n: int, shards: int, **env: str) -> tuple[list[str], dict[str, str], Path]:
+    """`curate select` (through _CLI_SCRIPT) of n gsm8k rows, heuristics in batches of 3 over `shards` shards:
+    the command, its environment and its cache."""
+    pool = _pool(tmp_path / "pool" / "gsm8k.jsonl", "gsm8k_train.jsonl", 0, n)
+    cache = tmp_path / "cache"
+    _seed_home(cache)
+    (tmp_path / "recipe.json").write_text(json.dumps({
+        "embed": {"enabled": False}, "report": False,
+        "score": {"scorers": ["heuristics"], "shards": shards, "batch_size": 3}, "select": {"budget": 30}}))
+    (tmp_path / "cli.py").write_text(_CLI_SCRIPT)
+    cmd = [sys.executable, str(tmp_path / "cli.py"), "select", str(pool), "--out", str(tmp_path / "run"),
+           "--config", str(tmp_path / "recipe.json")]
+    return cmd, _clean_env(CURATE_CACHE_DIR=str(cache), **env), cache
+
+
 def test_ctrl_c_stops_a_prefect_run_within_a_batch_and_it_resumes(tmp_path):
     """Ctrl-C during `curate select` (Prefect, thread runner): the main thread blocked on the shards' futures did
     not even notice it until the running shard ended, then the queued shards ran too (~2 minutes with SmolLM2 on
     the bundled sample). It must stop at the running batch: exit 130 with one line, most of the scoring left
     undone, and a re-run finishes the job."""
     n = 120
-    pool = _pool(tmp_path / "pool" / "gsm8k.jsonl", "gsm8k_train.jsonl", 0, n)
-    cache = tmp_path / "cache"
-    _seed_home(cache)
-    (tmp_path / "recipe.json").write_text(json.dumps({
-        "embed": {"enabled": False}, "report": False,
-        "score": {"scorers": ["heuristics"], "shards": 4, "batch_size": 3}, "select": {"budget": 30}}))
-    (tmp_path / "cli.py").write_text(_CLI_SCRIPT)
-    env = _clean_env(CURATE_CACHE_DIR=str(cache), CURATE_TASK_WORKERS="2", SLOW_TICK="1")
-    cmd = [sys.executable, str(tmp_path / "cli.py"), "select", str(pool), "--out", str(tmp_path / "run"),
-           "--config", str(tmp_path / "recipe.json")]
+    cmd, env, cache = _slow_select(tmp_path, n, 4, CURATE_TASK_WORKERS="2", SLOW_TICK="1")
     store = cache / "scores"
 
     def scored() -> int:
@@ -248,16 +254,7 @@ def test_an_ignored_sigint_stays_ignored(tmp_path):
     """`curate select ... &` in a script runs with SIGINT ignored (so the terminal's Ctrl-C is not for it): the
     Ctrl-C handler must not take it over; the run finishes."""
     n = 60
-    pool = _pool(tmp_path / "pool" / "gsm8k.jsonl", "gsm8k_train.jsonl", 0, n)
-    cache = tmp_path / "cache"
-    _seed_home(cache)
-    (tmp_path / "recipe.json").write_text(json.dumps({
-        "embed": {"enabled": False}, "report": False,
-        "score": {"scorers": ["heuristics"], "shards": 2, "batch_size": 3}, "select": {"budget": 30}}))
-    (tmp_path / "cli.py").write_text(_CLI_SCRIPT)
-    env = _clean_env(CURATE_CACHE_DIR=str(cache), SLOW_TICK="0.3", IGNORE_SIGINT="1")
-    cmd = [sys.executable, str(tmp_path / "cli.py"), "select", str(pool), "--out", str(tmp_path / "run"),
-           "--config", str(tmp_path / "recipe.json")]
+    cmd, env, cache = _slow_select(tmp_path, n, 2, SLOW_TICK="0.3", IGNORE_SIGINT="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while not list((cache / "scores").glob("heuristics/*/part-*.parquet")):

@@ -261,6 +261,8 @@ class Encoder:
         prompt opens with the instructions and ends at the answer slot, and cutting either end left the judge
         reading the tail of a long response with no instructions and no question (or no slot to answer in)."""
         ids = list(self.tok(prompt, add_special_tokens=True)["input_ids"])
+        if len(ids) <= self.config.max_length:
+            return ids
         return clip_middle(ids, self.config.max_length, self._text_ids(ELISION))
 
     def generation_prompt_ids(self, prompts: Sequence[Sequence[Message]], max_tokens: int) -> list[list[int]]:

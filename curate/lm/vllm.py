@@ -21,7 +21,6 @@ Failure handling: every request has a timeout; a server that dies or hangs raise
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -36,6 +35,7 @@ import httpx
 import numpy as np
 
 from curate.lm.base import Encoder, Engine, LMConfig, LMError, Message, _check_pairs, load_tokenizer
+from curate.run import stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -171,16 +171,7 @@ class VLLMServer:
         """SIGTERM the server's process group (API server, engine core, workers), SIGKILL if it lingers."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(self.proc, timeout)
 
     def __enter__(self) -> VLLMServer:
         return self.start() if self.proc is None else self
