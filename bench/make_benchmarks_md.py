@@ -3,7 +3,7 @@
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ["sample", "ingest", "embed", "kmeans", "semdedup", "engines", "smollm2", "distill", "alpaca52k", "cpu-avx2",
+ORDER = ["sample", "ingest", "embed", "kmeans", "semdedup", "engines", "smollm2", "distill", "distill-identities", "alpaca52k", "cpu-avx2",
          "scale", "scorers", "quality", "quality-smollm2", "judge-truncation", "select", "kmq-temperature",
          "subsets", "eval", "eval-intervals", "eval-strategy", "report", "flow", "refactor", "fuzz"]
 HEAD = """# Benchmarks

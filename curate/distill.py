@@ -28,8 +28,9 @@ API (pure functions; the pipeline stage wires them to the run folder and the sto
   scalar features) and Ridge on the scalar features alone (lengths, flags: small samples overfit 768 embedding
   dimensions) are fitted on (1 - holdout) of the computed rows; the one with the higher Spearman on the held-out
   rest wins and is refitted on all computed rows. Positive
-  columns are modelled in log space. Boolean columns with a rule (`DERIVED`, e.g. `ifd_gt1 = ifd > 1`) are
-  recomputed from the predicted parent so they stay consistent; other booleans are classified; text columns
+  columns are modelled in log space. Columns with a rule (`DERIVED`: `ifd_gt1 = ifd > 1`, IFD's losses and
+  Superfiltering's ratio from ifd and L(A)) are computed from their predicted parents so a predicted row obeys the
+  identities a computed one does; other booleans are classified; text columns
   (`*_error`) stay null for predicted rows. Computed values are never changed. The output has one row per
   id of `all_ids`, every score column, and a boolean `score_predicted`.
 
@@ -56,9 +57,15 @@ MIN_SAMPLE = 200
 #: embedding views used as features; both are in the store after embed (user) and semdedup (instruction_response)
 FEATURE_VIEWS = ("user", "instruction_response")
 LENGTH_COLUMNS = ("n_tokens", "instruction_chars", "response_chars", "n_turns")
-#: boolean columns recomputed from a predicted parent column: column -> (parent, rule)
-DERIVED: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
-    "ifd_gt1": ("ifd", lambda v: v > 1.0),
+#: columns recomputed on predicted rows from predicted parent columns, so that a predicted row obeys the identities
+#: a computed one does: column -> (parents, rule). IFD's four numbers come from two losses, L(A|Q) and L(A):
+#: Cherry's ifd = L(A|Q) / L(A), Superfiltering's ifd_ppl = exp(L(A|Q) - L(A)); predicted one by one, ifd and
+#: ifd_ppl disagreed about > 1 on 127 of 48,907 predicted Alpaca rows. Predicting ifd (the ranked column) and
+#: L(A) and deriving the rest keeps ifd > 1 <=> ifd_ppl > 1 <=> ifd_cond_loss > ifd_uncond_loss, as computed.
+DERIVED: dict[str, tuple[tuple[str, ...], Callable[..., np.ndarray]]] = {
+    "ifd_gt1": (("ifd",), lambda ifd: ifd > 1.0),
+    "ifd_cond_loss": (("ifd", "ifd_uncond_loss"), lambda ifd, lu: ifd * lu),
+    "ifd_ppl": (("ifd", "ifd_uncond_loss"), lambda ifd, lu: np.exp(lu * (ifd - 1.0))),
 }
 HOLDOUT = 0.2
 TOP = 0.1  # top-10% overlap
@@ -483,14 +490,21 @@ def distill(
     `threads` caps BLAS/OpenMP threads while fitting (None: library default): the fits are small, and
     HistGradientBoosting's OpenMP threads on 2 busy cores cost 30x the CPU time of one thread (measured).
     """
+    # threadpool_limits caps only the libraries already loaded: scikit-learn's OpenMP, scipy's BLAS and the
+    # scorers' modules (torch's OpenMP) are loaded first, or a process's first distill fitted on every core and
+    # predicted other values (up to 0.09 of IFD on Alpaca-52k) than a later call: the same run, other scores
+    import sklearn.decomposition  # noqa: F401
+    import sklearn.ensemble  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
     from threadpoolctl import threadpool_limits
 
+    higher = {c: _higher_is_better(c) for c in computed.columns if c != "id"}
     with threadpool_limits(limits=threads):
-        return _distill(feats, computed, all_ids, seed, holdout=holdout, models=tuple(models))
+        return _distill(feats, computed, all_ids, seed, holdout=holdout, models=tuple(models), higher=higher)
 
 
 def _distill(feats: Features, computed: pl.DataFrame, all_ids: Sequence[str] | pl.Series | None, seed: int, *,
-             holdout: float, models: tuple[str, ...]) -> tuple[pl.DataFrame, dict[str, Any]]:
+             holdout: float, models: tuple[str, ...], higher: dict[str, bool]) -> tuple[pl.DataFrame, dict[str, Any]]:
     t_start = time.perf_counter()
     if "id" not in computed.columns:
         raise DistillError("distill: the computed scores need an 'id' column")
@@ -520,7 +534,7 @@ def _distill(feats: Features, computed: pl.DataFrame, all_ids: Sequence[str] | p
     comp_views = {k: v[0] for k, v in views.items()}
     fitted: dict[str, Predictor] = {}
     report: dict[str, Any] = {}
-    derived = [c for c in cols if c in DERIVED and DERIVED[c][0] in cols]
+    derived = [c for c in cols if c in DERIVED and all(p in cols and p not in DERIVED for p in DERIVED[c][0])]
     for c in cols:
         if c in derived:
             continue
@@ -530,7 +544,7 @@ def _distill(feats: Features, computed: pl.DataFrame, all_ids: Sequence[str] | p
             v = s.cast(pl.Float64).to_numpy()
             ok = np.isfinite(v)
             fitted[c], info = _fit_numeric(comp_views, ok, v[ok], seed=seed, holdout=holdout, column=c,
-                                           models=tuple(models), higher=_higher_is_better(c))
+                                           models=tuple(models), higher=higher[c])
         elif dt == pl.Boolean:
             v = s.to_numpy()
             ok = s.is_not_null().to_numpy()
@@ -555,11 +569,13 @@ def _distill(feats: Features, computed: pl.DataFrame, all_ids: Sequence[str] | p
         elif comp.schema[c] == pl.Boolean:
             predicted[c] = predicted[c].astype(bool)
     for c in derived:
-        parent, rule = DERIVED[c]
-        pv = np.asarray(predicted[parent], np.float64)
-        predicted[c] = np.where(np.isfinite(pv), rule(pv), None)  # no parent value: no rule value either
-        report[c] = {"kind": "derived", "rule": f"from predicted {parent}", "n_computed": int(comp.height),
-                     "n_predicted": len(rest_ids)}
+        parents, rule = DERIVED[c]
+        pv = [np.asarray(predicted[p], np.float64) for p in parents]
+        ok = np.logical_and.reduce([np.isfinite(v) for v in pv])
+        with np.errstate(all="ignore"):
+            predicted[c] = np.where(ok, rule(*pv), None)  # a parent without a value: no rule value either
+        report[c] = {"kind": "derived", "rule": f"from predicted {', '.join(parents)}",
+                     "n_computed": int(comp.height), "n_predicted": len(rest_ids)}
     for c in cols:  # a column with nothing to learn from is null, not NaN
         if computed.schema[c].is_numeric() and len(predicted[c]):
             p = np.asarray(predicted[c], np.float64)
