@@ -3,9 +3,10 @@
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ["sample", "ingest", "embed", "kmeans", "semdedup", "engines", "smollm2", "distill", "distill-identities", "alpaca52k", "cpu-avx2",
-         "scale", "scorers", "quality", "quality-smollm2", "judge-truncation", "select", "kmq-temperature",
-         "subsets", "eval", "eval-intervals", "eval-strategy", "report", "flow", "refactor", "fuzz"]
+ORDER = ["sample", "ingest", "embed", "kmeans", "semdedup", "engines", "smollm2", "distill", "distill-identities",
+         "alpaca52k", "cpu-avx2", "scale", "scorers", "quality", "quality-smollm2", "judge-truncation",
+         "generation-cut", "select", "kmq-temperature", "subsets", "eval", "eval-intervals", "eval-strategy",
+         "report", "flow", "refactor", "fuzz"]
 HEAD = """# Benchmarks
 
 Every number below was measured by the script named with it, on this project's machine kind: 2 x86_64

@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from curate.lm.base import GENERATION_CUT
+
 # the one fine-tune path (also `curate proxy finetune` and the iterative feedback); re-exported under these names
 from curate.lm.finetune import (
     PROMPT_CUT,
@@ -186,6 +188,7 @@ class EvalPlan:
     arm_info: dict[tuple[str, int], dict[str, Any]]
     dtype: str  # resolved
     fitted: dict[str, Any] | None = None  # `fit_to_minutes`: the budget and what it left out (into eval.json)
+    long_qa_prompts: int = 0  # Q/A prompts longer than max_length - gen_tokens (generation cuts their middle)
 
     def units(self) -> list[tuple[str, int]]:
         return list(self.arms)
@@ -208,6 +211,8 @@ class EvalPlan:
             payload["prompt_cut"] = PROMPT_CUT  # these rows trained differently before keep_responses: run again
         if self.config.accuracy_rows and any(r.qa_rows for r in self.references):
             payload["answer_parse"] = ANSWER_PARSE  # exact match read another way: that unit runs again
+        if self.long_qa_prompts:
+            payload["generation_cut"] = GENERATION_CUT  # these prompts were generated from another cut
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -543,7 +548,8 @@ def plan_eval(run_dir: str | Path, config: EvalConfig | None = None,
             lengths[np.flatnonzero(pool["id"].is_in(chosen).to_numpy())]
     known = pl.Series("tokens", lengths.known)
     pool = pool.with_columns(tokens=pl.when(known >= 0).then(known))  # null: a row no draw visited
-    plan = EvalPlan(run_dir, cfg, student, pool, sel, refs, arms, info, resolve_dtype(cfg.dtype))
+    plan = EvalPlan(run_dir, cfg, student, pool, sel, refs, arms, info, resolve_dtype(cfg.dtype),
+                    long_qa_prompts=_long_qa_prompts(tok, refs, cfg))
     cut: dict[str, bool] = {}  # id -> whether the fine-tune cuts the start of its prompt (keep_responses)
     for key in arms:
         rows = plan.rows(*key)
@@ -1004,6 +1010,19 @@ def fit_to_minutes(plan: EvalPlan, est: dict[str, Any], minutes: float) -> EvalP
 
 
 _TOKENIZERS: dict[str, Any] = {}
+
+
+def _long_qa_prompts(tok: Any, refs: Sequence[Reference], cfg: EvalConfig) -> int:
+    """How many of the Q/A prompts the eval generates from are longer than max_length - gen_tokens."""
+    if not cfg.accuracy_rows:
+        return 0
+    limit = cfg.max_length - cfg.gen_tokens
+    n = 0
+    for r in refs:
+        for i in r.qa_rows[: cfg.accuracy_rows]:
+            text = tok.apply_chat_template(r.convs[i][:-1], tokenize=False, add_generation_prompt=True)
+            n += len(tok(text, add_special_tokens=False)["input_ids"]) > limit
+    return n
 
 
 def _plain_if_no_template(tok: Any) -> Any:

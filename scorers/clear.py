@@ -171,7 +171,8 @@ class Clear(Scorer):
     """BSDetector confidence that the row's response is good (CLEAR auto-filter)."""
 
     name = "clear"
-    version = "2"  # 2: judge prompts longer than max_length lose their middle, not their start
+    version = "3"  # 2: judge prompts longer than max_length lose their middle, not their start; 3: generation
+    # prompts too (the reflection prompts, 256 tokens by default, lost their instructions and question)
     reads = ("messages",)
     writes = ("clear_consistency", "clear_reflection", "clear_confidence", "clear_parse_error")
     pool_writes = ("clear_flag",)

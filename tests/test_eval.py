@@ -868,3 +868,15 @@ def test_a_student_without_a_chat_template_is_evaluated(run_dir, tiny_lm, tmp_pa
     assert plan.selected["tokens"].to_list() == token_lengths(tok, convs, cfg.max_length)
     doc = run_eval(out, plan=plan)
     assert set(doc["references"]["heldout"]["loss"]) == {"selected", "base"}
+
+
+def test_units_whose_qa_prompts_are_cut_for_generation_run_again(run_dir, cfg):
+    """Generation prompts longer than max_length - gen_tokens now lose their middle (they were cut on the
+    truncation side): a finished unit that generated from such prompts is not read back as if nothing changed;
+    one whose prompts fit keeps its key."""
+    roomy = plan_eval(run_dir, replace(cfg, accuracy_rows=4, max_length=512, gen_tokens=16))
+    tight = plan_eval(run_dir, replace(cfg, accuracy_rows=4, max_length=64, gen_tokens=32))
+    assert roomy.long_qa_prompts == 0 and tight.long_qa_prompts == 4  # GSM8K questions are over 32 tokens
+    assert tight.unit_key("base", 0) != replace(tight, long_qa_prompts=0).unit_key("base", 0)
+    assert roomy.unit_key("base", 0) == replace(roomy, long_qa_prompts=0).unit_key("base", 0)
+    assert plan_eval(run_dir, replace(cfg, max_length=64, gen_tokens=32)).long_qa_prompts == 0  # no Q/A scored

@@ -11,7 +11,7 @@ import torch
 from conftest import sample_rows
 
 from curate.lm import LMConfig, LMError, load_engine
-from curate.lm.base import truncate
+from curate.lm.base import ELISION, clip_middle, truncate
 from curate.lm.hf import length_batches
 from curate.lm.tiny import make_tiny_model
 
@@ -129,12 +129,15 @@ def test_truncation_rules(tiny):
     assert len(enc.ids) == 32 and enc.truncated
     assert eng.tokenizer.decode(enc.prompt_ids).endswith("<|im_start|>assistant\n")  # left side cut
     assert eng.signature() != load_engine(LMConfig(tiny, max_length=32, truncation_side="right")).signature()
-    # generation: the prompt is clipped on the same side so that max_tokens new tokens fit
+    # generation: a prompt too long for max_tokens new tokens loses its middle, whatever truncation_side says
     full = eng.encoder.prompt_ids(long_prompt)
-    (left,) = eng.encoder.generation_prompt_ids([long_prompt], 12)
-    assert left == full[-20:]
+    (cut,) = eng.encoder.generation_prompt_ids([long_prompt], 12)
+    assert cut == clip_middle(full, 20, eng.encoder._text_ids(ELISION)) and len(cut) == 20
+    assert cut[:3] == full[:3] and eng.tokenizer.decode(cut).endswith("<|im_start|>assistant\n")
     right = load_engine(LMConfig(tiny, max_length=32, truncation_side="right"))
-    assert right.encoder.generation_prompt_ids([long_prompt], 12) == [full[:20]]
+    assert right.encoder.generation_prompt_ids([long_prompt], 12) == [cut]
+    assert eng.encoder.generation_prompt_ids([[{"role": "user", "content": "hi"}]], 12) == [
+        eng.encoder.prompt_ids([{"role": "user", "content": "hi"}])]  # one that fits is not touched
     assert len(eng.generate([long_prompt], max_tokens=12, temperature=0)[0]) == 1
     with pytest.raises(ValueError, match="leaves no room for a prompt"):
         eng.generate([long_prompt], max_tokens=32)
@@ -177,6 +180,21 @@ def test_a_judge_prompt_too_long_loses_its_middle(tiny):
     np.testing.assert_allclose(eng.choice_probs([prompt], opts)[0], torch.softmax(logits, -1).numpy(), atol=1e-5)
     short = "Rate it: 1"
     assert eng.encoder.raw_prompt_ids(short) == eng.encoder.tok(short)["input_ids"]
+
+
+def test_clears_reflection_prompt_keeps_its_instructions_when_cut(tiny):
+    """CLEAR generates its self-reflection from a judge-like prompt (instructions, the question, the answer, the
+    reply template) with 256 of 512 tokens left for it by default; cut on the left, a long answer's prompt kept
+    only the answer's tail and the template. Now it keeps its start and its end."""
+    from scorers.clear import reflection_prompt
+
+    eng = load_engine(LMConfig(tiny, max_length=160))
+    text = reflection_prompt("What is the capital of France?", "Paris is the capital. " * 60, 0)
+    (ids,) = eng.encoder.generation_prompt_ids([[{"role": "user", "content": text}]], 64)
+    got = eng.tokenizer.decode(ids)
+    assert len(ids) == 96 and "[...]" in got
+    assert "<|im_start|>user\nThe text between a line" in got  # the instructions open it
+    assert got.endswith("<|im_start|>assistant\n") and "from among choices A through C]" in got
 
 
 def test_hidden_and_logits_consistent(engine):

@@ -266,13 +266,23 @@ class Encoder:
         return clip_middle(ids, self.config.max_length, self._text_ids(ELISION))
 
     def generation_prompt_ids(self, prompts: Sequence[Sequence[Message]], max_tokens: int) -> list[list[int]]:
-        """Each prompt's ids, clipped on the truncation side so `max_tokens` new tokens fit in max_length;
-        ValueError when no prompt token would fit."""
+        """Each prompt's ids, at most max_length - `max_tokens` so the new tokens fit; ValueError when no prompt
+        token would fit.
+
+        Too long, a prompt loses its middle (`clip_middle`, as a judge prompt does), whatever `truncation_side`
+        says: its start holds the instructions (CLEAR's reflection prompt, the task before a long input) and its
+        end the question's end and the assistant header that generation continues from. Clipped on the left,
+        CLEAR's default reflection prompts (256 tokens left of 512) lost their instructions and question; on the
+        right, a prompt lost the assistant header (`GENERATION_CUT`)."""
         limit = self.config.max_length - max_tokens
         if limit < 1:
             raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt in max_length "
                              f"{self.config.max_length}")
-        return [clip(self.prompt_ids(p), limit, self.config.truncation_side) for p in prompts]
+        out = [self.prompt_ids(p) for p in prompts]
+        if any(len(ids) > limit for ids in out):
+            marker = self._text_ids(ELISION)
+            out = [clip_middle(ids, limit, marker) for ids in out]
+        return out
 
 
 def clip(ids: list[int], limit: int, side: str) -> list[int]:
@@ -282,8 +292,11 @@ def clip(ids: list[int], limit: int, side: str) -> list[int]:
     return ids[len(ids) - limit:] if side == "left" else ids[:limit]
 
 
-#: what a judge prompt cut in the middle shows where its middle was
+#: what a judge or generation prompt cut in the middle shows where its middle was
 ELISION = "\n[...]\n"
+#: bump when generation prompts are cut differently (2: their middle, not the truncation side; in the keys of
+#: eval units whose Q/A prompts are cut)
+GENERATION_CUT = 2
 
 
 def clip_middle(ids: list[int], limit: int, marker: list[int]) -> list[int]:
