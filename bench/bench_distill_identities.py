@@ -48,6 +48,8 @@ def main() -> None:
     emb = manifest["config"]["embed"]
     comp = scores.filter(~pl.col("score_predicted")).select("id", "ifd", "ifd_ppl", "ifd_gt1", "ifd_cond_loss",
                                                             "ifd_uncond_loss").drop_nulls("ifd")
+    own = scores.filter(pl.col("score_predicted")).drop_nulls("ifd")  # as the run's own code predicted them
+    own_disagree = int(((own["ifd"] > 1) != (own["ifd_ppl"] > 1)).sum())
     rng = np.random.default_rng(a.seed)
     held = rng.random(comp.height) < a.holdout
     train, test = comp.filter(pl.Series(~held)), comp.filter(pl.Series(held))
@@ -94,13 +96,16 @@ def main() -> None:
     lines += ["", f"Threads: the same fit on every core (threads=None, {os.cpu_count()} here) against one "
               f"(curate's setting): predicted ifd moves by up to {moved.max():.4f} (mean {moved.mean():.4f}) on "
               f"the {pred.height:,} held-out rows; {flips} of them cross the top-10% line of the one-thread "
-              "prediction. Before the fix a process's first distill ran on every core."]
+              "prediction. Before the fix a process's first distill ran on every core.", "",
+              f"The run's own `scores.parquet` (predicted by the code the run was made with): {own_disagree:,} of "
+              f"its {own.height:,} predicted rows have ifd and ifd_ppl on opposite sides of 1."]
     text = "\n".join(lines) + "\n"
     print(text)
     out = ROOT / "bench" / "results" / "distill-identities.md"
     old = out.read_text() if out.exists() else ""
     reading = old[old.index("\nReading"):] if "\nReading" in old else ""
     out.write_text(text + reading)
+
 
 if __name__ == "__main__":
     main()

@@ -228,7 +228,7 @@ def test_same_seed_same_output(records, feats):
 def test_every_fit_runs_on_the_threads_asked_for_even_the_first_of_a_process():
     """threadpool_limits caps only libraries already loaded; a fresh process's first distill loaded
     scikit-learn's OpenMP and scipy's BLAS inside the limit and fitted on every core, predicting other values
-    than a later call (up to 0.09 of IFD on Alpaca-52k). Checked in a fresh interpreter: every library reports
+    than a later call (up to 0.13 of IFD on Alpaca-52k). Checked in a fresh interpreter: every library reports
     one thread while every model is fitted."""
     script = """
 import json, numpy as np, polars as pl, threadpoolctl

@@ -260,10 +260,7 @@ class Encoder:
         Too long for max_length, it loses its middle (`clip_middle`), whatever `truncation_side` says: a judge
         prompt opens with the instructions and ends at the answer slot, and cutting either end left the judge
         reading the tail of a long response with no instructions and no question (or no slot to answer in)."""
-        ids = list(self.tok(prompt, add_special_tokens=True)["input_ids"])
-        if len(ids) <= self.config.max_length:
-            return ids
-        return clip_middle(ids, self.config.max_length, self._text_ids(ELISION))
+        return self._cut_middle(list(self.tok(prompt, add_special_tokens=True)["input_ids"]), self.config.max_length)
 
     def generation_prompt_ids(self, prompts: Sequence[Sequence[Message]], max_tokens: int) -> list[list[int]]:
         """Each prompt's ids, at most max_length - `max_tokens` so the new tokens fit; ValueError when no prompt
@@ -278,11 +275,11 @@ class Encoder:
         if limit < 1:
             raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt in max_length "
                              f"{self.config.max_length}")
-        out = [self.prompt_ids(p) for p in prompts]
-        if any(len(ids) > limit for ids in out):
-            marker = self._text_ids(ELISION)
-            out = [clip_middle(ids, limit, marker) for ids in out]
-        return out
+        return [self._cut_middle(self.prompt_ids(p), limit) for p in prompts]
+
+    def _cut_middle(self, ids: list[int], limit: int) -> list[int]:
+        """`clip_middle` with the ELISION marker, tokenized only for a prompt that is cut."""
+        return ids if len(ids) <= limit else clip_middle(ids, limit, self._text_ids(ELISION))
 
 
 def clip(ids: list[int], limit: int, side: str) -> list[int]:
